@@ -1,0 +1,117 @@
+"""Run folders: one folder per experiment, written atomically, refusing to mix runs.
+
+A run folder holds ``run.json`` (the config, seeds and versions that define it),
+``metrics.jsonl`` (one record per evaluated checkpoint), ``summary.json``, PNG
+figures and ``models/`` with the checkpoints. Every file is written to a
+temporary name first and moved into place, so a kill never leaves a half-written
+result behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import BiasgenError
+
+
+def environment() -> dict:
+    """Versions and machine facts recorded with every output."""
+    from . import __version__
+
+    return {
+        "biasgen": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+
+
+def write_json(path: Path | str, obj) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def write_bytes(path: Path | str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path | str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BiasgenError(f"Cannot read {path}: {e}. Delete the file or rerun with --force.") from e
+
+
+def append_jsonl(path: Path | str, record: dict) -> None:
+    """Append one JSON line (the file is rewritten atomically, so a kill cannot leave a partial line)."""
+    path = Path(path)
+    old = path.read_bytes() if path.exists() else b""
+    write_bytes(path, old + (json.dumps(record) + "\n").encode())
+
+
+def read_jsonl(path: Path | str) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise BiasgenError(f"{path} is corrupt ({e}). Rerun with --force to start over.") from e
+
+
+def prepare_run_dir(out: Path | str, config: dict, *, resume: bool, force: bool, kind: str) -> Path:
+    """Create (or reopen) the run folder ``out`` for a run of ``kind`` defined by ``config``.
+
+    - empty or missing folder: start a new run;
+    - a folder holding the same run (same kind and config): continue only with ``resume``;
+    - a folder holding a different run, or anything else: refuse, unless ``force``
+      (which deletes the old run) — ``resume`` never mixes two different runs.
+    Writes ``run.json`` with the config and versions.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BiasgenError(f"--out {out} is a file, not a folder. Choose another --out.")
+    existing = out / "run.json"
+    if out.exists() and any(out.iterdir()):
+        if force:
+            shutil.rmtree(out)
+        elif not existing.exists():
+            raise BiasgenError(
+                f"--out {out} is not empty and holds no biasgen run. Choose an empty folder, or pass --force to overwrite it."
+            )
+        else:
+            old = read_json(existing)
+            if old.get("kind") != kind or old.get("config") != config:
+                changed = sorted(
+                    k for k in set(config) | set(old.get("config", {})) if config.get(k) != old.get("config", {}).get(k)
+                )
+                raise BiasgenError(
+                    f"--out {out} holds a different {old.get('kind', 'unknown')} run (differs in: {', '.join(changed) or 'kind'}). "
+                    "Use another --out, or --force to delete it and start over."
+                )
+            if not resume:
+                raise BiasgenError(
+                    f"--out {out} already holds this run. Pass --resume to continue it, or --force to start over."
+                )
+            return out
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(existing, {"kind": kind, "config": config, "environment": environment()})
+    return out

@@ -1,0 +1,150 @@
+"""The training loop shared by the image audit and the hierarchical experiments.
+
+One model, one training set, Adam, checkpoints at given steps. Everything random
+in step ``s`` (batch indices, diffusion times, noise, dropout) is derived from
+``(seed, s)``, so a run resumed after a kill is bit-identical to one that never
+stopped. Layout of ``out_dir``::
+
+    step_0000120.safetensors / .json   weights at each checkpoint (+ sidecar)
+    state.safetensors / state.json     resume state: raw weights, Adam, EMA, step
+"""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .checkpoint import load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors
+from .errors import BiasgenError
+
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def checkpoint_steps(total_steps: int, n_checkpoints: int, first: int = 1) -> list[int]:
+    """About ``n_checkpoints`` log-spaced steps in ``[first, total_steps]``, unique, ending at ``total_steps``."""
+    if total_steps < 1 or n_checkpoints < 1:
+        raise BiasgenError("steps and checkpoints must both be at least 1.")
+    first = min(max(1, first), total_steps)
+    if n_checkpoints == 1:
+        return [total_steps]
+    grid = torch.logspace(math.log10(first), math.log10(total_steps), n_checkpoints, dtype=torch.float64)
+    steps = sorted({int(round(float(s))) for s in grid} | {total_steps})
+    return steps
+
+
+def checkpoint_stem(out_dir: Path, step: int) -> Path:
+    return Path(out_dir) / f"step_{step:07d}"
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator that drives every random draw of training step ``step``."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63))
+
+
+def completed_step(out_dir: Path) -> int:
+    """The last step whose resume state is on disk in ``out_dir`` (0 if none)."""
+    state = Path(out_dir) / "state.json"
+    if not state.exists():
+        return 0
+    _, meta = load_tensors(Path(out_dir) / "state")
+    return int(meta["step"])
+
+
+def train(
+    model: torch.nn.Module,
+    loss_fn: LossFn,  # loss_fn(model, x0_batch, generator) -> scalar loss
+    data: torch.Tensor,  # (N, ...) this model's training set
+    *,
+    steps: int,  # optimisation steps in total
+    batch_size: int,  # examples per step, drawn with replacement
+    lr: float,  # Adam learning rate
+    checkpoints: Sequence[int],  # steps at which weights are saved (and the run can resume)
+    seed: int,  # drives batches, times, noise and dropout
+    out_dir: Path,  # this model's checkpoint folder
+    meta: dict,  # recorded in every checkpoint's sidecar
+    grad_clip: float | None = 1.0,  # max gradient norm, None for no clipping
+    ema_decay: float | None = None,  # if set, checkpoints hold EMA weights (off by default: EMA hides late weights)
+    resume: bool = True,  # continue from the state in out_dir if there is one
+    progress: bool = True,  # show a tqdm bar
+    desc: str = "",  # the bar's label
+) -> None:
+    """Train ``model`` in place and write its checkpoints to ``out_dir``.
+
+    Raises :class:`BiasgenError` on a non-finite loss; the last good checkpoint
+    stays on disk and the message names it.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = sorted(set(int(c) for c in checkpoints))
+    if not checkpoints or checkpoints[-1] != steps:
+        raise BiasgenError("The last checkpoint must be the final step.")
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if ema_decay else None
+
+    start = completed_step(out_dir) if resume else 0
+    if start:
+        tensors, state = load_tensors(out_dir / "state")
+        try:
+            model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            optimizer_from_tensors(opt, tensors, state["optimizer"])
+            if ema is not None:
+                ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise BiasgenError(
+                f"Cannot resume from {out_dir / 'state'}: it does not match this model or optimizer ({str(e)[:200]}). "
+                "Rerun with --force to start over."
+            ) from e
+    if start >= steps:
+        return
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=start, desc=desc or "training", leave=False, dynamic_ncols=True)
+    model.train()
+    last_good = max([c for c in checkpoints if c <= start], default=None)
+    for step in range(start + 1, steps + 1):
+        gen = step_generator(seed, step)
+        idx = torch.randint(len(data), (batch_size,), generator=gen)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))  # dropout
+            loss = loss_fn(model, data[idx], gen)
+        if not torch.isfinite(loss):
+            where = f"checkpoint step {last_good} in {out_dir}" if last_good else "no checkpoint yet"
+            raise BiasgenError(
+                f"Training diverged: non-finite loss at step {step} ({desc or out_dir}). Last good: {where}. "
+                "Lower --lr (or enable gradient clipping) and rerun with --force."
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for pe, pm in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(pm, 1 - ema_decay)
+        if bar is not None:
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step in checkpoints:
+            _save(out_dir, step, model, ema, opt, meta, loss.item())
+            last_good = step
+    if bar is not None:
+        bar.close()
+
+
+def _save(out_dir: Path, step: int, model, ema, opt, meta: dict, loss: float) -> None:
+    """Write the checkpoint at ``step``, then the resume state (in that order, so the state never runs ahead)."""
+    weights = (ema if ema is not None else model).state_dict()
+    save_tensors(checkpoint_stem(out_dir, step), weights, {**meta, "step": step, "batch_loss": loss, "ema": ema is not None})
+    opt_tensors, opt_info = optimizer_to_tensors(opt)
+    tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, **opt_tensors}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    save_tensors(out_dir / "state", tensors, {"step": step, "optimizer": opt_info})

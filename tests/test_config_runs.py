@@ -1,0 +1,97 @@
+"""Config resolution (defaults < preset < TOML < flags), run folders and checkpoints."""
+import dataclasses
+
+import pytest
+import torch
+
+from biasgen.audit import PRESETS, AuditConfig
+from biasgen.checkpoint import load_checkpoint, save_checkpoint
+from biasgen.config import build_config, coerce
+from biasgen.errors import BiasgenError
+from biasgen.runs import append_jsonl, prepare_run_dir, read_jsonl, write_json
+
+
+def test_resolution_order(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('steps = 77\nlr = 0.01\nchannel-mults = [1, 2]\n')
+    cfg = build_config(AuditConfig, PRESETS, "tiny", toml, {"lr": "0.5", "grayscale": "true"})
+    assert cfg.n == PRESETS["tiny"]["n"]  # from the preset
+    assert cfg.steps == 77  # TOML over preset
+    assert cfg.lr == 0.5  # flag over TOML
+    assert cfg.grayscale is True and cfg.channel_mults == (1, 2)
+    assert build_config(AuditConfig, PRESETS, None).steps == AuditConfig().steps
+
+
+def test_coercion_of_flag_strings():
+    assert coerce(AuditConfig, "score_ts", "50,100") == (50, 100)
+    assert coerce(AuditConfig, "ema_decay", "none") is None
+    assert coerce(AuditConfig, "resolution", "16") == 16
+    with pytest.raises(BiasgenError, match="Bad value 'abc' for 'n'"):
+        coerce(AuditConfig, "n", "abc")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"splits": 1}, "at least 2"),
+    ({"lr": -1}, "--lr must be positive"),
+    ({"n": 0}, "--n must be at least 1"),
+    ({"sampler": "euler"}, "--sampler must be ddpm or ddim"),
+    ({"score_ts": "0,5000"}, "--score-ts"),
+    ({"dropout": 1.5}, "--dropout"),
+    ({"nonsense": 1}, "Unknown setting"),
+])
+def test_out_of_range_values_are_refused(overrides, message):
+    with pytest.raises(BiasgenError, match=message):
+        build_config(AuditConfig, PRESETS, "default", None, overrides)
+
+
+def test_unknown_preset_and_bad_toml(tmp_path):
+    with pytest.raises(BiasgenError, match="Unknown preset 'huge'.*default"):
+        build_config(AuditConfig, PRESETS, "huge")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("steps = = 3\n")
+    with pytest.raises(BiasgenError, match="not valid TOML"):
+        build_config(AuditConfig, PRESETS, None, bad)
+    with pytest.raises(BiasgenError, match="does not exist"):
+        build_config(AuditConfig, PRESETS, None, tmp_path / "missing.toml")
+
+
+def test_run_folder_refuses_foreign_runs(tmp_path):
+    cfg = dataclasses.asdict(AuditConfig())
+    out = tmp_path / "run"
+    prepare_run_dir(out, cfg, resume=False, force=False, kind="audit")
+    with pytest.raises(BiasgenError, match="already holds this run.*--resume"):
+        prepare_run_dir(out, cfg, resume=False, force=False, kind="audit")
+    assert prepare_run_dir(out, cfg, resume=True, force=False, kind="audit") == out
+    other = {**cfg, "n": 3}
+    with pytest.raises(BiasgenError, match="different audit run .*differs in: n"):
+        prepare_run_dir(out, other, resume=True, force=False, kind="audit")
+    prepare_run_dir(out, other, resume=False, force=True, kind="audit")  # --force starts over
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(BiasgenError, match="holds no biasgen run"):
+        prepare_run_dir(stranger, cfg, resume=True, force=False, kind="audit")
+    assert (stranger / "notes.txt").exists()
+
+
+def test_jsonl_and_json_roundtrip(tmp_path):
+    append_jsonl(tmp_path / "m.jsonl", {"step": 1})
+    append_jsonl(tmp_path / "m.jsonl", {"step": 2})
+    assert read_jsonl(tmp_path / "m.jsonl") == [{"step": 1}, {"step": 2}]
+    write_json(tmp_path / "s.json", {"a": [1, 2]})
+    assert not list(tmp_path.glob(".*tmp"))
+    (tmp_path / "bad.jsonl").write_text('{"step": 1}\n{"ste')
+    with pytest.raises(BiasgenError, match="corrupt"):
+        read_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_checkpoint_roundtrip_and_mismatch(tmp_path):
+    a = torch.nn.Linear(3, 2)
+    save_checkpoint(tmp_path / "ck", a, {"step": 5})
+    b = torch.nn.Linear(3, 2)
+    assert load_checkpoint(tmp_path / "ck", b)["step"] == 5
+    torch.testing.assert_close(a.weight, b.weight)
+    with pytest.raises(BiasgenError, match="does not fit this model"):
+        load_checkpoint(tmp_path / "ck", torch.nn.Linear(4, 2))
+    with pytest.raises(BiasgenError, match="missing"):
+        load_checkpoint(tmp_path / "nothing", b)

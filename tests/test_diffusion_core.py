@@ -1,0 +1,176 @@
+"""Noise schedules, Tweedie identities, the shared-noise sampler and the training loop."""
+import math
+
+import pytest
+import torch
+
+from biasgen.errors import BiasgenError
+from biasgen.losses import eps_mse_loss, x0_cross_entropy_loss
+from biasgen.sampler import NoiseStreams, sample, timesteps, x0_from_eps_model
+from biasgen.schedule import NoiseSchedule
+from biasgen.training import checkpoint_stem, checkpoint_steps, completed_step, train
+from biasgen.checkpoint import load_tensors
+
+
+def test_linear_schedule_matches_spec():
+    s = NoiseSchedule.linear()
+    assert s.T == 1000
+    assert float(s.betas[0]) == pytest.approx(1e-4) and float(s.betas[-1]) == pytest.approx(0.02)
+    assert float(s.alpha_bar[0]) == 1.0
+    assert float(s.alpha_bar[5]) == pytest.approx(math.prod(1 - float(b) for b in s.betas[:5]))
+    oh = NoiseSchedule.onehot()
+    assert oh.T == 500 and float(oh.betas[0]) == pytest.approx(2e-4) and float(oh.betas[-1]) == pytest.approx(0.04)
+    cos = NoiseSchedule.cosine(T=100)
+    assert bool((cos.alpha_bar[1:] < cos.alpha_bar[:-1]).all())
+
+
+def test_tweedie_identities_roundtrip():
+    s = NoiseSchedule.linear()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(8, 1, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(8, 1, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.randint(1, 1000, (8,), generator=g)
+    x_t = s.add_noise(x0, eps, t)
+    torch.testing.assert_close(s.x0_from_eps(x_t, eps, t), x0)
+    torch.testing.assert_close(s.eps_from_x0(x_t, x0, t), eps)
+    a = s.alpha_bar[t].reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(s.score_from_x0(x_t, x0, t), -eps / (1 - a).sqrt())
+
+
+def test_posterior_mean_is_exact_gaussian_posterior():
+    # q(x_{t-1} | x_t, x0) for a scalar: compare with the product of Gaussians computed directly
+    s = NoiseSchedule.linear(T=50)
+    t = 20
+    x0, x_t = torch.tensor([0.3], dtype=torch.float64), torch.tensor([-0.7], dtype=torch.float64)
+    a_prev, beta = float(s.alpha_bar[t - 1]), float(s.betas[t - 1])
+    # prior x_{t-1} ~ N(sqrt(a_prev) x0, 1 - a_prev); likelihood x_t ~ N(sqrt(1-beta) x_{t-1}, beta)
+    prec = 1 / (1 - a_prev) + (1 - beta) / beta
+    mean = (math.sqrt(a_prev) * 0.3 / (1 - a_prev) + math.sqrt(1 - beta) * -0.7 / beta) / prec
+    m, v = s.posterior_mean_var(x_t, x0, t)
+    assert float(m) == pytest.approx(mean) and v == pytest.approx(1 / prec)
+    # the last DDPM step returns x0_hat exactly (no noise)
+    assert float(s.ddpm_step(x_t, x0, 1, torch.ones(1))) == pytest.approx(0.3)
+
+
+def test_shared_noise_is_invariant_to_batch_size_and_sample_count():
+    s = NoiseSchedule.linear(T=100)
+    den = lambda x, t: 0.5 * x  # any deterministic denoiser
+    seeds = [11, 12, 13, 14, 15]
+    full = sample(den, s, (1, 3, 3), seeds, batch_size=5)
+    assert not torch.allclose(full[0], full[1])
+    torch.testing.assert_close(sample(den, s, (1, 3, 3), seeds, batch_size=2), full)
+    torch.testing.assert_close(sample(den, s, (1, 3, 3), seeds[2:4], batch_size=1), full[2:4])
+    ddim = sample(den, s, (1, 3, 3), seeds, method="ddim", steps=10, batch_size=3)
+    torch.testing.assert_close(sample(den, s, (1, 3, 3), seeds[:1], method="ddim", steps=10), ddim[:1])
+
+
+def test_noise_streams_are_standard_normal():
+    draws = torch.cat([NoiseStreams([3, 4], (100,)).draw() for _ in range(5)])
+    assert abs(float(draws.mean())) < 0.1 and abs(float(draws.std()) - 1) < 0.1
+
+
+def test_sampler_recovers_a_point_mass():
+    # the exact denoiser of a single data point x* is x0_hat = x*: every sample must end at x*
+    s = NoiseSchedule.linear(T=200)
+    target = torch.tensor([[0.5, -0.25]])
+    out = sample(lambda x, t: target.expand_as(x), s, (2,), [1, 2, 3])
+    torch.testing.assert_close(out, target.expand(3, 2))
+    eps_model = lambda x, t: s.eps_from_x0(x, target.expand_as(x), t)  # eps-parameterised version
+    out = sample(x0_from_eps_model(eps_model, s), s, (2,), [1, 2], method="ddim", steps=20)
+    torch.testing.assert_close(out, target.expand(2, 2), atol=1e-5, rtol=0)
+
+
+def test_sampler_rejects_bad_settings():
+    s = NoiseSchedule.linear(T=10)
+    with pytest.raises(BiasgenError, match="ddim"):
+        timesteps(s, "ddpm", 5)
+    with pytest.raises(BiasgenError, match="Unknown sampler"):
+        timesteps(s, "euler", None)
+    with pytest.raises(BiasgenError, match="Unknown noise schedule"):
+        NoiseSchedule.from_name("sigmoid", 10)
+    assert timesteps(s, "ddim", 3) == [10, 6, 1]
+
+
+def test_checkpoint_steps_are_log_spaced_and_end_at_total():
+    steps = checkpoint_steps(2000, 12, first=20)
+    assert steps[0] == 20 and steps[-1] == 2000 and steps == sorted(set(steps))
+    ratios = [b / a for a, b in zip(steps, steps[1:])]
+    assert max(ratios) / min(ratios) < 1.3
+    assert checkpoint_steps(5, 10) == [1, 2, 3, 4, 5]
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.SiLU(), torch.nn.Dropout(0.2), torch.nn.Linear(16, 4))
+
+    def forward(self, x, t):
+        return self.net(x.flatten(1)).reshape(x.shape)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return _Tiny()
+
+
+def test_training_resumes_bit_identically(tmp_path):
+    s = NoiseSchedule.linear(T=100)
+    data = torch.randn(50, 1, 2, 2)
+    kw = dict(batch_size=8, lr=1e-2, seed=3, meta={"x": 1}, progress=False)
+    train(_model(), eps_mse_loss(s), data, steps=40, checkpoints=[5, 20, 40], out_dir=tmp_path / "a", **kw)
+    train(_model(), eps_mse_loss(s), data, steps=20, checkpoints=[5, 20], out_dir=tmp_path / "b", **kw)  # "killed" at 20
+    assert completed_step(tmp_path / "b") == 20
+    train(_model(), eps_mse_loss(s), data, steps=40, checkpoints=[5, 20, 40], out_dir=tmp_path / "b", **kw)
+    a, meta = load_tensors(checkpoint_stem(tmp_path / "a", 40))
+    b, _ = load_tensors(checkpoint_stem(tmp_path / "b", 40))
+    assert meta["step"] == 40 and meta["x"] == 1
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_training_stops_on_non_finite_loss(tmp_path):
+    calls = {"n": 0}
+
+    def exploding(model, x0, gen):
+        calls["n"] += 1
+        loss = model(x0, None).pow(2).mean()
+        return loss * (float("nan") if calls["n"] >= 7 else 1.0)
+
+    with pytest.raises(BiasgenError, match=r"non-finite loss at step 7.*checkpoint step 5"):
+        train(_model(), exploding, torch.randn(10, 1, 2, 2), steps=10, batch_size=4, lr=1e-3,
+              checkpoints=[5, 10], seed=0, out_dir=tmp_path, meta={}, progress=False)
+    assert checkpoint_stem(tmp_path, 5).with_suffix(".safetensors").exists()
+    assert completed_step(tmp_path) == 5
+
+
+def test_corrupt_resume_state_is_a_clear_error(tmp_path):
+    s = NoiseSchedule.linear(T=100)
+    data = torch.randn(20, 1, 2, 2)
+    kw = dict(batch_size=4, lr=1e-3, seed=0, meta={}, progress=False)
+    train(_model(), eps_mse_loss(s), data, steps=4, checkpoints=[2, 4], out_dir=tmp_path, **kw)
+    (tmp_path / "state.safetensors").write_bytes(b"garbage")
+    with pytest.raises(BiasgenError, match="corrupt"):
+        train(_model(), eps_mse_loss(s), data, steps=8, checkpoints=[2, 4, 8], out_dir=tmp_path, **kw)
+
+
+def test_ema_checkpoint_differs_from_raw_weights(tmp_path):
+    s = NoiseSchedule.linear(T=100)
+    data = torch.randn(20, 1, 2, 2)
+    kw = dict(batch_size=4, lr=1e-2, seed=0, meta={}, progress=False, steps=10, checkpoints=[10])
+    train(_model(), eps_mse_loss(s), data, out_dir=tmp_path / "raw", **kw)
+    train(_model(), eps_mse_loss(s), data, out_dir=tmp_path / "ema", ema_decay=0.9, **kw)
+    raw, _ = load_tensors(checkpoint_stem(tmp_path / "raw", 10))
+    ema, meta = load_tensors(checkpoint_stem(tmp_path / "ema", 10))
+    assert meta["ema"] is True
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)
+
+
+def test_cross_entropy_loss_is_small_for_a_perfect_token_model():
+    s = NoiseSchedule.onehot()
+    tokens = torch.randint(0, 3, (6, 4))
+    perfect = lambda x, t: 50 * torch.nn.functional.one_hot(tokens, 3).float()
+    uniform = lambda x, t: torch.zeros(6, 4, 3)
+    gen = torch.Generator().manual_seed(0)
+    loss = x0_cross_entropy_loss(s, 3)
+    assert float(loss(perfect, tokens, gen)) < 1e-6
+    assert float(loss(uniform, tokens, gen)) == pytest.approx(math.log(3))
