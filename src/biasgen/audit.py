@@ -241,7 +241,8 @@ def evaluate_checkpoint(models, members, train_sets, test_set, schedule, cfg: Au
         for m in models])
 
     twin = twin_distance(list(samples), twins)
-    record.update(twin_distance=twin["median"], twin_distance_sem=twin["sem"], twin_distance_pairs=twin["per_pair"])
+    record.update(twin_distance=twin["median"], twin_distance_sem=twin["sem"], twin_distance_pairs=twin["per_pair"],
+                  twin_distance_samples=[round(v, 6) for v in twin["per_sample"]])
     if controls:
         control = twin_distance(list(samples), controls)
         record.update(same_split_distance=control["median"], same_split_distance_sem=control["sem"])
@@ -263,8 +264,12 @@ def evaluate_checkpoint(models, members, train_sets, test_set, schedule, cfg: Au
 
     # score-level twin similarity on training vs test inputs
     x_train = [train_sets[split][: cfg.n_score_inputs].to(device) for split, _ in members]
-    record["score_sim"] = score_similarity(models, twins, x_train, test_set[: cfg.n_score_inputs].to(device),
-                                           list(cfg.score_ts), schedule, seed=eval_seed + 2)
+    ordered = twins + [(b, a) for a, b in twins]
+    sim = score_similarity(models, ordered, x_train, test_set[: cfg.n_score_inputs].to(device), list(cfg.score_ts),
+                           schedule, seed=eval_seed + 2, batch_size=cfg.eval_batch, device=device)
+    record["score_sim"] = {str(t): {"train": sim["train_mean"][i], "train_sem": sim["train_sem"][i],
+                                    "test": sim["test_mean"][i], "test_sem": sim["test_sem"][i]}
+                           for i, t in enumerate(sim["ts"])}
     return record, samples
 
 
@@ -272,18 +277,21 @@ def summarize(records: list[dict], cfg: AuditConfig, data_description: dict, mem
     """Locate ``tau_loss`` and ``tau_bias`` with bootstrap uncertainty, give the verdict and the advice."""
     steps = [r["step"] for r in records]
     loss_units = torch.tensor([r["test_loss_units"] for r in records]).T  # (n_test, n_ckpt)
-    pair_units = torch.tensor([r["twin_distance_pairs"] for r in records]).T  # (n_pairs, n_ckpt)
     tau_loss = checkpoint_minimum(steps, loss_units, n_boot=cfg.n_boot, seed=cfg.seed, reduce="mean")
-    tau_bias = checkpoint_minimum(steps, pair_units, n_boot=cfg.n_boot, seed=cfg.seed + 1, reduce="median")
+    if len(records[0]["twin_distance_pairs"]) >= 2:  # bootstrap over twin pairs, median curve
+        units, reduce = torch.tensor([r["twin_distance_pairs"] for r in records]).T, "median"
+    else:  # a single pair: bootstrap over its shared-noise samples
+        units, reduce = torch.tensor([r["twin_distance_samples"] for r in records]).T, "mean"
+    tau_bias = checkpoint_minimum(steps, units, n_boot=cfg.n_boot, seed=cfg.seed + 1, reduce=reduce)
     t0 = str(cfg.score_ts[0])
     tau_score = {t: score_crossing(steps, [r["score_sim"][t]["train"] for r in records],
                                    [r["score_sim"][t]["test"] for r in records]) for t in records[0]["score_sim"]}
-    judged = verdict(steps, tau_bias, tau_loss, twin_curve=[r["twin_distance"] for r in records],
-                     twin_sem=[r["twin_distance_sem"] for r in records])
+    judged = verdict(tau_bias, tau_loss)
     advice = recommend(judged, tau_bias, tau_loss)
     return {
         "verdict": judged["verdict"],
         "reason": judged["reason"],
+        "p_bias_before_loss": judged.get("p_bias_before_loss"),
         "tau_bias": _public(tau_bias),
         "tau_loss": _public(tau_loss),
         "tau_score": tau_score,
@@ -291,6 +299,7 @@ def summarize(records: list[dict], cfg: AuditConfig, data_description: dict, mem
         "window": [tau_bias["step"], tau_loss["step"]] if tau_bias["step"] < tau_loss["step"] else None,
         "recommended_step": advice["step"],
         "recommendation": advice["rationale"],
+        "recommendation_basis": advice["basis"],
         "checkpoints": steps,
         "complete": len(steps) == len(checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.first_checkpoint)),
         "models": [{"model": m, "split": s, "split_seed": k} for m, (s, k) in enumerate(members)],
@@ -307,7 +316,8 @@ def summarize(records: list[dict], cfg: AuditConfig, data_description: dict, mem
 
 
 def _public(tau: dict) -> dict:
-    return {k: v for k, v in tau.items() if k != "boot_steps"}
+    """A tau without its bootstrap draws and curve (those stay in metrics.jsonl)."""
+    return {k: v for k, v in tau.items() if k not in ("boot_steps", "curve", "curve_se", "steps")}
 
 
 def _gallery_rows(run: Path, summary: dict, train_sets, test_set, members, cfg, n: int = 10):
