@@ -23,7 +23,7 @@ import torch
 from . import figures
 from .checkpoint import load_checkpoint, load_tensors, save_tensors
 from .config import build_config, check, opt
-from .data import describe, load_images, make_splits, scale_images
+from .data import describe, load_images, make_splits, scale_images, unscale_images
 from .errors import BiasgenError
 from .losses import eps_mse_loss
 from .metrics import (
@@ -137,9 +137,9 @@ def run_audit(cfg: AuditConfig, out: str | Path, *, resume: bool = False, force:
                        center_crop=cfg.center_crop)
     splits = make_splits(data.images, cfg.n, cfg.splits, cfg.n_test, cfg.seed)
     run = prepare_run_dir(out, dataclasses.asdict(cfg), resume=resume, force=force, kind="audit")
-    reference = torch.cat(splits.train)
+    reference = torch.cat(splits.train)  # 'center' scaling subtracts the mean training image
     train_sets = [scale_images(x, cfg.scaling, reference)[0] for x in splits.train]
-    test_set = scale_images(splits.test, cfg.scaling, reference)[0]
+    test_set, mean = scale_images(splits.test, cfg.scaling, reference)
     schedule = NoiseSchedule.from_name(cfg.schedule, cfg.T)
     members = [(i, s) for i in range(cfg.splits) for s in range(cfg.seeds_per_split)]
     steps = checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.first_checkpoint)
@@ -171,7 +171,9 @@ def run_audit(cfg: AuditConfig, out: str | Path, *, resume: bool = False, force:
     summary["timing"] = {"wall_s_this_invocation": round(time.time() - started, 1),
                          "evaluation_s_this_invocation": round(evaluation_s, 1)}
     write_json(run / "summary.json", summary)
-    figures.plot_all(run, records, summary, _gallery_rows(run, summary, train_sets, test_set, members, cfg))
+    rows = [(label, unscale_images(x, cfg.scaling, mean).clamp(0, 1))
+            for label, x in _gallery_rows(run, summary, train_sets, members)]
+    figures.plot_all(run, records, summary, rows, value_range=(0.0, 1.0))
     return summary
 
 
@@ -320,7 +322,7 @@ def _public(tau: dict) -> dict:
     return {k: v for k, v in tau.items() if k not in ("boot_steps", "curve", "curve_se", "steps")}
 
 
-def _gallery_rows(run: Path, summary: dict, train_sets, test_set, members, cfg, n: int = 10):
+def _gallery_rows(run: Path, summary: dict, train_sets, members, n: int = 10):
     """Rows for the gallery: twin samples at tau_bias and at the last checkpoint, with their nearest training images."""
     (a, b) = model_pairs(members)[0][0]
     rows = []

@@ -1,0 +1,300 @@
+"""PNG figures of an audit run, drawn from plain metric records (one dict per checkpoint).
+
+Every figure tolerates partial runs: a record may lack any metric (or hold
+``None``) and the curve simply skips it. Figures are drawn with matplotlib's
+object API (no pyplot, no display) and written atomically: a temporary file
+in the same folder, then ``os.replace``.
+
+    plot_all(run_dir, records, summary, gallery_rows)
+    # -> fig_loss_twin.png, fig_score_similarity.png, fig_memorization.png, fig_gallery.png
+
+A record looks like ``{"step": 120, "test_loss": 0.31, "test_loss_sem": 0.01,
+"twin_distance": 0.12, "twin_distance_sem": 0.01, "f_mem": 0.02, "f_mem_ci": [0.0, 0.05],
+"nn_own_sim": 0.8, ..., "score_sim": {"50": {"train": 0.9, "train_sem": 0.01,
+"test": 0.92, "test_sem": 0.01}}}``; the summary holds ``tau_bias`` and
+``tau_loss`` (``{"step": int, "ci": [lo, hi]}`` or ``None``), ``window``
+(``[lo, hi]`` or ``None``) and ``verdict``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from .errors import BiasgenError
+
+NN_STYLE = [  # (record key part, colour, line style, legend) of the nearest-neighbour curves
+    ("own", "tab:red", "-", "own split"),
+    ("other", "tab:orange", "--", "other split"),
+    ("test", "tab:green", ":", "test set"),
+]
+TAU_STYLE = {"tau_bias": ("tab:red", "$\\tau_{bias}$"), "tau_loss": ("tab:blue", "$\\tau_{loss}$")}
+
+
+# -- helpers ---------------------------------------------------------------
+def _save(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as PNG to ``path`` atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # same folder, so the rename is atomic
+    try:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _number(value) -> float | None:
+    """``value`` as a finite float, or ``None`` when missing or not finite."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _series(records: Sequence[dict], get) -> tuple[np.ndarray, np.ndarray]:
+    """Steps ``(n,)`` and values ``get(record)`` (``(n,)`` or ``(n, k)`` for tuples) over the records
+    where the step and the value are present, sorted by step. ``get`` returns ``None`` for missing."""
+    points = []
+    for r in records:
+        step, value = _number(r.get("step")), get(r)
+        if step is not None and value is not None:
+            points.append((step, value))
+    points.sort(key=lambda p: p[0])
+    if not points:
+        return np.empty(0), np.empty(0)
+    return np.asarray([p[0] for p in points]), np.asarray([p[1] for p in points], dtype=float)
+
+
+def _key(name: str):
+    """Getter of a scalar metric of a record (``None`` when missing or not finite)."""
+    return lambda r: _number(r.get(name))
+
+
+def _plot_band(ax: Axes, records, get_mean, get_sem, label: str, **style) -> bool:
+    """Curve of ``get_mean`` with a shaded ``± get_sem`` band where known; ``True`` if anything was drawn."""
+
+    def get(r):
+        m = get_mean(r)
+        return None if m is None else (m, _nan_if_none(get_sem(r)))
+
+    steps, v = _series(records, get)
+    if not len(steps):
+        return False
+    (line,) = ax.plot(steps, v[:, 0], marker="o", markersize=3, label=label, **style)
+    if np.isfinite(v[:, 1]).any():  # NaN half-widths leave gaps in the band
+        ax.fill_between(steps, v[:, 0] - v[:, 1], v[:, 0] + v[:, 1], color=line.get_color(), alpha=0.2, linewidth=0)
+    return True
+
+
+def _nan_if_none(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
+def _pair(value) -> tuple[float, float] | None:
+    """``[lo, hi]`` as two finite floats, or ``None`` when missing or malformed."""
+    if not value or len(value) != 2:
+        return None
+    lo, hi = _number(value[0]), _number(value[1])
+    return None if lo is None or hi is None else (lo, hi)
+
+
+def _step_axis(ax: Axes, records: Sequence[dict]) -> None:
+    """Log-scaled training-step axis (symmetric-log when a step 0 is present)."""
+    steps = [s for s in (_number(r.get("step")) for r in records) if s is not None]
+    if steps and min(steps) <= 0:
+        ax.set_xscale("symlog", linthresh=1.0)
+    elif steps:
+        ax.set_xscale("log")
+    ax.set_xlabel("training step")
+
+
+def _mark_taus(ax: Axes, summary: dict | None, label: bool = True) -> None:
+    """Vertical lines at tau_bias and tau_loss with their CIs, and the biased window shaded."""
+    summary = summary or {}
+    window = _pair(summary.get("window"))
+    if window:
+        ax.axvspan(*window, color="tab:orange", alpha=0.12, label="biased window" if label else None)
+    for name, (color, text) in TAU_STYLE.items():
+        tau = summary.get(name) or {}
+        step = _number(tau.get("step"))
+        if step is None:
+            continue
+        ci = _pair(tau.get("ci"))
+        if ci:
+            ax.axvspan(*ci, color=color, alpha=0.08)
+        ax.axvline(step, color=color, linestyle=":", linewidth=1.5, label=f"{text} = {step:g}" if label else None)
+
+
+def _empty(ax: Axes, what: str) -> None:
+    ax.text(0.5, 0.5, f"no {what} recorded yet", ha="center", va="center", transform=ax.transAxes, color="gray")
+
+
+# -- figures -----------------------------------------------------------------
+def plot_loss_and_twin_distance(records: Sequence[dict], summary: dict | None, path: str | Path) -> Path:
+    """The paper's Fig. 1a: test (and train) loss on the left axis, twin cosine distance on the right."""
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.add_subplot()
+    _step_axis(ax, records)  # set the scale before drawing so autoscaling uses it
+    drew_loss = _plot_band(ax, records, _key("test_loss"), _key("test_loss_sem"), "test loss", color="tab:blue")
+    drew_loss |= _plot_band(ax, records, _key("train_loss"), _key("train_loss_sem"), "train loss",
+                            color="tab:blue", linestyle="--", alpha=0.7)
+    ax.set_ylabel("denoising loss (frozen noise)", color="tab:blue")
+    _mark_taus(ax, summary)
+
+    ax2 = ax.twinx()
+    drew_twin = _plot_band(ax2, records, _key("twin_distance"), _key("twin_distance_sem"),
+                           "twin cosine distance (median ± SEM)", color="tab:red")
+    ax2.set_ylabel("twin cosine distance $D_{cos}$", color="tab:red")
+    if not (drew_loss or drew_twin):
+        _empty(ax, "loss or twin distance")
+
+    handles = ax.get_legend_handles_labels()
+    handles2 = ax2.get_legend_handles_labels()
+    if handles[0] or handles2[0]:
+        ax.legend(handles[0] + handles2[0], handles[1] + handles2[1], fontsize=8, ncol=3,
+                  loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    verdict = (summary or {}).get("verdict") or "run in progress"
+    ax.set_title(f"Test loss and twin distance — verdict: {verdict}", fontsize=10)
+    return _save(fig, path)
+
+
+def _score_keys(records: Sequence[dict]) -> list[str]:
+    """The noise levels t present in any record's ``score_sim``, in increasing order."""
+    keys = {k for r in records for k in (r.get("score_sim") or {})}
+    return sorted(keys, key=float)
+
+
+def _score(t: str, key: str):
+    """Getter of ``record["score_sim"][t][key]`` (``None`` when missing)."""
+    return lambda r: _number(((r.get("score_sim") or {}).get(t) or {}).get(key))
+
+
+def plot_score_similarity(records: Sequence[dict], summary: dict | None, path: str | Path) -> Path:
+    """The paper's Fig. 2: twin score similarity on training vs test inputs over training, one panel per t."""
+    ts = _score_keys(records)
+    fig = Figure(figsize=(3.6 * max(len(ts), 1), 3.6))
+    if not ts:
+        ax = fig.add_subplot()
+        _empty(ax, "score-level similarity")
+        return _save(fig, path)
+    axes = fig.subplots(1, len(ts), sharey=True, squeeze=False)[0]
+    for i, (ax, t) in enumerate(zip(axes, ts)):
+        _step_axis(ax, records)
+        for split, color in (("train", "tab:red"), ("test", "tab:green")):
+            _plot_band(ax, records, _score(t, split), _score(t, f"{split}_sem"), f"{split} inputs", color=color)
+        _mark_taus(ax, summary, label=i == 0)
+        ax.set_title(f"t = {t}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("twin score cosine similarity")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Score-level twin similarity: training vs test inputs", fontsize=11)
+    return _save(fig, path)
+
+
+def plot_memorization(records: Sequence[dict], path: str | Path) -> Path:
+    """f_mem with its bootstrap CI, and nearest-neighbour similarity / L2 to own split, other split and test."""
+    fig = Figure(figsize=(13, 3.8))
+    ax_mem, ax_sim, ax_l2 = fig.subplots(1, 3)
+    for ax in (ax_mem, ax_sim, ax_l2):
+        _step_axis(ax, records)
+        ax.grid(alpha=0.3)
+
+    steps, f_mem = _series(records, _key("f_mem"))
+    if len(steps):
+        ax_mem.plot(steps, f_mem, marker="o", markersize=3, color="tab:purple", label="$f_{mem}$")
+        s, ci = _series(records, lambda r: _pair(r.get("f_mem_ci")))
+        if len(s):
+            ax_mem.fill_between(s, ci[:, 0], ci[:, 1], color="tab:purple", alpha=0.2, linewidth=0, label="bootstrap CI")
+        ax_mem.legend(fontsize=8)
+    else:
+        _empty(ax_mem, "f_mem")
+    ax_mem.set_ylabel("memorized fraction ($d_1/d_2 < 1/3$)")
+    ax_mem.set_ylim(-0.02, 1.02)
+
+    for ax, suffix, ylabel in ((ax_sim, "sim", "NN cosine similarity"), (ax_l2, "l2", "NN L2 distance")):
+        drew = False
+        for which, color, style, name in NN_STYLE:
+            s, v = _series(records, _key(f"nn_{which}_{suffix}"))
+            if len(s):
+                ax.plot(s, v, marker="o", markersize=3, color=color, linestyle=style, label=name)
+                drew = True
+        if drew:
+            ax.legend(fontsize=8)
+        else:
+            _empty(ax, ylabel)
+        ax.set_ylabel(ylabel)
+    fig.suptitle("Memorization and nearest-neighbour proximity of samples", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_gallery(
+    rows: Sequence[tuple[str, torch.Tensor]],
+    path: str | Path,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+) -> Path:
+    """A labelled grid, one row per ``(label, images)``; ``images`` ``(N, C, H, W)`` with ``C`` in {1, 3}.
+
+    ``value_range`` is the pixel range of the images: ``(-1, 1)`` or ``(0, 1)``;
+    values outside it are clipped. Rows may hold different numbers of images.
+    """
+    if not rows:
+        raise BiasgenError("plot_gallery needs at least one (label, images) row.")
+    lo, hi = map(float, value_range)
+    if not hi > lo:
+        raise BiasgenError(f"plot_gallery value_range must be (low, high) with high > low, got {value_range}.")
+    strips = []
+    for label, images in rows:
+        x = torch.as_tensor(images).detach().float().cpu()
+        if x.ndim != 4 or x.shape[1] not in (1, 3) or len(x) == 0:
+            raise BiasgenError(
+                f"Gallery row {label!r} must be a non-empty (N, C, H, W) tensor with C = 1 or 3, got {tuple(x.shape)}."
+            )
+        strips.append((label, ((x - lo) / (hi - lo)).clamp(0, 1).permute(0, 2, 3, 1).numpy()))  # (N, H, W, C)
+    n_cols = max(len(s) for _, s in strips)
+    h = max(s.shape[1] for _, s in strips)
+    w = max(s.shape[2] for _, s in strips)
+    cell = 0.6  # inches per image
+    fig = Figure(figsize=(max(4.0, 1.0 + cell * n_cols), (cell + 0.3) * len(strips)))
+    axes = fig.subplots(len(strips), 1, squeeze=False)[:, 0]
+    for ax, (label, imgs) in zip(axes, strips):
+        canvas = np.ones((h, n_cols * (w + 1) - 1, 3))  # one white pixel between images
+        for j, img in enumerate(imgs):
+            canvas[: img.shape[0], j * (w + 1) : j * (w + 1) + img.shape[1]] = img  # broadcasts gray to RGB
+        ax.imshow(canvas, interpolation="nearest", vmin=0, vmax=1)
+        ax.set_title(label, loc="left", fontsize=9)
+        ax.set_axis_off()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_all(
+    run_dir: str | Path,
+    records: Sequence[dict],
+    summary: dict | None,
+    gallery_rows: Sequence[tuple[str, torch.Tensor]] | None = None,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+) -> dict[str, Path]:
+    """Write every figure of a run into ``run_dir``; returns ``{name: path}`` of the files written.
+
+    The gallery is skipped when ``gallery_rows`` is empty (e.g. no samples yet).
+    """
+    run_dir = Path(run_dir)
+    written = {
+        "loss_twin": plot_loss_and_twin_distance(records, summary, run_dir / "fig_loss_twin.png"),
+        "score_similarity": plot_score_similarity(records, summary, run_dir / "fig_score_similarity.png"),
+        "memorization": plot_memorization(records, run_dir / "fig_memorization.png"),
+    }
+    if gallery_rows:
+        written["gallery"] = plot_gallery(gallery_rows, run_dir / "fig_gallery.png", value_range)
+    return written
