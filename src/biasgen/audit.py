@@ -114,9 +114,9 @@ PRESETS: dict[str, dict] = {
                   lr=1e-4, batch_size=512, steps=10_000, checkpoints=50, first_checkpoint=10, n_samples=512,
                   sampler="ddpm", eval_batch=512, device="cuda"),
     # A seconds-long smoke run (used by the tests); far too small to show anything.
-    "tiny": dict(n=32, splits=2, n_test=64, steps=30, checkpoints=4, first_checkpoint=5, base_width=8,
-                 channel_mults=(1, 2), attention_levels=(), res_blocks=1, n_samples=16, sample_steps=10,
-                 score_ts=(50, 200), n_score_inputs=16, n_boot=50, batch_size=32),
+    "tiny": dict(n=24, splits=2, n_test=32, steps=12, checkpoints=3, first_checkpoint=4, base_width=8,
+                 channel_mults=(1, 2), attention_levels=(), res_blocks=1, n_samples=8, sample_steps=5,
+                 score_ts=(50,), n_score_inputs=8, n_boot=50, batch_size=16),
 }
 
 
@@ -146,6 +146,7 @@ def run_audit(cfg: AuditConfig, out: str | Path, *, resume: bool = False, force:
     model_kwargs = _model_kwargs(cfg, channels=train_sets[0].shape[1])
     meta = {"config": dataclasses.asdict(cfg), "model": model_kwargs, "environment": environment()}
 
+    t_train = time.time()
     for m, (split, s) in enumerate(members):
         model = _new_model(model_kwargs, init_seed=cfg.seed * 1000 + (0 if cfg.same_init else m + 1))
         train(model.to(cfg.device), eps_mse_loss(schedule), train_sets[split].to(cfg.device), steps=cfg.steps,
@@ -154,6 +155,7 @@ def run_audit(cfg: AuditConfig, out: str | Path, *, resume: bool = False, force:
               grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, resume=True, progress=progress,
               desc=f"model {m + 1}/{len(members)} (split {split})")
 
+    training_s = time.time() - t_train
     done = {r["step"] for r in read_jsonl(run / "metrics.jsonl")}
     evaluation_s = 0.0
     for step in _progress(steps, progress, "evaluating checkpoints"):
@@ -169,6 +171,7 @@ def run_audit(cfg: AuditConfig, out: str | Path, *, resume: bool = False, force:
     records = sorted(read_jsonl(run / "metrics.jsonl"), key=lambda r: r["step"])
     summary = summarize(records, cfg, data_description=describe(data, splits), members=members)
     summary["timing"] = {"wall_s_this_invocation": round(time.time() - started, 1),
+                         "training_s_this_invocation": round(training_s, 1),
                          "evaluation_s_this_invocation": round(evaluation_s, 1)}
     write_json(run / "summary.json", summary)
     rows = [(label, unscale_images(x, cfg.scaling, mean).clamp(0, 1))

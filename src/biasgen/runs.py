@@ -87,6 +87,7 @@ def prepare_run_dir(out: Path | str, config: dict, *, resume: bool, force: bool,
     Writes ``run.json`` with the config and versions.
     """
     out = Path(out)
+    config = json.loads(json.dumps(config))  # compare as stored (tuples become lists)
     if out.exists() and not out.is_dir():
         raise BiasgenError(f"--out {out} is a file, not a folder. Choose another --out.")
     existing = out / "run.json"

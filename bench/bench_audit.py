@@ -1,0 +1,78 @@
+"""Cost of the image audit's default preset: training steps/s, sampling cost, evaluation share.
+
+    python bench/bench_audit.py              # component timings (about a minute)
+    python bench/bench_audit.py --full       # also run the whole default audit and report its time split
+
+Prints a markdown table for BENCHMARKS.md, with the machine it ran on.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from biasgen.audit import PRESETS, AuditConfig, _model_kwargs, _new_model, run_audit
+from biasgen.config import build_config
+from biasgen.losses import eps_mse_loss
+from biasgen.runs import environment
+from biasgen.sampler import sample, x0_from_eps_model
+from biasgen.schedule import NoiseSchedule
+from biasgen.training import step_generator
+
+
+def time_training(cfg: AuditConfig, schedule: NoiseSchedule, steps: int = 40) -> float:
+    """Optimisation steps per second for one model of the preset."""
+    model = _new_model(_model_kwargs(cfg, channels=1), init_seed=0)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    loss_fn = eps_mse_loss(schedule)
+    data = torch.rand(cfg.n, 1, 8, 8) * 2 - 1
+    for step in range(steps + 5):
+        if step == 5:  # warm-up done
+            start = time.perf_counter()
+        gen = step_generator(0, step)
+        loss = loss_fn(model, data[torch.randint(len(data), (cfg.batch_size,), generator=gen)], gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return steps / (time.perf_counter() - start)
+
+
+def time_sampling(cfg: AuditConfig, schedule: NoiseSchedule, method: str, steps: int | None) -> float:
+    """Seconds to draw the preset's ``n_samples`` from one model."""
+    model = _new_model(_model_kwargs(cfg, channels=1), init_seed=0).eval()
+    start = time.perf_counter()
+    sample(x0_from_eps_model(model, schedule, clip=1.0), schedule, (1, 8, 8), list(range(cfg.n_samples)),
+           method=method, steps=steps, batch_size=cfg.eval_batch)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--full", action="store_true", help="also run the full default audit")
+    args = parser.parse_args()
+    cfg = build_config(AuditConfig, PRESETS, "default")
+    schedule = NoiseSchedule.from_name(cfg.schedule, cfg.T)
+    env = environment()
+    print(f"machine: {env['platform']}, torch {env['torch']}, {env['cpu_threads']} threads\n")
+    rows = [("training", f"{time_training(cfg, schedule):.1f} steps/s (batch {cfg.batch_size})")]
+    ddim = time_sampling(cfg, schedule, "ddim", cfg.sample_steps)
+    rows.append((f"sampling, DDIM {cfg.sample_steps} steps", f"{ddim:.2f} s for {cfg.n_samples} samples"))
+    ddpm = time_sampling(cfg, schedule, "ddpm", None)
+    rows.append((f"sampling, DDPM {cfg.T} steps", f"{ddpm:.2f} s for {cfg.n_samples} samples ({ddpm / ddim:.1f}x DDIM)"))
+    if args.full:
+        with tempfile.TemporaryDirectory() as out:
+            summary = run_audit(cfg, out, progress=False)
+        t = summary["timing"]
+        rows.append(("full default audit", f"{t['wall_s_this_invocation']:.0f} s wall"))
+        rows.append(("  of which training", f"{t['training_s_this_invocation']:.0f} s"))
+        rows.append(("  of which evaluation", f"{t['evaluation_s_this_invocation']:.0f} s "
+                     f"({100 * t['evaluation_s_this_invocation'] / t['wall_s_this_invocation']:.0f}% of wall time)"))
+    print("| measure | result |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""End to end: `biasgen audit` on the tiny preset, resume after a kill, and every bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import biasgen.audit as audit_module
+from biasgen.audit import audit
+from biasgen.cli import main
+from biasgen.runs import read_jsonl
+
+TINY = ["audit", "--preset", "tiny", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(TINY + ["--out", str(out)]) == 0
+    return out
+
+
+def test_tiny_audit_writes_every_output(tiny_run, capsys):
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    records = read_jsonl(tiny_run / "metrics.jsonl")
+    assert [r["step"] for r in records] == summary["checkpoints"] == [4, 7, 12]
+    assert summary["verdict"] in ("biased-generalization-detected", "no-bias-detected", "inconclusive")
+    assert summary["reason"]
+    assert summary["recommended_step"] in summary["checkpoints"]
+    for tau in ("tau_bias", "tau_loss"):
+        assert summary[tau]["step"] in summary["checkpoints"] and len(summary[tau]["ci"]) == 2
+    assert summary["data"]["name"] == "digits" and "duplicates" in summary["data"]
+    assert summary["config"]["n"] == 24 and summary["seeds"]["model_init"] == [1, 2]
+    assert summary["environment"]["torch"] == torch.__version__
+    assert summary["sampler"] == {"method": "ddim", "steps": 5}
+    r = records[-1]
+    for key in ("test_loss", "train_loss", "twin_distance", "twin_distance_sem", "nn_own_sim", "nn_other_sim",
+                "nn_test_sim", "nn_own_l2", "f_mem", "f_mem_ci", "copy_z", "score_sim"):
+        assert r[key] is not None, key
+    assert 0 <= r["twin_distance"] <= 2 and 0 <= r["f_mem"] <= 1
+    assert set(r["score_sim"]["50"]) == {"train", "train_sem", "test", "test_sem"}
+    for fig in ("fig_loss_twin.png", "fig_score_similarity.png", "fig_memorization.png", "fig_gallery.png"):
+        assert Image.open(tiny_run / fig).size[0] > 100
+    sidecar = json.loads((tiny_run / "models" / "model0" / "step_0000012.json").read_text())
+    assert sidecar["step"] == 12 and sidecar["model"]["base_width"] == 8 and sidecar["split"] == 0
+    assert (tiny_run / "samples" / "step_0000012.safetensors").exists()
+
+
+def test_python_api_matches_cli(tiny_run, tmp_path):
+    summary = audit(tmp_path / "api", preset="tiny", progress=False)
+    cli = json.loads((tiny_run / "summary.json").read_text())
+    assert summary["tau_loss"] == cli["tau_loss"] and summary["tau_bias"] == cli["tau_bias"]
+    a, b = read_jsonl(tmp_path / "api" / "metrics.jsonl"), read_jsonl(tiny_run / "metrics.jsonl")
+    assert [x["test_loss"] for x in a] == pytest.approx([x["test_loss"] for x in b], rel=1e-5)
+
+
+def test_resume_after_kill_gives_the_same_metrics(tiny_run, tmp_path, monkeypatch):
+    out = tmp_path / "killed"
+    real_loss = audit_module.eps_mse_loss
+    calls = {"n": 0}
+
+    def dying_loss(schedule):  # killed during the second model's training
+        inner = real_loss(schedule)
+
+        def loss(model, x0, gen):
+            calls["n"] += 1
+            if calls["n"] == 18:
+                raise KeyboardInterrupt
+            return inner(model, x0, gen)
+
+        return loss
+
+    monkeypatch.setattr(audit_module, "eps_mse_loss", dying_loss)
+    with pytest.raises(KeyboardInterrupt):
+        audit(out, preset="tiny", progress=False)
+    monkeypatch.setattr(audit_module, "eps_mse_loss", real_loss)
+
+    real_eval = audit_module.evaluate_checkpoint
+    evaluated = {"n": 0}
+
+    def dying_eval(*args, **kwargs):  # killed again after one evaluated checkpoint
+        if evaluated["n"] == 1:
+            raise KeyboardInterrupt
+        evaluated["n"] += 1
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(audit_module, "evaluate_checkpoint", dying_eval)
+    with pytest.raises(KeyboardInterrupt):
+        audit(out, preset="tiny", progress=False, resume=True)
+    assert len(read_jsonl(out / "metrics.jsonl")) == 1
+    monkeypatch.setattr(audit_module, "evaluate_checkpoint", real_eval)
+
+    assert main(TINY + ["--out", str(out), "--resume"]) == 0
+    resumed, straight = read_jsonl(out / "metrics.jsonl"), read_jsonl(tiny_run / "metrics.jsonl")
+    assert len(resumed) == len(straight)
+    for a, b in zip(resumed, straight):
+        assert a["step"] == b["step"]
+        for key in ("test_loss", "train_loss", "twin_distance", "nn_own_l2", "f_mem"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+# -- bad input: clear message, exit code 2, nothing half-written --------------------------------
+
+def _run(argv, capsys):
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def _folder(tmp_path, sizes):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, size in enumerate(sizes):
+        Image.fromarray(np.full(size, i * 10 % 255, dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data", "/nonexistent/faces"], "nor an existing file or folder"),
+    (["--data", "imagenet"], "imagenet"),
+    (["--splits", "1"], "at least 2"),
+    (["--n", "1000", "--splits", "2"], "n_test|more than|only"),
+    (["--preset", "huge"], "Unknown preset"),
+    (["--lr", "-3"], "--lr must be positive"),
+    (["--steps", "many"], "Bad value 'many'"),
+])
+def test_bad_arguments(extra, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = _run(TINY + ["--out", str(out)] + extra, capsys)
+    assert code == 2 and "error:" in err
+    assert any(m in err for m in message.split("|")), err
+    assert not out.exists()
+
+
+def test_bad_image_folders(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err = _run(TINY + ["--out", str(tmp_path / "o1"), "--data", str(empty)], capsys)
+    assert code == 2 and "empty" in err.lower() or "no image" in err.lower()
+    mixed = _folder(tmp_path, [(8, 8)] * 3 + [(9, 7)])
+    code, err = _run(TINY + ["--out", str(tmp_path / "o2"), "--data", str(mixed)], capsys)
+    assert code == 2 and "--resolution" in err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_malformed_config_file(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("n = [unclosed\n")
+    code, err = _run(TINY + ["--out", str(tmp_path / "o"), "--config", str(bad)], capsys)
+    assert code == 2 and "not valid TOML" in err
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("learning_rate = 0.1\n")
+    code, err = _run(TINY + ["--out", str(tmp_path / "o"), "--config", str(unknown)], capsys)
+    assert code == 2 and "learning_rate" in err
+
+
+def test_output_folder_of_another_run_is_refused(tiny_run, tmp_path, capsys):
+    code, err = _run(TINY + ["--out", str(tiny_run), "--n", "20"], capsys)
+    assert code == 2 and "different audit run" in err and "--force" in err
+    code, err = _run(TINY + ["--out", str(tiny_run)], capsys)
+    assert code == 2 and "--resume" in err
+    code, err = _run(TINY + ["--out", str(tiny_run), "--resume", "--force"], capsys)
+    assert code == 2 and "contradict" in err
+
+
+def test_resume_on_corrupt_checkpoint(tiny_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "corrupt"
+    shutil.copytree(tiny_run, out)
+    (out / "metrics.jsonl").unlink()
+    (out / "models" / "model1" / "step_0000007.safetensors").write_bytes(b"\x00not a safetensors file")
+    code, err = _run(TINY + ["--out", str(out), "--resume"], capsys)
+    assert code == 2 and "corrupt" in err and "step_0000007" in err
+
+
+def test_non_finite_loss_stops_training(tmp_path, capsys):
+    out = tmp_path / "diverged"
+    code, err = _run(TINY + ["--out", str(out), "--lr", "1e30", "--grad-clip", "none"], capsys)
+    assert code == 2 and "non-finite loss at step" in err and "Lower --lr" in err
