@@ -17,7 +17,7 @@ TINY = ["audit", "--preset", "tiny", "--quiet"]
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    assert main(TINY + ["--out", str(out)]) == 0
+    assert main(TINY + ["--out", str(out), "--workers", "2"]) == 0  # the process-pool path
     return out
 
 
@@ -48,7 +48,7 @@ def test_tiny_audit_writes_every_output(tiny_run, capsys):
 
 
 def test_python_api_matches_cli(tiny_run, tmp_path):
-    summary = audit(tmp_path / "api", preset="tiny", progress=False)
+    summary = audit(tmp_path / "api", preset="tiny", progress=False)  # in-process, one worker
     cli = json.loads((tiny_run / "summary.json").read_text())
     assert summary["tau_loss"] == cli["tau_loss"] and summary["tau_bias"] == cli["tau_bias"]
     a, b = read_jsonl(tmp_path / "api" / "metrics.jsonl"), read_jsonl(tiny_run / "metrics.jsonl")
@@ -73,7 +73,7 @@ def test_resume_after_kill_gives_the_same_metrics(tiny_run, tmp_path, monkeypatc
 
     monkeypatch.setattr(audit_module, "eps_mse_loss", dying_loss)
     with pytest.raises(KeyboardInterrupt):
-        audit(out, preset="tiny", progress=False)
+        audit(out, preset="tiny", progress=False)  # in-process (workers=1), so the patch applies
     monkeypatch.setattr(audit_module, "eps_mse_loss", real_loss)
 
     real_eval = audit_module.evaluate_checkpoint

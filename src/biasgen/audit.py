@@ -34,6 +34,7 @@ from .metrics import (
     score_similarity,
     twin_distance,
 )
+from .parallel import resolve_workers, run_jobs
 from .onset import checkpoint_minimum, recommend, score_crossing, verdict
 from .runs import append_jsonl, environment, prepare_run_dir, read_jsonl, write_json
 from .sampler import sample, x0_from_eps_model
@@ -83,6 +84,7 @@ class AuditConfig:
     n_boot: int = opt(1000, "bootstrap resamples for the uncertainty of each tau")
     eval_batch: int = opt(256, "batch size of evaluation passes")
     device: str = opt("cpu", "torch device (cpu, cuda, cuda:1, mps)")
+    workers: int = opt(0, "processes that train models / evaluate checkpoints at once (0: one per CPU core on cpu, 1 on a GPU)")
 
     def validate(self) -> None:
         check(self.splits >= 2, f"--splits must be at least 2 (twins need two disjoint splits), got {self.splits}.")
@@ -90,6 +92,7 @@ class AuditConfig:
                      "base_width", "res_blocks", "n_score_inputs", "first_checkpoint", "eval_batch"):
             check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
         check(self.n_boot >= 0, "--n-boot must be >= 0.")
+        check(self.workers >= 0, "--workers must be >= 0 (0 = automatic).")
         check(self.lr > 0, f"--lr must be positive, got {self.lr}.")
         check(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}.")
         check(self.scaling in ("minus1to1", "center"), f"--scaling must be minus1to1 or center, got {self.scaling!r}.")
@@ -116,7 +119,7 @@ PRESETS: dict[str, dict] = {
     # A seconds-long smoke run (used by the tests); far too small to show anything.
     "tiny": dict(n=24, splits=2, n_test=32, steps=12, checkpoints=3, first_checkpoint=4, base_width=8,
                  channel_mults=(1, 2), attention_levels=(), res_blocks=1, n_samples=8, sample_steps=5,
-                 score_ts=(50,), n_score_inputs=8, n_boot=50, batch_size=16),
+                 score_ts=(50,), n_score_inputs=8, n_boot=50, batch_size=16, workers=1),
 }
 
 
@@ -136,7 +139,8 @@ def run_audit(cfg: AuditConfig, out: str | Path, *, resume: bool = False, force:
     data = load_images(cfg.data, data_dir=cfg.data_dir, resolution=cfg.resolution, grayscale=cfg.grayscale,
                        center_crop=cfg.center_crop)
     splits = make_splits(data.images, cfg.n, cfg.splits, cfg.n_test, cfg.seed)
-    run = prepare_run_dir(out, dataclasses.asdict(cfg), resume=resume, force=force, kind="audit")
+    run = prepare_run_dir(out, dataclasses.asdict(cfg), resume=resume, force=force, kind="audit",
+                          runtime_keys=("workers", "device", "eval_batch"))
     reference = torch.cat(splits.train)  # 'center' scaling subtracts the mean training image
     train_sets = [scale_images(x, cfg.scaling, reference)[0] for x in splits.train]
     test_set, mean = scale_images(splits.test, cfg.scaling, reference)
@@ -146,27 +150,28 @@ def run_audit(cfg: AuditConfig, out: str | Path, *, resume: bool = False, force:
     model_kwargs = _model_kwargs(cfg, channels=train_sets[0].shape[1])
     meta = {"config": dataclasses.asdict(cfg), "model": model_kwargs, "environment": environment()}
 
+    workers = resolve_workers(cfg.workers, cfg.device)
     t_train = time.time()
-    for m, (split, s) in enumerate(members):
-        model = _new_model(model_kwargs, init_seed=cfg.seed * 1000 + (0 if cfg.same_init else m + 1))
-        train(model.to(cfg.device), eps_mse_loss(schedule), train_sets[split].to(cfg.device), steps=cfg.steps,
-              batch_size=cfg.batch_size, lr=cfg.lr, checkpoints=steps, seed=cfg.seed * 1000 + 500 + m,
-              out_dir=run / "models" / f"model{m}", meta={**meta, "split": split, "split_seed": s},
-              grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, resume=True, progress=progress,
-              desc=f"model {m + 1}/{len(members)} (split {split})")
-
+    jobs = [dict(model_kwargs=model_kwargs, init_seed=cfg.seed * 1000 + (0 if cfg.same_init else m + 1),
+                 data=train_sets[split], schedule=schedule, cfg=cfg, checkpoints=steps, seed=cfg.seed * 1000 + 500 + m,
+                 out_dir=run / "models" / f"model{m}", meta={**meta, "split": split, "split_seed": s},
+                 progress=progress, desc=f"model {m + 1}/{len(members)} (split {split})",
+                 position=m % workers if workers > 1 else None)
+            for m, (split, s) in enumerate(members)]
+    for _ in run_jobs(_train_member, jobs, workers):
+        pass
     training_s = time.time() - t_train
+
+    t_eval = time.time()
     done = {r["step"] for r in read_jsonl(run / "metrics.jsonl")}
-    evaluation_s = 0.0
-    for step in _progress(steps, progress, "evaluating checkpoints"):
-        if step in done:
-            continue
-        t0 = time.time()
-        models = [_load_model(model_kwargs, run / "models" / f"model{m}", step, cfg.device) for m in range(len(members))]
-        record, samples = evaluate_checkpoint(models, members, train_sets, test_set, schedule, cfg)
-        save_tensors(run / "samples" / f"step_{step:07d}", {"samples": samples}, {"step": step, "sampler": cfg.sampler})
-        append_jsonl(run / "metrics.jsonl", {"step": step, **record})
-        evaluation_s += time.time() - t0
+    jobs = [dict(step=step, run=run, model_kwargs=model_kwargs, members=members, train_sets=train_sets,
+                 test_set=test_set, schedule=schedule, cfg=cfg) for step in steps if step not in done]
+    pending, order = {}, [job["step"] for job in jobs]
+    for step, record in _progress(run_jobs(_evaluate_step, jobs, workers), progress, "evaluating checkpoints", len(jobs)):
+        pending[step] = record
+        while order and order[0] in pending:  # keep metrics.jsonl in step order
+            append_jsonl(run / "metrics.jsonl", {"step": order[0], **pending.pop(order.pop(0))})
+    evaluation_s = time.time() - t_eval
 
     records = sorted(read_jsonl(run / "metrics.jsonl"), key=lambda r: r["step"])
     summary = summarize(records, cfg, data_description=describe(data, splits), members=members)
@@ -178,6 +183,26 @@ def run_audit(cfg: AuditConfig, out: str | Path, *, resume: bool = False, force:
             for label, x in _gallery_rows(run, summary, train_sets, members)]
     figures.plot_all(run, records, summary, rows, value_range=(0.0, 1.0))
     return summary
+
+
+def _train_member(job: dict) -> None:
+    """Train one model of the audit (a worker-process job)."""
+    cfg = job["cfg"]
+    model = _new_model(job["model_kwargs"], init_seed=job["init_seed"]).to(cfg.device)
+    train(model, eps_mse_loss(job["schedule"]), job["data"].to(cfg.device), steps=cfg.steps, batch_size=cfg.batch_size,
+          lr=cfg.lr, checkpoints=job["checkpoints"], seed=job["seed"], out_dir=job["out_dir"], meta=job["meta"],
+          grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, resume=True, progress=job["progress"], desc=job["desc"],
+          position=job["position"])
+
+
+def _evaluate_step(job: dict) -> tuple[int, dict]:
+    """Evaluate every model at one checkpoint and store its samples (a worker-process job)."""
+    cfg, step, run = job["cfg"], job["step"], job["run"]
+    models = [_load_model(job["model_kwargs"], run / "models" / f"model{m}", step, cfg.device)
+              for m in range(len(job["members"]))]
+    record, samples = evaluate_checkpoint(models, job["members"], job["train_sets"], job["test_set"], job["schedule"], cfg)
+    save_tensors(run / "samples" / f"step_{step:07d}", {"samples": samples}, {"step": step, "sampler": cfg.sampler})
+    return step, record
 
 
 def _model_kwargs(cfg: AuditConfig, channels: int) -> dict:
@@ -197,12 +222,12 @@ def _load_model(kwargs: dict, folder: Path, step: int, device: str) -> UNet:
     return model.to(device).eval()
 
 
-def _progress(items, enabled: bool, desc: str):
+def _progress(items, enabled: bool, desc: str, total: int | None = None):
     if not enabled:
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True)
+    return tqdm(items, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
 
 def model_pairs(members: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:

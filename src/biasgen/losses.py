@@ -12,7 +12,8 @@ def eps_mse_loss(schedule: NoiseSchedule):
 
     def loss(model: torch.nn.Module, x0: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         t = torch.randint(1, schedule.T, (len(x0),), generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
+        eps = torch.randn(x0.shape, generator=gen).to(x0.device)  # drawn on the CPU: the same on every device
+        t = t.to(x0.device)
         return F.mse_loss(model(schedule.add_noise(x0, eps, t), t), eps)
 
     return loss
@@ -25,9 +26,9 @@ def x0_cross_entropy_loss(schedule: NoiseSchedule, q: int):
     """
 
     def loss(model: torch.nn.Module, x0: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        t = torch.randint(1, schedule.T, (len(x0),), generator=gen)
+        t = torch.randint(1, schedule.T, (len(x0),), generator=gen).to(x0.device)
         onehot = F.one_hot(x0, q).float()
-        eps = torch.randn(onehot.shape, generator=gen)
+        eps = torch.randn(onehot.shape, generator=gen).to(x0.device)
         logits = model(schedule.add_noise(onehot, eps, t), t)
         return F.cross_entropy(logits.reshape(-1, q), x0.reshape(-1))
 

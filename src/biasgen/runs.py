@@ -77,13 +77,16 @@ def read_jsonl(path: Path | str) -> list[dict]:
         raise BiasgenError(f"{path} is corrupt ({e}). Rerun with --force to start over.") from e
 
 
-def prepare_run_dir(out: Path | str, config: dict, *, resume: bool, force: bool, kind: str) -> Path:
+def prepare_run_dir(out: Path | str, config: dict, *, resume: bool, force: bool, kind: str,
+                    runtime_keys: tuple[str, ...] = ()) -> Path:
     """Create (or reopen) the run folder ``out`` for a run of ``kind`` defined by ``config``.
 
     - empty or missing folder: start a new run;
     - a folder holding the same run (same kind and config): continue only with ``resume``;
     - a folder holding a different run, or anything else: refuse, unless ``force``
       (which deletes the old run) — ``resume`` never mixes two different runs.
+    Settings named in ``runtime_keys`` (e.g. the device or the number of worker
+    processes) do not define the run and may change on resume.
     Writes ``run.json`` with the config and versions.
     """
     out = Path(out)
@@ -100,10 +103,10 @@ def prepare_run_dir(out: Path | str, config: dict, *, resume: bool, force: bool,
             )
         else:
             old = read_json(existing)
-            if old.get("kind") != kind or old.get("config") != config:
-                changed = sorted(
-                    k for k in set(config) | set(old.get("config", {})) if config.get(k) != old.get("config", {}).get(k)
-                )
+            old_config = old.get("config", {})
+            changed = sorted(k for k in set(config) | set(old_config)
+                             if k not in runtime_keys and config.get(k) != old_config.get(k))
+            if old.get("kind") != kind or changed:
                 raise BiasgenError(
                     f"--out {out} holds a different {old.get('kind', 'unknown')} run (differs in: {', '.join(changed) or 'kind'}). "
                     "Use another --out, or --force to delete it and start over."

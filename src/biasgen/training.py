@@ -70,6 +70,7 @@ def train(
     resume: bool = True,  # continue from the state in out_dir if there is one
     progress: bool = True,  # show a tqdm bar
     desc: str = "",  # the bar's label
+    position: int | None = None,  # the bar's line, when several processes train at once
 ) -> None:
     """Train ``model`` in place and write its checkpoints to ``out_dir``.
 
@@ -104,7 +105,8 @@ def train(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, initial=start, desc=desc or "training", leave=False, dynamic_ncols=True)
+        bar = tqdm(total=steps, initial=start, desc=desc or "training", leave=False, dynamic_ncols=True,
+                   position=position)
     model.train()
     last_good = max([c for c in checkpoints if c <= start], default=None)
     for step in range(start + 1, steps + 1):
