@@ -89,6 +89,18 @@ def test_verdict_detects_bias_before_the_loss_minimum():
     json.dumps(v | {"advice": advice})
 
 
+def test_verdict_detects_bias_while_the_loss_is_still_falling_at_the_end():
+    bias = checkpoint_minimum(STEPS, u_curves(40, seed=1))
+    loss = checkpoint_minimum(STEPS, u_curves(250, seed=2), reduce="mean")  # minimum beyond the last checkpoint
+    v = verdict(bias, loss)
+    assert v["verdict"] == "biased-generalization-detected" and v["tau_loss_open"], v["reason"]
+    assert "still falling at the last checkpoint" in v["reason"]
+    s = np.asarray(STEPS, dtype=float)
+    plateau = np.maximum(1 - s / 80, 0.5) + np.random.default_rng(0).normal(0, 0.3, (40, len(STEPS)))
+    v = verdict(checkpoint_minimum(STEPS, plateau), loss)  # no real drift: still inconclusive
+    assert v["verdict"] == "inconclusive"
+
+
 def test_verdict_no_bias_when_twins_drift_after_the_loss_minimum():
     bias = checkpoint_minimum(STEPS, u_curves(150, seed=1))
     loss = checkpoint_minimum(STEPS, u_curves(60, seed=2), reduce="mean")
@@ -101,7 +113,7 @@ def test_verdict_no_bias_when_twins_drift_after_the_loss_minimum():
 @pytest.mark.parametrize(
     "bias_min, loss_min, words",
     [
-        (40, 250, "test loss is still falling"),  # loss minimum at the last checkpoint
+        (250, 250, "still grow more alike"),  # both minima at the last checkpoint
         (250, 120, "still grow more alike"),  # twin minimum at the last checkpoint
         (-50, 120, "first checkpoint"),  # twins never converge: distance only rises
         (100, 100, "not resolved"),  # both minima at the same place

@@ -154,16 +154,19 @@ def verdict(bias: dict, loss: dict, p_detect: float = DETECT_P, p_reject: float 
     curve (tau_bias) and of the test-loss curve (tau_loss), on the same steps.
     ``p`` = P(tau_bias < tau_loss) over the two bootstrap sets (ties count 1/2).
 
-    - ``'inconclusive'`` when either minimum sits at the last checkpoint (run too
-      short), when a curve has a single unit (no uncertainty), or when p is
-      between ``p_reject`` and ``p_detect``;
+    - ``'inconclusive'`` when the twin-distance minimum sits at the last
+      checkpoint (run too short), when a curve has a single unit (no
+      uncertainty), or when p is between ``p_reject`` and ``p_detect``;
     - ``'biased-generalization-detected'`` when ``p >= p_detect``, tau_bias is
       not the first checkpoint, and the twin distance rises after its minimum
-      by more than ``rise_z`` bootstrap standard errors (otherwise inconclusive);
+      by more than ``rise_z`` bootstrap standard errors (otherwise inconclusive).
+      A test loss still falling at the last checkpoint does not prevent this:
+      tau_loss is then only known to be at or after the last checkpoint
+      (``tau_loss_open``), which places tau_bias before it all the more;
     - ``'no-bias-detected'`` when ``p <= p_reject`` and both 95% intervals stay
       clear of the last checkpoint.
 
-    Returns ``{verdict, reason, p_bias_before_loss, tau_bias, tau_loss, window}``.
+    Returns ``{verdict, reason, p_bias_before_loss, tau_bias, tau_loss, tau_loss_open, window}``.
     """
     if bias["steps"] != loss["steps"]:
         raise BiasgenError("The twin-distance and test-loss curves must use the same checkpoints.")
@@ -176,8 +179,8 @@ def verdict(bias: dict, loss: dict, p_detect: float = DETECT_P, p_reject: float 
     }
     last = len(bias["steps"]) - 1
     rise_ok = bias["rise"] > rise_z * bias["rise_se"]
-    if loss["index"] == last:
-        return out | _call("inconclusive", "the test loss is still falling at the last checkpoint; train longer to locate tau_loss.")
+    loss_open = loss["index"] == last
+    out["tau_loss_open"] = loss_open
     if bias["index"] == last:
         return out | _call("inconclusive", "the twins still grow more alike at the last checkpoint; train longer to locate tau_bias.")
     if bias["n_units"] == 1 or loss["n_units"] == 1:
@@ -195,11 +198,15 @@ def verdict(bias: dict, loss: dict, p_detect: float = DETECT_P, p_reject: float 
                 f"tau_bias={bias['step']} precedes tau_loss={loss['step']} (P={p:.2f}), but the twin distance rises only "
                 f"{bias['rise']:.3g} ± {bias['rise_se']:.3g} after its minimum, not clearly above noise.",
             )
+        until = (f"is still falling at the last checkpoint, step {loss['step']} (tau_loss lies at or after it)"
+                 if loss_open else f"keeps falling until step {loss['step']} (68% CI {loss['ci']})")
         return out | _call(
             "biased-generalization-detected",
-            f"the twins start drifting apart at step {bias['step']} (68% CI {bias['ci']}) while the test loss keeps "
-            f"falling until step {loss['step']} (68% CI {loss['ci']}); P(tau_bias < tau_loss) = {p:.2f}.",
+            f"the twins start drifting apart at step {bias['step']} (68% CI {bias['ci']}) while the test loss "
+            f"{until}; P(tau_bias < tau_loss) = {p:.2f}.",
         )
+    if loss_open:
+        return out | _call("inconclusive", "the test loss is still falling at the last checkpoint; train longer to locate tau_loss.")
     if p <= p_reject:
         if bias["ci95"][1] == bias["steps"][-1] or loss["ci95"][1] == loss["steps"][-1]:
             return out | _call(
