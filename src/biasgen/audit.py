@@ -283,7 +283,7 @@ def evaluate_checkpoint(models, members, train_sets, test_set, schedule, cfg: Au
     for m, (split, _) in enumerate(members):
         own.append(nearest_neighbors(samples[m], train_sets[split]))
         other.extend(nearest_neighbors(samples[m], train_sets[j]) for j in range(cfg.splits) if j != split)
-        test_nn.append(nearest_neighbors(samples[m], test_set))
+        test_nn.append(nearest_neighbors(samples[m], test_set[: cfg.n]))  # size-matched to a split
         heldout.append(nearest_neighbors(test_set[: cfg.n_samples], train_sets[split]))
     cat = lambda results, key: torch.cat([r[key] for r in results])
     record.update(nn_own_sim=float(cat(own, "sim").mean()), nn_other_sim=float(cat(other, "sim").mean()),

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Callable, Iterator, Sequence
 
@@ -21,8 +23,17 @@ def resolve_workers(requested: int, device: str) -> int:
     return max(1, os.cpu_count() or 1) if str(device) == "cpu" else 1
 
 
-def _set_threads(threads: int) -> None:
+def _init_worker(threads: int, parent: int) -> None:
+    """Set the worker's thread count, and make it exit when the main process dies (a killed run must not
+    leave workers writing into its folder while it is resumed)."""
     torch.set_num_threads(threads)
+
+    def exit_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
 
 
 def run_jobs(fn: Callable, jobs: Sequence, workers: int) -> Iterator:
@@ -34,7 +45,7 @@ def run_jobs(fn: Callable, jobs: Sequence, workers: int) -> Iterator:
     workers = min(workers, len(jobs))
     threads = max(1, (os.cpu_count() or 1) // workers)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_set_threads, initargs=(threads,))
+                               initializer=_init_worker, initargs=(threads, os.getpid()))
     try:
         futures = [pool.submit(fn, job) for job in jobs]
         for future in as_completed(futures):
