@@ -1,0 +1,49 @@
+"""Worker processes: same results as in-process, and no orphans when the main process is killed."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from biasgen.parallel import resolve_workers, run_jobs
+
+
+def _square(x):
+    return x * x
+
+
+def test_pool_and_in_process_give_the_same_results():
+    assert sorted(run_jobs(_square, [1, 2, 3], workers=2)) == [1, 4, 9] == list(run_jobs(_square, [1, 2, 3], workers=1))
+    assert resolve_workers(3, "cpu") == 3 and resolve_workers(0, "cuda") == 1 and resolve_workers(0, "cpu") >= 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_exit_when_the_main_process_is_killed(tmp_path):
+    script = tmp_path / "main.py"
+    script.write_text(
+        "import os, time\n"
+        "from biasgen.parallel import run_jobs\n"
+        "def job(x):\n    time.sleep(120)\n"
+        "if __name__ == '__main__':\n    print(os.getpid(), flush=True)\n    list(run_jobs(job, [1, 2], 2))\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pid = int(proc.stdout.readline())
+    deadline = time.time() + 60
+    workers = []
+    while time.time() < deadline and len(workers) < 2:
+        time.sleep(0.5)
+        out = subprocess.run(["pgrep", "-P", str(pid), "-f", "spawn_main"], capture_output=True, text=True).stdout
+        workers = [int(w) for w in out.split()]
+    assert len(workers) == 2, "the pool never started its workers"
+    os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.5)
+    assert not any(_alive(w) for w in workers), "worker processes outlived the killed main process"
