@@ -20,19 +20,16 @@ from .errors import BiasgenError
 
 def _subcommands():
     """name -> (config class, presets, default preset, run function, default out, help)."""
-    from .audit import PRESETS as AUDIT_PRESETS
-    from .audit import AuditConfig, human_summary, run_audit
+    from . import audit
+    from .hierarchy import experiment
 
-    table = {"audit": (AuditConfig, AUDIT_PRESETS, "default", run_audit, human_summary, "runs/audit",
-                       "twin-split audit of an image data set: when does training start favouring the training data?")}
-    try:
-        from .hierarchy.experiment import PRESETS as H_PRESETS
-        from .hierarchy.experiment import HierarchyConfig, human_summary as h_summary, run_hierarchy
-    except ImportError:  # the hierarchical experiments are optional while they are being built
-        return table
-    table["hierarchy"] = (HierarchyConfig, H_PRESETS, "cpu", run_hierarchy, h_summary, "runs/hierarchy",
-                          "twins on the hierarchical data model, with exact (belief-propagation) ground truth")
-    return table
+    return {
+        "audit": (audit.AuditConfig, audit.PRESETS, "default", audit.run_audit, audit.human_summary, "runs/audit",
+                  "twin-split audit of an image data set: when does training start favouring the training data?"),
+        "hierarchy": (experiment.HierarchyConfig, experiment.PRESETS, "cpu", experiment.run_hierarchy,
+                      experiment.human_summary, "runs/hierarchy",
+                      "twins on the hierarchical data model, with exact (belief-propagation) ground truth"),
+    }
 
 
 def build_parser(table) -> argparse.ArgumentParser:

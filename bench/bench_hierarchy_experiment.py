@@ -1,0 +1,73 @@
+"""Benchmark of `biasgen hierarchy`: training steps/s and the evaluation share of a preset.
+
+    python bench/bench_hierarchy_experiment.py                  # the cpu preset, with the preset's threads
+    python bench/bench_hierarchy_experiment.py --preset paper --device cuda
+
+Times a short stretch of training of one model, the one-off reference
+computation (BP on every evaluation input) and the evaluation of one checkpoint
+of all models, then extrapolates to the whole preset. Prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from biasgen.config import build_config
+from biasgen.hierarchy.experiment import PRESETS, HierarchyConfig, evaluate_checkpoint, make_data, make_reference, model_kwargs, new_model
+from biasgen.losses import x0_cross_entropy_loss
+from biasgen.schedule import NoiseSchedule
+from biasgen.training import checkpoint_steps, train
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--train-steps", type=int, default=200, help="steps timed (of one model)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="override the preset's torch threads (0: torch default)")
+    args = ap.parse_args()
+    overrides = {k: v for k, v in (("device", args.device), ("threads", args.threads)) if v is not None}
+    cfg = build_config(HierarchyConfig, PRESETS, args.preset, None, overrides)
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    schedule = NoiseSchedule.onehot(cfg.T)
+    data = make_data(cfg)
+    members = [(i, s) for i in range(cfg.blocks) for s in range(cfg.seeds_per_block)]
+    models = [new_model(model_kwargs(cfg), m + 1).to(cfg.device) for m in range(len(members))]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        n = args.train_steps
+        t0 = time.perf_counter()
+        train(models[0], x0_cross_entropy_loss(schedule, cfg.q), data.blocks[0].to(cfg.device), steps=n,
+              batch_size=cfg.batch_size, lr=cfg.lr, checkpoints=[n], seed=0, out_dir=Path(tmp), meta={}, progress=False)
+        train_s = time.perf_counter() - t0
+    steps_per_s = n / train_s
+
+    t0 = time.perf_counter()
+    ref = make_reference(data, schedule, cfg)
+    ref_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    evaluate_checkpoint([m.eval() for m in models], members, data, ref, schedule, cfg)
+    ckpt_s = time.perf_counter() - t0
+
+    n_ckpt = len(checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.first_checkpoint))
+    total_train = cfg.steps * len(members) / steps_per_s
+    total_eval = ref_s + n_ckpt * ckpt_s
+    print(f"## biasgen hierarchy --preset {args.preset}  (torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"device {cfg.device})\n")
+    print("| quantity | value |\n|---|---|")
+    print(f"| models x steps | {len(members)} x {cfg.steps} (batch {cfg.batch_size}, {cfg.layers} layers x {cfg.width}) |")
+    print(f"| training steps/s (one model) | {steps_per_s:.1f} |")
+    print(f"| reference (BP on all evaluation inputs, once) | {ref_s:.1f} s |")
+    print(f"| evaluation of one checkpoint, all models | {ckpt_s:.1f} s |")
+    print(f"| projected training | {total_train / 60:.1f} min |")
+    print(f"| projected evaluation ({n_ckpt} checkpoints) | {total_eval / 60:.1f} min |")
+    print(f"| evaluation share | {total_eval / (total_eval + total_train):.0%} |")
+    print(f"| projected total | {(total_train + total_eval) / 60:.1f} min |")
+
+
+if __name__ == "__main__":
+    main()
