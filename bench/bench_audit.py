@@ -13,7 +13,9 @@ import time
 
 import torch
 
-from biasgen.audit import PRESETS, AuditConfig, _model_kwargs, _new_model, run_audit
+from biasgen.audit import PRESETS, AuditConfig, _model_kwargs, run_audit
+from biasgen.twins import build_model
+from biasgen.unet import UNet
 from biasgen.config import build_config
 from biasgen.losses import eps_mse_loss
 from biasgen.runs import environment
@@ -24,7 +26,7 @@ from biasgen.training import step_generator
 
 def time_training(cfg: AuditConfig, schedule: NoiseSchedule, steps: int = 40) -> float:
     """Optimisation steps per second for one model of the preset."""
-    model = _new_model(_model_kwargs(cfg, channels=1), init_seed=0)
+    model = build_model(UNet, _model_kwargs(cfg, channels=1), seed=0)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     loss_fn = eps_mse_loss(schedule)
     data = torch.rand(cfg.n, 1, 8, 8) * 2 - 1
@@ -41,7 +43,7 @@ def time_training(cfg: AuditConfig, schedule: NoiseSchedule, steps: int = 40) ->
 
 def time_sampling(cfg: AuditConfig, schedule: NoiseSchedule, method: str, steps: int | None) -> float:
     """Seconds to draw the preset's ``n_samples`` from one model."""
-    model = _new_model(_model_kwargs(cfg, channels=1), init_seed=0).eval()
+    model = build_model(UNet, _model_kwargs(cfg, channels=1), seed=0).eval()
     start = time.perf_counter()
     sample(x0_from_eps_model(model, schedule, clip=1.0), schedule, (1, 8, 8), list(range(cfg.n_samples)),
            method=method, steps=steps, batch_size=cfg.eval_batch)

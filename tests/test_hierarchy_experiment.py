@@ -8,7 +8,9 @@ from biasgen.cli import main
 from biasgen.errors import BiasgenError
 from biasgen.hierarchy import experiment
 from biasgen.hierarchy.experiment import PRESETS, HierarchyConfig, hierarchy, make_data
+from biasgen.hierarchy.model import SequenceDenoiser
 from biasgen.runs import read_jsonl
+from biasgen.twins import build_model
 
 FIGS = ["fig_kl.png", "fig_kl_along_t.png", "fig_nn.png", "fig_loss_decomposition.png", "fig_uturn.png"]
 
@@ -116,6 +118,6 @@ def test_paper_preset_is_spec_section_8_and_its_model_runs():
     cfg = HierarchyConfig(**{**PRESETS["paper"], "device": "cpu"})
     cfg.validate()
     assert (cfg.layers, cfg.width, cfg.heads, cfg.ffn, cfg.lr, cfg.batch_size, cfg.checkpoints) == (8, 512, 4, 1024, 3e-4, 512, 25)
-    model = experiment.new_model(experiment.model_kwargs(cfg), init_seed=0)
+    model = build_model(SequenceDenoiser, experiment.model_kwargs(cfg), seed=0)
     logits = model(torch.randn(3, 16, 6), torch.tensor([1, 250, 500]))
     assert logits.shape == (3, 16, 6) and torch.isfinite(logits).all()

@@ -13,7 +13,6 @@ samples of every checkpoint under ``samples/``. A killed run continues with
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import figures
-from .checkpoint import load_checkpoint, load_tensors, save_tensors
+from .checkpoint import load_tensors, save_tensors
 from .config import build_config, check, opt
 from .data import describe, load_images, make_splits, scale_images, unscale_images
 from .errors import BiasgenError
@@ -35,11 +34,12 @@ from .metrics import (
     twin_distance,
 )
 from .parallel import resolve_workers, run_jobs
-from .onset import checkpoint_minimum, recommend, score_crossing, verdict
-from .runs import append_jsonl, environment, prepare_run_dir, read_jsonl, write_json
+from .onset import checkpoint_minimum, public_tau, recommend, score_crossing, verdict
+from .runs import append_jsonl, environment, prepare_run_dir, progress_bar, read_jsonl, write_json
 from .sampler import sample, x0_from_eps_model
 from .schedule import NoiseSchedule
-from .training import checkpoint_stem, checkpoint_steps, train
+from .training import checkpoint_steps, train
+from .twins import build_model, init_seed, load_model, make_members, model_pairs, training_seed
 from .unet import UNet
 
 
@@ -146,15 +146,15 @@ def run_audit(cfg: AuditConfig, out: str | Path, *, resume: bool = False, force:
     train_sets = [scale_images(x, cfg.scaling, reference)[0] for x in splits.train]
     test_set, mean = scale_images(splits.test, cfg.scaling, reference)
     schedule = NoiseSchedule.from_name(cfg.schedule, cfg.T)
-    members = [(i, s) for i in range(cfg.splits) for s in range(cfg.seeds_per_split)]
+    members = make_members(cfg.splits, cfg.seeds_per_split)
     steps = checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.first_checkpoint)
     model_kwargs = _model_kwargs(cfg, channels=train_sets[0].shape[1])
     meta = {"config": dataclasses.asdict(cfg), "model": model_kwargs, "environment": environment()}
 
     workers = resolve_workers(cfg.workers, cfg.device)
     t_train = time.time()
-    jobs = [dict(model_kwargs=model_kwargs, init_seed=cfg.seed * 1000 + (0 if cfg.same_init else m + 1),
-                 data=train_sets[split], schedule=schedule, cfg=cfg, checkpoints=steps, seed=cfg.seed * 1000 + 500 + m,
+    jobs = [dict(model_kwargs=model_kwargs, init_seed=init_seed(cfg.seed, m, cfg.same_init),
+                 data=train_sets[split], schedule=schedule, cfg=cfg, checkpoints=steps, seed=training_seed(cfg.seed, m),
                  out_dir=run / "models" / f"model{m}", meta={**meta, "split": split, "split_seed": s},
                  progress=progress, desc=f"model {m + 1}/{len(members)} (split {split})",
                  position=m % workers if workers > 1 else None)
@@ -168,7 +168,7 @@ def run_audit(cfg: AuditConfig, out: str | Path, *, resume: bool = False, force:
     jobs = [dict(step=step, run=run, model_kwargs=model_kwargs, members=members, train_sets=train_sets,
                  test_set=test_set, schedule=schedule, cfg=cfg) for step in steps if step not in done]
     pending, order = {}, [job["step"] for job in jobs]
-    for step, record in _progress(run_jobs(_evaluate_step, jobs, workers), progress, "evaluating checkpoints", len(jobs)):
+    for step, record in progress_bar(run_jobs(_evaluate_step, jobs, workers), progress, "evaluating checkpoints", len(jobs)):
         pending[step] = record
         while order and order[0] in pending:  # keep metrics.jsonl in step order
             append_jsonl(run / "metrics.jsonl", {"step": order[0], **pending.pop(order.pop(0))})
@@ -189,7 +189,7 @@ def run_audit(cfg: AuditConfig, out: str | Path, *, resume: bool = False, force:
 def _train_member(job: dict) -> None:
     """Train one model of the audit (a worker-process job)."""
     cfg = job["cfg"]
-    model = _new_model(job["model_kwargs"], init_seed=job["init_seed"]).to(cfg.device)
+    model = build_model(UNet, job["model_kwargs"], job["init_seed"]).to(cfg.device)
     train(model, eps_mse_loss(job["schedule"]), job["data"].to(cfg.device), steps=cfg.steps, batch_size=cfg.batch_size,
           lr=cfg.lr, checkpoints=job["checkpoints"], seed=job["seed"], out_dir=job["out_dir"], meta=job["meta"],
           grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, resume=True, progress=job["progress"], desc=job["desc"],
@@ -199,7 +199,7 @@ def _train_member(job: dict) -> None:
 def _evaluate_step(job: dict) -> tuple[int, dict]:
     """Evaluate every model at one checkpoint and store its samples (a worker-process job)."""
     cfg, step, run = job["cfg"], job["step"], job["run"]
-    models = [_load_model(job["model_kwargs"], run / "models" / f"model{m}", step, cfg.device)
+    models = [load_model(UNet, job["model_kwargs"], run / "models" / f"model{m}", step, cfg.device)
               for m in range(len(job["members"]))]
     record, samples = evaluate_checkpoint(models, job["members"], job["train_sets"], job["test_set"], job["schedule"], cfg)
     save_tensors(run / "samples" / f"step_{step:07d}", {"samples": samples}, {"step": step, "sampler": cfg.sampler})
@@ -209,34 +209,6 @@ def _evaluate_step(job: dict) -> tuple[int, dict]:
 def _model_kwargs(cfg: AuditConfig, channels: int) -> dict:
     return dict(channels=channels, base_width=cfg.base_width, channel_mults=tuple(cfg.channel_mults),
                 attention_levels=tuple(cfg.attention_levels), res_blocks=cfg.res_blocks, dropout=cfg.dropout)
-
-
-def _new_model(kwargs: dict, init_seed: int) -> UNet:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(init_seed)
-        return UNet(**kwargs)
-
-
-def _load_model(kwargs: dict, folder: Path, step: int, device: str) -> UNet:
-    model = UNet(**kwargs)
-    load_checkpoint(checkpoint_stem(folder, step), model)
-    return model.to(device).eval()
-
-
-def _progress(items, enabled: bool, desc: str, total: int | None = None):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, total=total, leave=False, dynamic_ncols=True)
-
-
-def model_pairs(members: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """``(twins, controls)``: index pairs of models on different splits, and on the same split."""
-    twins, controls = [], []
-    for a, b in itertools.combinations(range(len(members)), 2):
-        (twins if members[a][0] != members[b][0] else controls).append((a, b))
-    return twins, controls
 
 
 @torch.no_grad()
@@ -323,8 +295,8 @@ def summarize(records: list[dict], cfg: AuditConfig, data_description: dict, mem
         "verdict": judged["verdict"],
         "reason": judged["reason"],
         "p_bias_before_loss": judged.get("p_bias_before_loss"),
-        "tau_bias": _public(tau_bias),
-        "tau_loss": _public(tau_loss),
+        "tau_bias": public_tau(tau_bias),
+        "tau_loss": public_tau(tau_loss),
         "tau_loss_open": judged.get("tau_loss_open", False),  # test loss still falling at the last checkpoint
         "tau_score": tau_score,
         "tau_score_reference_t": t0,
@@ -340,16 +312,11 @@ def summarize(records: list[dict], cfg: AuditConfig, data_description: dict, mem
         "data": data_description,
         "config": dataclasses.asdict(cfg),
         "seeds": {"master": cfg.seed, "permutation": cfg.seed,
-                  "model_init": [cfg.seed * 1000 + (0 if cfg.same_init else m + 1) for m in range(len(members))],
-                  "training": [cfg.seed * 1000 + 500 + m for m in range(len(members))],
+                  "model_init": [init_seed(cfg.seed, m, cfg.same_init) for m in range(len(members))],
+                  "training": [training_seed(cfg.seed, m) for m in range(len(members))],
                   "sample_noise": f"seed*1000000 + 7919*j for sample j (seed={cfg.seed})"},
         "environment": environment(),
     }
-
-
-def _public(tau: dict) -> dict:
-    """A tau without its bootstrap draws and curve (those stay in metrics.jsonl)."""
-    return {k: v for k, v in tau.items() if k not in ("boot_steps", "curve", "curve_se", "steps")}
 
 
 def _gallery_rows(run: Path, summary: dict, train_sets, members, n: int = 10):

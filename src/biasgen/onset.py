@@ -248,3 +248,8 @@ def recommend(decision: dict, bias: dict, loss: dict) -> dict:
         "rationale": f"Stop at the test-loss minimum, step {loss['step']}, since {caveat}"
         + (f" (if privacy matters, step {bias['step']} is the cautious choice)." if bias["step"] < loss["step"] else "."),
     }
+
+
+def public_tau(tau: dict) -> dict:
+    """A :func:`checkpoint_minimum` result without its bootstrap draws and curves (for summary.json)."""
+    return {k: v for k, v in tau.items() if k not in ("boot_steps", "curve", "curve_se", "steps")}

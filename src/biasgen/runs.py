@@ -119,3 +119,12 @@ def prepare_run_dir(out: Path | str, config: dict, *, resume: bool, force: bool,
     out.mkdir(parents=True, exist_ok=True)
     write_json(existing, {"kind": kind, "config": config, "environment": environment()})
     return out
+
+
+def progress_bar(items, enabled: bool, desc: str, total: int | None = None):
+    """``items`` wrapped in a tqdm bar when ``enabled``."""
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, total=total, leave=False, dynamic_ncols=True)

@@ -13,7 +13,6 @@ evaluated checkpoints are skipped.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -21,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_checkpoint
 from ..config import build_config, check, opt
 from ..losses import x0_cross_entropy_loss
-from ..onset import checkpoint_minimum, recommend, verdict
-from ..runs import append_jsonl, environment, prepare_run_dir, read_jsonl, write_json
+from ..onset import checkpoint_minimum, public_tau, recommend, verdict
+from ..runs import append_jsonl, environment, prepare_run_dir, progress_bar, read_jsonl, write_json
 from ..schedule import NoiseSchedule
-from ..training import checkpoint_stem, checkpoint_steps, train
+from ..training import checkpoint_steps, train
+from ..twins import build_model, init_seed, load_model, make_members, model_pairs, training_seed
 from .grammar import Grammar
 from .diagnostics import (kl_per_input, loss_decomposition, nearest_hamming, nn_divergence, noised_inputs, symmetric_kl,
                           uturn_overlap)
@@ -187,17 +186,17 @@ def _run(cfg: HierarchyConfig, out: Path, *, resume: bool, force: bool, progress
     data = make_data(cfg)
     run = prepare_run_dir(out, config_dict(cfg), resume=resume, force=force, kind="hierarchy")
     schedule = NoiseSchedule.onehot(cfg.T)
-    members = [(i, s) for i in range(cfg.blocks) for s in range(cfg.seeds_per_block)]
+    members = make_members(cfg.blocks, cfg.seeds_per_block)
     steps = checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.first_checkpoint)
     kwargs = model_kwargs(cfg)
     meta = {"config": config_dict(cfg), "model": kwargs, "environment": environment()}
 
     t0 = time.time()
     for m, (block, s) in enumerate(members):
-        model = new_model(kwargs, init_seed=_init_seed(cfg, m))
+        model = build_model(SequenceDenoiser, kwargs, init_seed(cfg.seed, m, cfg.same_init))
         train(model.to(cfg.device), x0_cross_entropy_loss(schedule, cfg.q), data.blocks[block].to(cfg.device),
               steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, checkpoints=steps,
-              seed=cfg.seed * 1000 + 500 + m, out_dir=run / "models" / f"model{m}",
+              seed=training_seed(cfg.seed, m), out_dir=run / "models" / f"model{m}",
               meta={**meta, "block": block, "block_seed": s}, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, resume=True,
               progress=progress, desc=f"model {m + 1}/{len(members)} (block {block})")
     training_s = time.time() - t0
@@ -206,8 +205,9 @@ def _run(cfg: HierarchyConfig, out: Path, *, resume: bool, force: bool, progress
     done = {r["step"] for r in read_jsonl(run / "metrics.jsonl")}
     todo = [s for s in steps if s not in done]
     reference = make_reference(data, schedule, cfg)
-    for step in _progress(todo, progress, "evaluating checkpoints"):
-        models = [load_model(kwargs, run / "models" / f"model{m}", step, cfg.device) for m in range(len(members))]
+    for step in progress_bar(todo, progress, "evaluating checkpoints"):
+        models = [load_model(SequenceDenoiser, kwargs, run / "models" / f"model{m}", step, cfg.device)
+                  for m in range(len(members))]
         append_jsonl(run / "metrics.jsonl", {"step": step, **evaluate_checkpoint(models, members, data, reference,
                                                                                  schedule, cfg)})
     evaluation_s = time.time() - t0
@@ -233,38 +233,6 @@ def config_dict(cfg: HierarchyConfig) -> dict:
 def model_kwargs(cfg: HierarchyConfig) -> dict:
     return dict(q=cfg.q, length=2 ** cfg.depth, T=cfg.T, layers=cfg.layers, width=cfg.width, heads=cfg.heads,
                 ffn=cfg.ffn, dropout=cfg.dropout)
-
-
-def new_model(kwargs: dict, init_seed: int) -> SequenceDenoiser:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(init_seed)
-        return SequenceDenoiser(**kwargs)
-
-
-def load_model(kwargs: dict, folder: Path, step: int, device: str) -> SequenceDenoiser:
-    model = SequenceDenoiser(**kwargs)
-    load_checkpoint(checkpoint_stem(folder, step), model)
-    return model.to(device).eval()
-
-
-def _init_seed(cfg: HierarchyConfig, m: int) -> int:
-    return cfg.seed * 1000 + (0 if cfg.same_init else m + 1)
-
-
-def _progress(items, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def model_pairs(members: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """``(twins, controls)``: index pairs of models on different blocks, and on the same block."""
-    twins, controls = [], []
-    for a, b in itertools.combinations(range(len(members)), 2):
-        (twins if members[a][0] != members[b][0] else controls).append((a, b))
-    return twins, controls
 
 
 # -- evaluation ---------------------------------------------------------------------------------
@@ -405,7 +373,7 @@ def summarize(records: list[dict], cfg: HierarchyConfig, members, data: Data) ->
         "reason": judged["reason"],
         "p_bias_before_loss": judged["p_bias_before_loss"],
         "tau_loss_open": judged["tau_loss_open"],  # the test loss still falls at the last checkpoint
-        **{name: _public(t) for name, t in tau.items()},
+        **{name: public_tau(t) for name, t in tau.items()},
         "window": [tau["tau_bias"]["step"], tau["tau_loss"]["step"]] if judged["window"]["exists"] else None,
         "recommended_step": advice["step"],
         "recommendation": advice["rationale"],
@@ -431,16 +399,12 @@ def summarize(records: list[dict], cfg: HierarchyConfig, members, data: Data) ->
                  "distinct_per_block": [len(torch.unique(b, dim=0)) for b in data.blocks]},
         "config": config_dict(cfg),
         "seeds": {"master": cfg.seed, "pool": cfg.seed * 1000 + 1, "permutation": cfg.seed * 1000 + 2,
-                  "model_init": [_init_seed(cfg, m) for m in range(len(members))],
-                  "training": [cfg.seed * 1000 + 500 + m for m in range(len(members))],
+                  "model_init": [init_seed(cfg.seed, m, cfg.same_init) for m in range(len(members))],
+                  "training": [training_seed(cfg.seed, m) for m in range(len(members))],
                   "evaluation_noise": cfg.seed * 1000 + 17,
                   "sample_noise": f"seed*1000000 + 7919*j for sample j (seed={cfg.seed})"},
         "environment": environment(),
     }
-
-
-def _public(tau: dict) -> dict:
-    return {k: v for k, v in tau.items() if k != "boot_steps"}
 
 
 def human_summary(summary: dict, out: Path) -> str:
