@@ -22,6 +22,7 @@ import torch
 
 from ..config import build_config, check, opt
 from ..losses import x0_cross_entropy_loss
+from ..parallel import resolve_workers, run_jobs
 from ..onset import checkpoint_minimum, public_tau, recommend, verdict
 from ..runs import append_jsonl, environment, prepare_run_dir, progress_bar, read_jsonl, write_json
 from ..schedule import NoiseSchedule
@@ -80,6 +81,7 @@ class HierarchyConfig:
     n_boot: int = opt(1000, "bootstrap resamples for the uncertainty of each tau")
     device: str = opt("cpu", "torch device (cpu, cuda, cuda:1, mps)")
     threads: int = opt(1, "CPU threads for torch during the run (0: torch's default); small models run fastest on 1")
+    workers: int = opt(0, "processes that train models at once (0: one per CPU core on cpu, 1 on a GPU)")
 
     def validate(self) -> None:
         for name in ("q", "depth", "q_eff", "pool", "n", "n_test", "seeds_per_block", "layers", "width", "heads", "ffn",
@@ -97,6 +99,7 @@ class HierarchyConfig:
         check(self.ema_decay is None or 0 < self.ema_decay < 1, "--ema-decay must be in (0, 1) (or none).")
         check(self.n_boot >= 0, "--n-boot must be >= 0.")
         check(self.threads >= 0, f"--threads must be >= 0, got {self.threads}.")
+        check(self.workers >= 0, f"--workers must be >= 0 (0 = automatic), got {self.workers}.")
         check(self.sampler in ("ddpm", "ddim"), f"--sampler must be ddpm or ddim, got {self.sampler!r}.")
         check(1 <= self.sample_steps <= self.T, f"--sample-steps must be in [1, {self.T}].")
         for name in ("t_frac", "uturn_fracs", "kl_t_fracs"):
@@ -121,7 +124,7 @@ PRESETS: dict[str, dict] = {
     # A seconds-long smoke run (used by the tests); far too small to show anything.
     "tiny": dict(pool=400, n=48, blocks=2, seeds_per_block=1, n_test=64, depth=3, layers=1, width=16, heads=2, ffn=32,
                  steps=12, batch_size=16, checkpoints=3, first_checkpoint=4, n_eval=32, n_loss=32, n_gen=16,
-                 sample_steps=5, uturn_fracs=(0.04,), n_uturn=8, uturn_reps=1, kl_t_fracs=(0.1, 0.5), n_boot=50),
+                 sample_steps=5, uturn_fracs=(0.04,), n_uturn=8, uturn_reps=1, kl_t_fracs=(0.1, 0.5), n_boot=50, workers=1),
 }
 
 
@@ -184,7 +187,8 @@ def run_hierarchy(cfg: HierarchyConfig, out: str | Path, *, resume: bool = False
 def _run(cfg: HierarchyConfig, out: Path, *, resume: bool, force: bool, progress: bool) -> dict:
     started = time.time()
     data = make_data(cfg)
-    run = prepare_run_dir(out, config_dict(cfg), resume=resume, force=force, kind="hierarchy")
+    run = prepare_run_dir(out, config_dict(cfg), resume=resume, force=force, kind="hierarchy",
+                          runtime_keys=("workers", "threads", "device"))
     schedule = NoiseSchedule.onehot(cfg.T)
     members = make_members(cfg.blocks, cfg.seeds_per_block)
     steps = checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.first_checkpoint)
@@ -192,13 +196,15 @@ def _run(cfg: HierarchyConfig, out: Path, *, resume: bool, force: bool, progress
     meta = {"config": config_dict(cfg), "model": kwargs, "environment": environment()}
 
     t0 = time.time()
-    for m, (block, s) in enumerate(members):
-        model = build_model(SequenceDenoiser, kwargs, init_seed(cfg.seed, m, cfg.same_init))
-        train(model.to(cfg.device), x0_cross_entropy_loss(schedule, cfg.q), data.blocks[block].to(cfg.device),
-              steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, checkpoints=steps,
-              seed=training_seed(cfg.seed, m), out_dir=run / "models" / f"model{m}",
-              meta={**meta, "block": block, "block_seed": s}, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, resume=True,
-              progress=progress, desc=f"model {m + 1}/{len(members)} (block {block})")
+    workers = resolve_workers(cfg.workers, cfg.device)
+    jobs = [dict(kwargs=kwargs, init_seed=init_seed(cfg.seed, m, cfg.same_init), data=data.blocks[block],
+                 schedule=schedule, cfg=cfg, checkpoints=steps, seed=training_seed(cfg.seed, m),
+                 out_dir=run / "models" / f"model{m}", meta={**meta, "block": block, "block_seed": s},
+                 progress=progress, desc=f"model {m + 1}/{len(members)} (block {block})",
+                 position=m % workers if workers > 1 else None)
+            for m, (block, s) in enumerate(members)]
+    for _ in run_jobs(_train_member, jobs, workers):
+        pass
     training_s = time.time() - t0
 
     t0 = time.time()
@@ -223,6 +229,16 @@ def _run(cfg: HierarchyConfig, out: Path, *, resume: bool, force: bool, progress
     write_json(run / "summary.json", summary)
     plot_all(run, records, summary)
     return summary
+
+
+def _train_member(job: dict) -> None:
+    """Train one model of the experiment (a worker-process job)."""
+    cfg = job["cfg"]
+    model = build_model(SequenceDenoiser, job["kwargs"], job["init_seed"]).to(cfg.device)
+    train(model, x0_cross_entropy_loss(job["schedule"], cfg.q), job["data"].to(cfg.device), steps=cfg.steps,
+          batch_size=cfg.batch_size, lr=cfg.lr, checkpoints=job["checkpoints"], seed=job["seed"],
+          out_dir=job["out_dir"], meta=job["meta"], grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, resume=True,
+          progress=job["progress"], desc=job["desc"], position=job["position"])
 
 
 def config_dict(cfg: HierarchyConfig) -> dict:
