@@ -17,10 +17,13 @@ from pathlib import Path
 import torch
 
 from biasgen.config import build_config
-from biasgen.hierarchy.experiment import PRESETS, HierarchyConfig, evaluate_checkpoint, make_data, make_reference, model_kwargs, new_model
+from biasgen.hierarchy.experiment import PRESETS, HierarchyConfig, evaluate_checkpoint, make_data, make_reference, model_kwargs
+from biasgen.hierarchy.model import SequenceDenoiser
 from biasgen.losses import x0_cross_entropy_loss
 from biasgen.schedule import NoiseSchedule
 from biasgen.training import checkpoint_steps, train
+from biasgen.parallel import resolve_workers
+from biasgen.twins import build_model, make_members
 
 
 def main() -> None:
@@ -35,8 +38,8 @@ def main() -> None:
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     schedule = NoiseSchedule.onehot(cfg.T)
     data = make_data(cfg)
-    members = [(i, s) for i in range(cfg.blocks) for s in range(cfg.seeds_per_block)]
-    models = [new_model(model_kwargs(cfg), m + 1).to(cfg.device) for m in range(len(members))]
+    members = make_members(cfg.blocks, cfg.seeds_per_block)
+    models = [build_model(SequenceDenoiser, model_kwargs(cfg), m + 1).to(cfg.device) for m in range(len(members))]
 
     with tempfile.TemporaryDirectory() as tmp:
         n = args.train_steps
@@ -54,7 +57,8 @@ def main() -> None:
     ckpt_s = time.perf_counter() - t0
 
     n_ckpt = len(checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.first_checkpoint))
-    total_train = cfg.steps * len(members) / steps_per_s
+    workers = min(resolve_workers(cfg.workers, cfg.device), len(members))  # models trained at once, one per core
+    total_train = cfg.steps * len(members) / steps_per_s / workers
     total_eval = ref_s + n_ckpt * ckpt_s
     print(f"## biasgen hierarchy --preset {args.preset}  (torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"device {cfg.device})\n")
@@ -63,7 +67,7 @@ def main() -> None:
     print(f"| training steps/s (one model) | {steps_per_s:.1f} |")
     print(f"| reference (BP on all evaluation inputs, once) | {ref_s:.1f} s |")
     print(f"| evaluation of one checkpoint, all models | {ckpt_s:.1f} s |")
-    print(f"| projected training | {total_train / 60:.1f} min |")
+    print(f"| projected training ({workers} worker processes) | {total_train / 60:.1f} min |")
     print(f"| projected evaluation ({n_ckpt} checkpoints) | {total_eval / 60:.1f} min |")
     print(f"| evaluation share | {total_eval / (total_eval + total_train):.0%} |")
     print(f"| projected total | {(total_train + total_eval) / 60:.1f} min |")

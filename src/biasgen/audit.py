@@ -108,7 +108,7 @@ class AuditConfig:
 PRESETS: dict[str, dict] = {
     # The bundled 8x8 digits, 4 splits of 256; minutes on 2 CPU cores. docs/audit.md says what it shows.
     "default": {},
-    # 16x16 Fashion-MNIST (Debian's dataset-fashion-mnist, or --data-dir); about 25 minutes on 2 CPU cores.
+    # 16x16 Fashion-MNIST (Debian's dataset-fashion-mnist, or --data-dir); about 30 minutes on 2 CPU cores.
     "fashion-mnist": dict(data="fashion-mnist", resolution=16, n=256, splits=4, n_test=1024, steps=2000,
                           checkpoints=13),
     # SPEC §8: CelebA 32x32 grayscale, 15 splits of 1024, GPU scale. Run it from the folder that holds
