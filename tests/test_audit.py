@@ -40,6 +40,8 @@ def test_tiny_audit_writes_every_output(tiny_run, capsys):
         assert r[key] is not None, key
     assert 0 <= r["twin_distance"] <= 2 and 0 <= r["f_mem"] <= 1
     assert set(r["score_sim"]["50"]) == {"train", "train_sem", "test", "test_sem"}
+    by_t = r["test_loss_by_t"]
+    assert len(by_t["mean"]) == 10 and sum(by_t["count"]) == summary["config"]["n_test"]
     for fig in ("fig_loss_twin.png", "fig_score_similarity.png", "fig_memorization.png", "fig_gallery.png"):
         assert Image.open(tiny_run / fig).size[0] > 100
     sidecar = json.loads((tiny_run / "models" / "model0" / "step_0000012.json").read_text())

@@ -28,6 +28,7 @@ from .losses import eps_mse_loss
 from .metrics import (
     data_copying_z,
     frozen_noise_loss,
+    loss_by_t,
     memorized_fraction,
     nearest_neighbors,
     score_similarity,
@@ -225,8 +226,9 @@ def evaluate_checkpoint(models, members, train_sets, test_set, schedule, cfg: Au
     record: dict = {}
 
     # frozen-noise losses: the same (t, eps) per example at every checkpoint
-    test_losses = torch.stack([frozen_noise_loss(m, test_set.to(device), schedule, seed=eval_seed,
-                                                 batch_size=cfg.eval_batch)["per_example"] for m in models])
+    test_runs = [frozen_noise_loss(m, test_set.to(device), schedule, seed=eval_seed, batch_size=cfg.eval_batch)
+                 for m in models]
+    test_losses = torch.stack([r["per_example"] for r in test_runs])  # (M, n_test); the same t per example in every run
     train_losses = torch.stack([
         frozen_noise_loss(m, train_sets[members[i][0]].to(device), schedule, seed=eval_seed + 1,
                           batch_size=cfg.eval_batch)["per_example"] for i, m in enumerate(models)])
@@ -234,6 +236,7 @@ def evaluate_checkpoint(models, members, train_sets, test_set, schedule, cfg: Au
     record.update(test_loss=float(per_example.mean()), test_loss_sem=float(per_example.std() / len(per_example) ** 0.5),
                   test_loss_per_model=[float(v) for v in test_losses.mean(1)], train_loss=float(train_losses.mean()))
     record["test_loss_units"] = [round(float(v), 6) for v in per_example]
+    record["test_loss_by_t"] = loss_by_t(per_example, test_runs[0]["t"], n_bins=10, T=schedule.T)
 
     # samples from shared noise
     clip = 1.0 if cfg.scaling == "minus1to1" else None
