@@ -23,7 +23,6 @@ from . import figures
 from .checkpoint import load_tensors, save_tensors
 from .config import build_config, check, opt
 from .data import describe, load_images, make_splits, scale_images, unscale_images
-from .errors import BiasgenError
 from .losses import eps_mse_loss
 from .metrics import (
     data_copying_z,
@@ -39,8 +38,8 @@ from .onset import checkpoint_minimum, public_tau, recommend, score_crossing, ve
 from .runs import append_jsonl, environment, prepare_run_dir, progress_bar, read_jsonl, write_json
 from .sampler import sample, x0_from_eps_model
 from .schedule import NoiseSchedule
-from .training import checkpoint_steps, train
-from .twins import build_model, init_seed, load_model, make_members, model_pairs, training_seed
+from .training import checkpoint_steps
+from .twins import init_seed, load_model, make_members, model_pairs, train_members, training_seed
 from .unet import UNet
 
 
@@ -154,14 +153,10 @@ def run_audit(cfg: AuditConfig, out: str | Path, *, resume: bool = False, force:
 
     workers = resolve_workers(cfg.workers, cfg.device)
     t_train = time.time()
-    jobs = [dict(model_kwargs=model_kwargs, init_seed=init_seed(cfg.seed, m, cfg.same_init),
-                 data=train_sets[split], schedule=schedule, cfg=cfg, checkpoints=steps, seed=training_seed(cfg.seed, m),
-                 out_dir=run / "models" / f"model{m}", meta={**meta, "split": split, "split_seed": s},
-                 progress=progress, desc=f"model {m + 1}/{len(members)} (split {split})",
-                 position=m % workers if workers > 1 else None)
-            for m, (split, s) in enumerate(members)]
-    for _ in run_jobs(_train_member, jobs, workers):
-        pass
+    train_members(UNet, model_kwargs, eps_mse_loss, (schedule,), train_sets, members, run / "models", seed=cfg.seed,
+                  same_init=cfg.same_init, meta=meta, workers=workers, device=cfg.device, progress=progress,
+                  steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, checkpoints=steps, grad_clip=cfg.grad_clip,
+                  ema_decay=cfg.ema_decay)
     training_s = time.time() - t_train
 
     t_eval = time.time()
@@ -185,16 +180,6 @@ def run_audit(cfg: AuditConfig, out: str | Path, *, resume: bool = False, force:
             for label, x in _gallery_rows(run, summary, train_sets, members)]
     figures.plot_all(run, records, summary, rows, value_range=(0.0, 1.0))
     return summary
-
-
-def _train_member(job: dict) -> None:
-    """Train one model of the audit (a worker-process job)."""
-    cfg = job["cfg"]
-    model = build_model(UNet, job["model_kwargs"], job["init_seed"]).to(cfg.device)
-    train(model, eps_mse_loss(job["schedule"]), job["data"].to(cfg.device), steps=cfg.steps, batch_size=cfg.batch_size,
-          lr=cfg.lr, checkpoints=job["checkpoints"], seed=job["seed"], out_dir=job["out_dir"], meta=job["meta"],
-          grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, resume=True, progress=job["progress"], desc=job["desc"],
-          position=job["position"])
 
 
 def _evaluate_step(job: dict) -> tuple[int, dict]:

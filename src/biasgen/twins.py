@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
 from .checkpoint import load_checkpoint
-from .training import checkpoint_stem
+from .parallel import run_jobs
+from .training import checkpoint_stem, train
 
 
 def make_members(splits: int, seeds_per_split: int) -> list[tuple[int, int]]:
@@ -51,3 +53,39 @@ def load_model(cls, kwargs: dict, folder: Path, step: int, device: str) -> torch
     model = cls(**kwargs)
     load_checkpoint(checkpoint_stem(folder, step), model)
     return model.to(device).eval()
+
+
+def train_members(
+    model_cls,  # the network class, e.g. UNet or SequenceDenoiser
+    model_kwargs: dict,  # its constructor arguments (recorded in every sidecar)
+    make_loss: Callable,  # top-level (picklable) factory: make_loss(*loss_args) -> loss(model, x0, gen)
+    loss_args: tuple,  # arguments of make_loss, e.g. (schedule,)
+    train_sets: Sequence[torch.Tensor],  # one training set per split
+    members: list[tuple[int, int]],  # (split, seed_index) per model
+    models_dir: Path,  # model m writes to models_dir / f"model{m}"
+    *,
+    seed: int,  # master seed
+    same_init: bool,  # all models from the same weights
+    meta: dict,  # recorded in every sidecar, plus the model's split and seed index
+    workers: int,  # models trained at once (worker processes)
+    device: str,  # torch device
+    progress: bool,  # tqdm bars
+    group: str = "split",  # what a split is called in labels and sidecars ("split", "block")
+    **train_kwargs,  # steps, batch_size, lr, checkpoints, grad_clip, ema_decay: see biasgen.training.train
+) -> None:
+    """Train (or resume) every model of a twin experiment, ``workers`` at a time."""
+    jobs = [dict(model_cls=model_cls, model_kwargs=model_kwargs, init_seed=init_seed(seed, m, same_init),
+                 make_loss=make_loss, loss_args=loss_args, data=train_sets[split], device=device,
+                 train_kwargs=dict(train_kwargs, seed=training_seed(seed, m), out_dir=Path(models_dir) / f"model{m}",
+                                   meta={**meta, group: split, f"{group}_seed": s}, resume=True, progress=progress,
+                                   desc=f"model {m + 1}/{len(members)} ({group} {split})",
+                                   position=m % workers if workers > 1 else None))
+            for m, (split, s) in enumerate(members)]
+    for _ in run_jobs(_train_member, jobs, workers):
+        pass
+
+
+def _train_member(job: dict) -> None:
+    """One model of :func:`train_members` (a worker-process job)."""
+    model = build_model(job["model_cls"], job["model_kwargs"], job["init_seed"]).to(job["device"])
+    train(model, job["make_loss"](*job["loss_args"]), job["data"].to(job["device"]), **job["train_kwargs"])

@@ -22,12 +22,12 @@ import torch
 
 from ..config import build_config, check, opt
 from ..losses import x0_cross_entropy_loss
-from ..parallel import resolve_workers, run_jobs
+from ..parallel import resolve_workers
 from ..onset import checkpoint_minimum, public_tau, recommend, verdict
 from ..runs import append_jsonl, environment, prepare_run_dir, progress_bar, read_jsonl, write_json
 from ..schedule import NoiseSchedule
-from ..training import checkpoint_steps, train
-from ..twins import build_model, init_seed, load_model, make_members, model_pairs, training_seed
+from ..training import checkpoint_steps
+from ..twins import init_seed, load_model, make_members, model_pairs, train_members, training_seed
 from .grammar import Grammar
 from .diagnostics import (kl_per_input, loss_decomposition, nearest_hamming, nn_divergence, noised_inputs, symmetric_kl,
                           uturn_overlap)
@@ -197,14 +197,10 @@ def _run(cfg: HierarchyConfig, out: Path, *, resume: bool, force: bool, progress
 
     t0 = time.time()
     workers = resolve_workers(cfg.workers, cfg.device)
-    jobs = [dict(kwargs=kwargs, init_seed=init_seed(cfg.seed, m, cfg.same_init), data=data.blocks[block],
-                 schedule=schedule, cfg=cfg, checkpoints=steps, seed=training_seed(cfg.seed, m),
-                 out_dir=run / "models" / f"model{m}", meta={**meta, "block": block, "block_seed": s},
-                 progress=progress, desc=f"model {m + 1}/{len(members)} (block {block})",
-                 position=m % workers if workers > 1 else None)
-            for m, (block, s) in enumerate(members)]
-    for _ in run_jobs(_train_member, jobs, workers):
-        pass
+    train_members(SequenceDenoiser, kwargs, x0_cross_entropy_loss, (schedule, cfg.q), data.blocks, members,
+                  run / "models", seed=cfg.seed, same_init=cfg.same_init, meta=meta, workers=workers, device=cfg.device,
+                  progress=progress, group="block", steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                  checkpoints=steps, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay)
     training_s = time.time() - t0
 
     t0 = time.time()
@@ -229,16 +225,6 @@ def _run(cfg: HierarchyConfig, out: Path, *, resume: bool, force: bool, progress
     write_json(run / "summary.json", summary)
     plot_all(run, records, summary)
     return summary
-
-
-def _train_member(job: dict) -> None:
-    """Train one model of the experiment (a worker-process job)."""
-    cfg = job["cfg"]
-    model = build_model(SequenceDenoiser, job["kwargs"], job["init_seed"]).to(cfg.device)
-    train(model, x0_cross_entropy_loss(job["schedule"], cfg.q), job["data"].to(cfg.device), steps=cfg.steps,
-          batch_size=cfg.batch_size, lr=cfg.lr, checkpoints=job["checkpoints"], seed=job["seed"],
-          out_dir=job["out_dir"], meta=job["meta"], grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, resume=True,
-          progress=job["progress"], desc=job["desc"], position=job["position"])
 
 
 def config_dict(cfg: HierarchyConfig) -> dict:
