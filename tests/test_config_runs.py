@@ -44,6 +44,13 @@ def test_out_of_range_values_are_refused(overrides, message):
         build_config(AuditConfig, PRESETS, "default", None, overrides)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_paper_preset_without_gpu_says_how_to_run_on_cpu():
+    with pytest.raises(BiasgenError, match="--device cuda is not available.*--device cpu"):
+        build_config(AuditConfig, PRESETS, "paper")
+    assert build_config(AuditConfig, PRESETS, "paper", None, {"device": "cpu"}).n == 1024
+
+
 def test_unknown_preset_and_bad_toml(tmp_path):
     with pytest.raises(BiasgenError, match="Unknown preset 'huge'.*default"):
         build_config(AuditConfig, PRESETS, "huge")

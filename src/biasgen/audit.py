@@ -103,6 +103,8 @@ class AuditConfig:
         check(all(1 <= t < self.T for t in self.score_ts), f"--score-ts must lie in [1, {self.T - 1}].")
         check(1 <= self.sample_steps <= self.T, f"--sample-steps must be in [1, {self.T}].")
         check(len(self.channel_mults) >= 1, "--channel-mults needs at least one level, e.g. 1,2.")
+        check(not self.device.startswith("cuda") or torch.cuda.is_available(),
+              f"--device {self.device} is not available here (no CUDA GPU); pass --device cpu.")
 
 
 PRESETS: dict[str, dict] = {
