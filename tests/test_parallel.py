@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from biasgen.parallel import resolve_workers, run_jobs
 
@@ -15,6 +16,20 @@ def _square(x):
 def test_pool_and_in_process_give_the_same_results():
     assert sorted(run_jobs(_square, [1, 2, 3], workers=2)) == [1, 4, 9] == list(run_jobs(_square, [1, 2, 3], workers=1))
     assert resolve_workers(3, "cpu") == 3 and resolve_workers(0, "cuda") == 1 and resolve_workers(0, "cpu") >= 1
+
+
+def _spawned_children(parent: int) -> list[int]:
+    """Pids of the multiprocessing workers whose parent is ``parent`` (read from /proc, no external tools)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def _alive(pid: int) -> bool:
@@ -38,8 +53,7 @@ def test_workers_exit_when_the_main_process_is_killed(tmp_path):
     workers = []
     while time.time() < deadline and len(workers) < 2:
         time.sleep(0.5)
-        out = subprocess.run(["pgrep", "-P", str(pid), "-f", "spawn_main"], capture_output=True, text=True).stdout
-        workers = [int(w) for w in out.split()]
+        workers = _spawned_children(pid)
     assert len(workers) == 2, "the pool never started its workers"
     os.kill(pid, signal.SIGKILL)
     proc.wait()

@@ -163,8 +163,11 @@ def run_audit(cfg: AuditConfig, out: str | Path, *, resume: bool = False, force:
 
     t_eval = time.time()
     done = {r["step"] for r in read_jsonl(run / "metrics.jsonl")}
+    # held-out reference of the data-copying test: test images' distances to each split (the same at every checkpoint)
+    heldout_l2 = [nearest_neighbors(test_set[: cfg.n_samples], train_sets[split])["l2"] for split, _ in members]
     jobs = [dict(step=step, run=run, model_kwargs=model_kwargs, members=members, train_sets=train_sets,
-                 test_set=test_set, schedule=schedule, cfg=cfg) for step in steps if step not in done]
+                 test_set=test_set, heldout_l2=heldout_l2, schedule=schedule, cfg=cfg)
+            for step in steps if step not in done]
     pending, order = {}, [job["step"] for job in jobs]
     for step, record in progress_bar(run_jobs(_evaluate_step, jobs, workers), progress, "evaluating checkpoints", len(jobs)):
         pending[step] = record
@@ -189,7 +192,8 @@ def _evaluate_step(job: dict) -> tuple[int, dict]:
     cfg, step, run = job["cfg"], job["step"], job["run"]
     models = [load_model(UNet, job["model_kwargs"], run / "models" / f"model{m}", step, cfg.device)
               for m in range(len(job["members"]))]
-    record, samples = evaluate_checkpoint(models, job["members"], job["train_sets"], job["test_set"], job["schedule"], cfg)
+    record, samples = evaluate_checkpoint(models, job["members"], job["train_sets"], job["test_set"], job["heldout_l2"],
+                                          job["schedule"], cfg)
     save_tensors(run / "samples" / f"step_{step:07d}", {"samples": samples}, {"step": step, "sampler": cfg.sampler})
     return step, record
 
@@ -200,11 +204,13 @@ def _model_kwargs(cfg: AuditConfig, channels: int) -> dict:
 
 
 @torch.no_grad()
-def evaluate_checkpoint(models, members, train_sets, test_set, schedule, cfg: AuditConfig) -> tuple[dict, torch.Tensor]:
+def evaluate_checkpoint(models, members, train_sets, test_set, heldout_l2, schedule,
+                        cfg: AuditConfig) -> tuple[dict, torch.Tensor]:
     """Every metric of SPEC §2–§4 for one checkpoint of all models.
 
     ``models``: list of eps-predicting networks, ``members[m] = (split, seed)``;
-    ``train_sets[i]``: ``(n, C, H, W)``; ``test_set``: ``(n_test, C, H, W)``.
+    ``train_sets[i]``: ``(n, C, H, W)``; ``test_set``: ``(n_test, C, H, W)``;
+    ``heldout_l2[m]``: ``(n_samples,)`` L2 distances of test images to model m's split (data-copying reference).
     Returns the metric record and the samples ``(M, n_samples, C, H, W)``.
     """
     device, shape = cfg.device, tuple(test_set.shape[1:])
@@ -241,19 +247,18 @@ def evaluate_checkpoint(models, members, train_sets, test_set, schedule, cfg: Au
         record.update(same_split_distance=control["median"], same_split_distance_sem=control["sem"])
 
     # proximity to the training data
-    own, other, test_nn, heldout = [], [], [], []
+    own, other, test_nn = [], [], []
     for m, (split, _) in enumerate(members):
         own.append(nearest_neighbors(samples[m], train_sets[split]))
         other.extend(nearest_neighbors(samples[m], train_sets[j]) for j in range(cfg.splits) if j != split)
         test_nn.append(nearest_neighbors(samples[m], test_set[: cfg.n]))  # size-matched to a split
-        heldout.append(nearest_neighbors(test_set[: cfg.n_samples], train_sets[split]))
     cat = lambda results, key: torch.cat([r[key] for r in results])
     record.update(nn_own_sim=float(cat(own, "sim").mean()), nn_other_sim=float(cat(other, "sim").mean()),
                   nn_test_sim=float(cat(test_nn, "sim").mean()), nn_own_l2=float(cat(own, "l2").mean()),
                   nn_other_l2=float(cat(other, "l2").mean()), nn_test_l2=float(cat(test_nn, "l2").mean()))
     fmem = memorized_fraction(cat(own, "l2"), cat(own, "l2_second"), n_boot=cfg.n_boot, seed=eval_seed)
     record.update(f_mem=fmem["value"], f_mem_ci=fmem["ci"])
-    record["copy_z"] = float(sum(data_copying_z(o["l2"], h["l2"]) for o, h in zip(own, heldout)) / len(own))
+    record["copy_z"] = float(sum(data_copying_z(o["l2"], h) for o, h in zip(own, heldout_l2)) / len(own))
 
     # score-level twin similarity on training vs test inputs
     x_train = [train_sets[split][: cfg.n_score_inputs].to(device) for split, _ in members]

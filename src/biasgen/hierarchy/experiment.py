@@ -13,7 +13,6 @@ evaluated checkpoints are skipped.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,13 +186,13 @@ def run_hierarchy(cfg: HierarchyConfig, out: str | Path, *, resume: bool = False
 def _run(cfg: HierarchyConfig, out: Path, *, resume: bool, force: bool, progress: bool) -> dict:
     started = time.time()
     data = make_data(cfg)
-    run = prepare_run_dir(out, config_dict(cfg), resume=resume, force=force, kind="hierarchy",
+    run = prepare_run_dir(out, dataclasses.asdict(cfg), resume=resume, force=force, kind="hierarchy",
                           runtime_keys=("workers", "threads", "device"))
     schedule = NoiseSchedule.onehot(cfg.T)
     members = make_members(cfg.blocks, cfg.seeds_per_block)
     steps = checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.first_checkpoint)
     kwargs = model_kwargs(cfg)
-    meta = {"config": config_dict(cfg), "model": kwargs, "environment": environment()}
+    meta = {"config": dataclasses.asdict(cfg), "model": kwargs, "environment": environment()}
 
     t0 = time.time()
     workers = resolve_workers(cfg.workers, cfg.device)
@@ -225,11 +224,6 @@ def _run(cfg: HierarchyConfig, out: Path, *, resume: bool, force: bool, progress
     write_json(run / "summary.json", summary)
     plot_all(run, records, summary)
     return summary
-
-
-def config_dict(cfg: HierarchyConfig) -> dict:
-    """The config as plain JSON values (tuples become lists), so a reloaded run.json compares equal."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
 def model_kwargs(cfg: HierarchyConfig) -> dict:
@@ -399,7 +393,7 @@ def summarize(records: list[dict], cfg: HierarchyConfig, members, data: Data) ->
                  "pool": cfg.pool, "n_per_block": cfg.n, "blocks": cfg.blocks, "n_test": cfg.n_test,
                  "test_duplicates_dropped": data.dropped_test, "cross_block_duplicates": data.cross_block_duplicates,
                  "distinct_per_block": [len(torch.unique(b, dim=0)) for b in data.blocks]},
-        "config": config_dict(cfg),
+        "config": dataclasses.asdict(cfg),
         "seeds": {"master": cfg.seed, "pool": cfg.seed * 1000 + 1, "permutation": cfg.seed * 1000 + 2,
                   "model_init": [init_seed(cfg.seed, m, cfg.same_init) for m in range(len(members))],
                   "training": [training_seed(cfg.seed, m) for m in range(len(members))],
