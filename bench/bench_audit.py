@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from biasgen.audit import PRESETS, AuditConfig, _model_kwargs, run_audit
+from biasgen.images.audit import PRESETS, AuditConfig, _model_kwargs, run_audit
 from biasgen.twins import build_model
-from biasgen.unet import UNet
+from biasgen.images.unet import UNet
 from biasgen.config import build_config
 from biasgen.losses import eps_mse_loss
 from biasgen.runs import environment

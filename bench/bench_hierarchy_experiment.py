@@ -22,7 +22,7 @@ from biasgen.hierarchy.model import SequenceDenoiser
 from biasgen.losses import x0_cross_entropy_loss
 from biasgen.schedule import NoiseSchedule
 from biasgen.training import checkpoint_steps, train
-from biasgen.parallel import resolve_workers
+from biasgen.jobs import resolve_workers
 from biasgen.twins import build_model, make_members
 
 

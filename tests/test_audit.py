@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-import biasgen.audit as audit_module
-from biasgen.audit import audit
+import biasgen.images.audit as audit_module
+from biasgen.images.audit import audit
 from biasgen.cli import main
 from biasgen.runs import read_jsonl
 

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from biasgen.audit import PRESETS, AuditConfig
+from biasgen.images.audit import PRESETS, AuditConfig
 from biasgen.checkpoint import load_checkpoint, save_checkpoint
 from biasgen.config import build_config, coerce
 from biasgen.errors import BiasgenError

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from biasgen.data import (
+from biasgen.images.data import (
     FASHION_MNIST_DIR, Splits, describe, find_exact_duplicates, load_images, make_splits, resize_images,
     scale_images, to_grayscale, unscale_images,
 )

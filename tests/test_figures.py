@@ -6,9 +6,9 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from biasgen import figures
+from biasgen.images import figures
 from biasgen.errors import BiasgenError
-from biasgen.figures import (
+from biasgen.images.figures import (
     plot_all,
     plot_gallery,
     plot_loss_and_twin_distance,

@@ -7,7 +7,7 @@ import torch
 from scipy.stats import mannwhitneyu, norm
 
 from biasgen.errors import BiasgenError
-from biasgen.metrics import (
+from biasgen.images.metrics import (
     data_copying_z,
     denoiser_similarity,
     frozen_noise_loss,

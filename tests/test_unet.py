@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from biasgen.errors import BiasgenError
-from biasgen.unet import PAPER_CONFIG, UNet, count_parameters, timestep_embedding
+from biasgen.images.unet import PAPER_CONFIG, UNet, count_parameters, timestep_embedding
 
 SMALL = dict(base_width=16, channel_mults=(1, 2), attention_levels=(1,), res_blocks=1)
 

@@ -20,7 +20,7 @@ from .errors import BiasgenError
 
 def _subcommands():
     """name -> (config class, presets, default preset, run function, default out, help)."""
-    from . import audit
+    from .images import audit
     from .hierarchy import experiment
 
     return {

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from .checkpoint import load_checkpoint
-from .parallel import run_jobs
+from .jobs import run_jobs
 from .training import checkpoint_stem, train
 
 

@@ -7,7 +7,7 @@
 """
 from .bp import exact_denoiser, exact_eps, exact_log_posterior, exact_score, leaf_log_evidence, log_evidence
 from .grammar import Grammar, load_pool, save_pool
-from .sampling import bp_denoise_fn, empirical_denoise_fn, empirical_denoiser, sample_bp, sample_empirical, sample_sequences
+from .denoisers import bp_denoise_fn, empirical_denoise_fn, empirical_denoiser, sample_bp, sample_empirical, sample_sequences
 
 __all__ = [
     "Grammar",

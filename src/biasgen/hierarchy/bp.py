@@ -27,15 +27,12 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import BiasgenError
 from ..schedule import NoiseSchedule
 
-if TYPE_CHECKING:
-    from .grammar import Grammar
 
 CHUNK = 1024  # batch rows per pass: keeps every intermediate in cache
 
@@ -64,7 +61,7 @@ class _Tables:
 
 
 @lru_cache(maxsize=64)
-def _tables(g: "Grammar", k: int) -> _Tables:
+def _tables(g, k: int) -> _Tables:
     q = g.q
     M_up = g.M.reshape(q, q * q)
     log_top = g.level_transitions(k).log().permute(1, 2, 0)[..., None]
@@ -143,7 +140,7 @@ def _posterior_chunk(tab: _Tables, log_psi: torch.Tensor, J: int, exact: bool):
     return logits - log_z, torch.minimum(worst, log_z[0].amin(0))
 
 
-def _chunked(g: "Grammar", log_psi: torch.Tensor, k: int, run) -> list:
+def _chunked(g, log_psi: torch.Tensor, k: int, run) -> list:
     """Apply ``run(tab, chunk (q, n, b), exact) -> (result (..., b), certificate (b,))`` to cache-sized
     chunks of ``log_psi`` ``(B, n, q)``, redoing rows with a failed certificate exactly."""
     tab = _tables(g, k)
@@ -160,7 +157,7 @@ def _chunked(g: "Grammar", log_psi: torch.Tensor, k: int, run) -> list:
     return out
 
 
-def _check_leaves(g: "Grammar", x: torch.Tensor, name: str) -> None:
+def _check_leaves(g, x: torch.Tensor, name: str) -> None:
     if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.float64):
         raise BiasgenError(f"{name} must be a float32 or float64 tensor of shape (B, {g.n_leaves}, {g.q}).")
     if x.ndim != 3 or x.shape[1:] != (g.n_leaves, g.q):
@@ -170,7 +167,7 @@ def _check_leaves(g: "Grammar", x: torch.Tensor, name: str) -> None:
         )
 
 
-def log_evidence(g: "Grammar", log_psi: torch.Tensor, k: int = 0) -> torch.Tensor:
+def log_evidence(g, log_psi: torch.Tensor, k: int = 0) -> torch.Tensor:
     """``log sum_x P_k(x) prod_i psi_i(x_i)`` for leaf log-potentials ``log_psi`` ``(B, 2**depth, q)``: float64 ``(B,)``.
 
     With ``log_psi`` = 0 on the observed symbol and ``-inf`` elsewhere this is
@@ -202,7 +199,7 @@ def leaf_log_evidence(x_t: torch.Tensor, abar) -> torch.Tensor:
     return coef * (x_t - x_t.amax(-1, keepdim=True)).to(torch.float64)
 
 
-def _log_posterior64(g: "Grammar", x_t: torch.Tensor, abar, k: int) -> torch.Tensor:
+def _log_posterior64(g, x_t: torch.Tensor, abar, k: int) -> torch.Tensor:
     """Float64 log leaf marginals ``(B, n, q)``, after validating the inputs."""
     k = g.check_k(k)
     _check_leaves(g, x_t, "x_t")
@@ -212,7 +209,7 @@ def _log_posterior64(g: "Grammar", x_t: torch.Tensor, abar, k: int) -> torch.Ten
     return torch.cat(_chunked(g, leaf_log_evidence(x_t, abar), k, run), -1).permute(2, 1, 0)
 
 
-def exact_log_posterior(g: "Grammar", x_t: torch.Tensor, abar, k: int = 0) -> torch.Tensor:
+def exact_log_posterior(g, x_t: torch.Tensor, abar, k: int = 0) -> torch.Tensor:
     """Exact per-position log posterior ``log P_k(x0_i = a | x_t)``: ``(B, 2**depth, q)`` in ``x_t``'s dtype.
 
     The same form as a model's ``log_softmax(logits)``, ready for KL and
@@ -222,7 +219,7 @@ def exact_log_posterior(g: "Grammar", x_t: torch.Tensor, abar, k: int = 0) -> to
     return _log_posterior64(g, x_t, abar, k).to(x_t.dtype)
 
 
-def exact_denoiser(g: "Grammar", x_t: torch.Tensor, abar, k: int = 0) -> torch.Tensor:
+def exact_denoiser(g, x_t: torch.Tensor, abar, k: int = 0) -> torch.Tensor:
     """The exact denoiser ``x0_hat_BP = E[one_hot(x0) | x_t]`` of the k-filtered model: ``(B, 2**depth, q)``.
 
     ``x_t``: a Gaussian-noised one-hot batch ``(B, 2**depth, q)``, float32 or
@@ -232,13 +229,13 @@ def exact_denoiser(g: "Grammar", x_t: torch.Tensor, abar, k: int = 0) -> torch.T
     return _log_posterior64(g, x_t, abar, k).exp().to(x_t.dtype)
 
 
-def exact_eps(g: "Grammar", x_t: torch.Tensor, t, schedule: NoiseSchedule, k: int = 0) -> torch.Tensor:
+def exact_eps(g, x_t: torch.Tensor, t, schedule: NoiseSchedule, k: int = 0) -> torch.Tensor:
     """Exact noise prediction at integer step(s) ``t`` (int or ``(B,)``) by Tweedie: ``(B, 2**depth, q)``."""
     x0 = exact_denoiser(g, x_t, schedule.abar(t), k)
     return schedule.eps_from_x0(x_t, x0, t)
 
 
-def exact_score(g: "Grammar", x_t: torch.Tensor, t, schedule: NoiseSchedule, k: int = 0) -> torch.Tensor:
+def exact_score(g, x_t: torch.Tensor, t, schedule: NoiseSchedule, k: int = 0) -> torch.Tensor:
     """Exact score ``grad log p_t(x_t)`` of the k-filtered model at step(s) ``t``: ``(B, 2**depth, q)``."""
     x0 = exact_denoiser(g, x_t, schedule.abar(t), k)
     return schedule.score_from_x0(x_t, x0, t)

@@ -21,17 +21,17 @@ import torch
 
 from ..config import build_config, check, opt
 from ..losses import x0_cross_entropy_loss
-from ..parallel import resolve_workers
+from ..jobs import resolve_workers
 from ..onset import checkpoint_minimum, public_tau, recommend, verdict
 from ..runs import append_jsonl, environment, prepare_run_dir, progress_bar, read_jsonl, write_json
 from ..schedule import NoiseSchedule
 from ..training import checkpoint_steps
 from ..twins import init_seed, load_model, make_members, model_pairs, train_members, training_seed
 from .grammar import Grammar
-from .diagnostics import (kl_per_input, loss_decomposition, nearest_hamming, nn_divergence, noised_inputs, symmetric_kl,
+from .metrics import (kl_per_input, loss_decomposition, nearest_hamming, nn_divergence, noised_inputs, symmetric_kl,
                           uturn_overlap)
 from .model import SequenceDenoiser, as_denoiser
-from .sampling import bp_denoise_fn, sample_sequences
+from .denoisers import bp_denoise_fn, sample_sequences
 
 
 @dataclass

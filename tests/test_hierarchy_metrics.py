@@ -6,7 +6,7 @@ import torch
 
 from biasgen.errors import BiasgenError
 from biasgen.hierarchy import Grammar, bp_denoise_fn, empirical_denoise_fn, sample_sequences
-from biasgen.hierarchy.diagnostics import (
+from biasgen.hierarchy.metrics import (
     kl_along_t,
     kl_per_input,
     loss_decomposition,

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata
 
-from .errors import BiasgenError
-from .schedule import NoiseSchedule
+from ..errors import BiasgenError
+from ..schedule import NoiseSchedule
 
 EpsDenoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

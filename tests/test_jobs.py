@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from biasgen.parallel import resolve_workers, run_jobs
+from biasgen.jobs import resolve_workers, run_jobs
 
 
 def _square(x):
@@ -43,7 +43,7 @@ def test_workers_exit_when_the_main_process_is_killed(tmp_path):
     script = tmp_path / "main.py"
     script.write_text(
         "import os, time\n"
-        "from biasgen.parallel import run_jobs\n"
+        "from biasgen.jobs import run_jobs\n"
         "def job(x):\n    time.sleep(120)\n"
         "if __name__ == '__main__':\n    print(os.getpid(), flush=True)\n    list(run_jobs(job, [1, 2], 2))\n"
     )

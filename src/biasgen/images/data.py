@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import BiasgenError
+from ..errors import BiasgenError
 
 NAMED_DATA = ("digits", "fashion-mnist", "cifar10")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import BiasgenError
 from ..schedule import NoiseSchedule
-from .sampling import bp_denoise_fn
+from .denoisers import bp_denoise_fn
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 TINY = 1e-30  # floor on probabilities before the log, so a hard zero gives a large finite penalty

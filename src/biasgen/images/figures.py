@@ -28,7 +28,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .errors import BiasgenError
+from ..errors import BiasgenError
 
 NN_STYLE = [  # (record key part, colour, line style, legend) of the nearest-neighbour curves
     ("own", "tab:red", "-", "own split"),

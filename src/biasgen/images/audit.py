@@ -1,6 +1,6 @@
 """The twin-split audit on images: data -> splits -> training -> evaluation -> onset -> report.
 
-    from biasgen.audit import audit
+    from biasgen.images.audit import audit
     summary = audit("runs/digits")                       # the default preset
     summary = audit("runs/fm", preset="fashion-mnist", steps=2000)
 
@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from . import figures
-from .checkpoint import load_tensors, save_tensors
-from .config import build_config, check, opt
+from ..checkpoint import load_tensors, save_tensors
+from ..config import build_config, check, opt
 from .data import describe, load_images, make_splits, scale_images, unscale_images
-from .losses import eps_mse_loss
+from ..losses import eps_mse_loss
 from .metrics import (
     data_copying_z,
     frozen_noise_loss,
@@ -33,13 +33,13 @@ from .metrics import (
     score_similarity,
     twin_distance,
 )
-from .parallel import resolve_workers, run_jobs
-from .onset import checkpoint_minimum, public_tau, recommend, score_crossing, verdict
-from .runs import append_jsonl, environment, prepare_run_dir, progress_bar, read_jsonl, write_json
-from .sampler import sample, x0_from_eps_model
-from .schedule import NoiseSchedule
-from .training import checkpoint_steps
-from .twins import init_seed, load_model, make_members, model_pairs, train_members, training_seed
+from ..jobs import resolve_workers, run_jobs
+from ..onset import checkpoint_minimum, public_tau, recommend, score_crossing, verdict
+from ..runs import append_jsonl, environment, prepare_run_dir, progress_bar, read_jsonl, write_json
+from ..sampler import sample, x0_from_eps_model
+from ..schedule import NoiseSchedule
+from ..training import checkpoint_steps
+from ..twins import init_seed, load_model, make_members, model_pairs, train_members, training_seed
 from .unet import UNet
 
 

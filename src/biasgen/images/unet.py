@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import BiasgenError
+from ..errors import BiasgenError
 
 PAPER_CONFIG = dict(
     channels=1, base_width=32, channel_mults=(1, 2, 4), attention_levels=(1, 2), res_blocks=2, dropout=0.1, groups=8
