@@ -9,12 +9,13 @@ from pathlib import Path
 from biasgen.jobs import resolve_workers, run_jobs
 
 
-def _square(x):
-    return x * x
+def _scaled_square(x, scale):
+    return scale * x * x
 
 
 def test_pool_and_in_process_give_the_same_results():
-    assert sorted(run_jobs(_square, [1, 2, 3], workers=2)) == [1, 4, 9] == list(run_jobs(_square, [1, 2, 3], workers=1))
+    assert sorted(run_jobs(_scaled_square, [1, 2, 3], workers=2, shared=10)) == [10, 40, 90]
+    assert list(run_jobs(_scaled_square, [1, 2, 3], workers=1, shared=10)) == [10, 40, 90]
     assert resolve_workers(3, "cpu") == 3 and resolve_workers(0, "cuda") == 1 and resolve_workers(0, "cpu") >= 1
 
 
@@ -44,7 +45,7 @@ def test_workers_exit_when_the_main_process_is_killed(tmp_path):
     script.write_text(
         "import os, time\n"
         "from biasgen.jobs import run_jobs\n"
-        "def job(x):\n    time.sleep(120)\n"
+        "def job(x, shared):\n    time.sleep(120)\n"
         "if __name__ == '__main__':\n    print(os.getpid(), flush=True)\n    list(run_jobs(job, [1, 2], 2))\n"
     )
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)

@@ -2,7 +2,10 @@
 
 Small networks use a CPU core poorly through intra-op threads; one process per
 core with one thread each trains two small models in about the time of one.
-Each job must be a picklable top-level function of one picklable argument.
+A job function is a picklable top-level function ``fn(job, shared)``: ``job``
+is what differs between jobs (a model index, a checkpoint step), ``shared`` is
+what every job needs (training sets, evaluation references). ``shared`` is sent
+to each worker process once, when it starts, not with every job.
 """
 from __future__ import annotations
 
@@ -23,9 +26,14 @@ def resolve_workers(requested: int, device: str) -> int:
     return max(1, os.cpu_count() or 1) if str(device) == "cpu" else 1
 
 
-def _init_worker(threads: int, parent: int) -> None:
-    """Set the worker's thread count, and make it exit when the main process dies (a killed run must not
-    leave workers writing into its folder while it is resumed)."""
+_SHARED = None  # the ``shared`` argument of run_jobs, set once in each worker process
+
+
+def _init_worker(threads: int, parent: int, shared) -> None:
+    """Set the worker's thread count and its shared inputs, and make it exit when the main process dies
+    (a killed run must not leave workers writing into its folder while it is resumed)."""
+    global _SHARED
+    _SHARED = shared
     torch.set_num_threads(threads)
 
     def exit_with_parent() -> None:
@@ -36,18 +44,22 @@ def _init_worker(threads: int, parent: int) -> None:
     threading.Thread(target=exit_with_parent, daemon=True).start()
 
 
-def run_jobs(fn: Callable, jobs: Sequence, workers: int) -> Iterator:
-    """Yield ``fn(job)`` for every job, in completion order; in-process when ``workers <= 1``."""
+def _call(fn: Callable, job):
+    return fn(job, _SHARED)
+
+
+def run_jobs(fn: Callable, jobs: Sequence, workers: int, shared=None) -> Iterator:
+    """Yield ``fn(job, shared)`` for every job, in completion order; in-process when ``workers <= 1``."""
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
-            yield fn(job)
+            yield fn(job, shared)
         return
     workers = min(workers, len(jobs))
     threads = max(1, (os.cpu_count() or 1) // workers)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(threads, os.getpid()))
+                               initializer=_init_worker, initargs=(threads, os.getpid(), shared))
     try:
-        futures = [pool.submit(fn, job) for job in jobs]
+        futures = [pool.submit(_call, fn, job) for job in jobs]
         for future in as_completed(futures):
             yield future.result()
     finally:

@@ -85,7 +85,7 @@ def train_members(
         pass
 
 
-def _train_member(job: dict) -> None:
+def _train_member(job: dict, shared=None) -> None:
     """One model of :func:`train_members` (a worker-process job)."""
     model = build_model(job["model_cls"], job["model_kwargs"], job["init_seed"]).to(job["device"])
     train(model, job["make_loss"](*job["loss_args"]), job["data"].to(job["device"]), **job["train_kwargs"])

@@ -187,7 +187,7 @@ def run_audit(cfg: AuditConfig, out: str | Path, *, resume: bool = False, force:
     return summary
 
 
-def _evaluate_step(job: dict) -> tuple[int, dict]:
+def _evaluate_step(job: dict, shared=None) -> tuple[int, dict]:
     """Evaluate every model at one checkpoint and store its samples (a worker-process job)."""
     cfg, step, run = job["cfg"], job["step"], job["run"]
     models = [load_model(UNet, job["model_kwargs"], run / "models" / f"model{m}", step, cfg.device)
