@@ -13,20 +13,26 @@ import time
 
 import torch
 
-from biasgen.images.audit import PRESETS, AuditConfig, _model_kwargs, run_audit
-from biasgen.twins import build_model
-from biasgen.images.unet import UNet
 from biasgen.config import build_config
+from biasgen.images.audit import PRESETS, AuditConfig, ImageAudit
 from biasgen.losses import eps_mse_loss
+from biasgen.pipeline import Data, run_experiment
 from biasgen.runs import environment
 from biasgen.sampler import sample, x0_from_eps_model
 from biasgen.schedule import NoiseSchedule
 from biasgen.training import step_generator
+from biasgen.twins import build_model
+
+
+def digits_unet(cfg: AuditConfig) -> torch.nn.Module:
+    """The preset's U-Net for one-channel 8x8 images, from init seed 0."""
+    digits_like = Data(train=[torch.zeros(1, 1, 8, 8)], test=torch.zeros(0, 1, 8, 8), description={})
+    return build_model(*ImageAudit(cfg).network(digits_like), seed=0)
 
 
 def time_training(cfg: AuditConfig, schedule: NoiseSchedule, steps: int = 40) -> float:
     """Optimisation steps per second for one model of the preset."""
-    model = build_model(UNet, _model_kwargs(cfg, channels=1), seed=0)
+    model = digits_unet(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     loss_fn = eps_mse_loss(schedule)
     data = torch.rand(cfg.n, 1, 8, 8) * 2 - 1
@@ -43,7 +49,7 @@ def time_training(cfg: AuditConfig, schedule: NoiseSchedule, steps: int = 40) ->
 
 def time_sampling(cfg: AuditConfig, schedule: NoiseSchedule, method: str, steps: int | None) -> float:
     """Seconds to draw the preset's ``n_samples`` from one model."""
-    model = build_model(UNet, _model_kwargs(cfg, channels=1), seed=0).eval()
+    model = digits_unet(cfg).eval()
     start = time.perf_counter()
     sample(x0_from_eps_model(model, schedule, clip=1.0), schedule, (1, 8, 8), list(range(cfg.n_samples)),
            method=method, steps=steps, batch_size=cfg.eval_batch)
@@ -65,7 +71,7 @@ def main() -> None:
     rows.append((f"sampling, DDPM {cfg.T} steps", f"{ddpm:.2f} s for {cfg.n_samples} samples ({ddpm / ddim:.1f}x DDIM)"))
     if args.full:
         with tempfile.TemporaryDirectory() as out:
-            summary = run_audit(cfg, out, progress=False)
+            summary = run_experiment(ImageAudit(cfg), out, progress=False)
         t = summary["timing"]
         rows.append(("full default audit", f"{t['wall_s_this_invocation']:.0f} s wall"))
         rows.append(("  of which training", f"{t['training_s_this_invocation']:.0f} s"))

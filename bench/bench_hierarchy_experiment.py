@@ -17,12 +17,11 @@ from pathlib import Path
 import torch
 
 from biasgen.config import build_config
-from biasgen.hierarchy.experiment import PRESETS, HierarchyConfig, evaluate_checkpoint, make_data, make_reference, model_kwargs
-from biasgen.hierarchy.model import SequenceDenoiser
+from biasgen.hierarchy.experiment import PRESETS, HierarchyConfig, HierarchyExperiment, evaluate_checkpoint
+from biasgen.jobs import resolve_workers, torch_threads
 from biasgen.losses import x0_cross_entropy_loss
 from biasgen.schedule import NoiseSchedule
 from biasgen.training import checkpoint_steps, train
-from biasgen.jobs import resolve_workers
 from biasgen.twins import build_model, make_members
 
 
@@ -35,25 +34,31 @@ def main() -> None:
     args = ap.parse_args()
     overrides = {k: v for k, v in (("device", args.device), ("threads", args.threads)) if v is not None}
     cfg = build_config(HierarchyConfig, PRESETS, args.preset, None, overrides)
-    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    with torch_threads(cfg.threads):
+        measure(cfg, args)
+
+
+def measure(cfg: HierarchyConfig, args) -> None:
+    experiment = HierarchyExperiment(cfg)
     schedule = NoiseSchedule.onehot(cfg.T)
-    data = make_data(cfg)
-    members = make_members(cfg.blocks, cfg.seeds_per_block)
-    models = [build_model(SequenceDenoiser, model_kwargs(cfg), m + 1).to(cfg.device) for m in range(len(members))]
+    data = experiment.load()
+    members = make_members(cfg.splits, cfg.seeds_per_split)
+    models = [build_model(*experiment.network(data), seed=m + 1).to(cfg.device) for m in range(len(members))]
 
     with tempfile.TemporaryDirectory() as tmp:
         n = args.train_steps
         t0 = time.perf_counter()
-        train(models[0], x0_cross_entropy_loss(schedule, cfg.q), data.blocks[0].to(cfg.device), steps=n,
+        train(models[0], x0_cross_entropy_loss(schedule, cfg.q), data.train[0].to(cfg.device), steps=n,
               batch_size=cfg.batch_size, lr=cfg.lr, checkpoints=[n], seed=0, out_dir=Path(tmp), meta={}, progress=False)
         train_s = time.perf_counter() - t0
     steps_per_s = n / train_s
 
     t0 = time.perf_counter()
-    ref = make_reference(data, schedule, cfg)
+    ref = experiment.reference(data, members)
     ref_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    evaluate_checkpoint([m.eval() for m in models], members, data, ref, schedule, cfg)
+    with torch.no_grad():
+        evaluate_checkpoint([m.eval() for m in models], members, ref, cfg, experiment.seeds)
     ckpt_s = time.perf_counter() - t0
 
     n_ckpt = len(checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.first_checkpoint))

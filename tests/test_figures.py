@@ -141,8 +141,7 @@ def test_failed_save_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     path.write_bytes(b"old figure")
 
     def broken_savefig(self, fname, **kwargs):
-        with open(fname, "wb") as f:
-            f.write(b"half a png")
+        fname.write(b"half a png")
         raise OSError("disk full")
 
     monkeypatch.setattr(Figure, "savefig", broken_savefig)

@@ -8,6 +8,7 @@ from biasgen.cli import main
 from biasgen.errors import BiasgenError
 from biasgen.hierarchy import experiment
 from biasgen.hierarchy.experiment import PRESETS, HierarchyConfig, hierarchy, make_data
+from biasgen.seeds import SeedPlan
 from biasgen.hierarchy.model import SequenceDenoiser
 from biasgen.runs import read_jsonl
 from biasgen.twins import build_model
@@ -79,8 +80,8 @@ def test_refuses_a_different_run_foreign_folder_and_corrupt_checkpoint(tiny_run,
 def test_bad_config_values():
     with pytest.raises(BiasgenError, match="pool"):
         HierarchyConfig(**{**PRESETS["tiny"], "pool": 100}).validate()
-    with pytest.raises(BiasgenError, match="blocks"):
-        HierarchyConfig(blocks=1).validate()
+    with pytest.raises(BiasgenError, match="splits"):
+        HierarchyConfig(splits=1)
     with pytest.raises(BiasgenError, match="divisible"):
         HierarchyConfig(width=30, heads=4).validate()
     with pytest.raises(BiasgenError, match="t-frac"):
@@ -105,19 +106,19 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
         hierarchy(tmp_path / "nan", preset="tiny", progress=False)
 
 
-def test_blocks_and_test_are_disjoint():
+def test_splits_and_test_are_disjoint():
     cfg = HierarchyConfig(**PRESETS["tiny"])
-    data = make_data(cfg)
+    data = make_data(cfg, SeedPlan(cfg.seed))
     codes = lambda x: set(map(tuple, x.tolist()))
-    train = codes(torch.cat(data.blocks))
-    assert len(data.blocks) == 2 and all(len(b) == cfg.n for b in data.blocks)
+    train = codes(torch.cat(data.train))
+    assert len(data.train) == 2 and all(len(b) == cfg.n for b in data.train)
     assert len(data.test) == cfg.n_test and not (codes(data.test) & train)
 
 
-def test_paper_preset_is_spec_section_8_and_its_model_runs():
+def test_paper_preset_is_the_papers_setting_and_its_model_runs():
     cfg = HierarchyConfig(**{**PRESETS["paper"], "device": "cpu"})
     cfg.validate()
     assert (cfg.layers, cfg.width, cfg.heads, cfg.ffn, cfg.lr, cfg.batch_size, cfg.checkpoints) == (8, 512, 4, 1024, 3e-4, 512, 25)
-    model = build_model(SequenceDenoiser, experiment.model_kwargs(cfg), seed=0)
+    model = build_model(*experiment.HierarchyExperiment(cfg).network(None), seed=0)
     logits = model(torch.randn(3, 16, 6), torch.tensor([1, 250, 500]))
     assert logits.shape == (3, 16, 6) and torch.isfinite(logits).all()

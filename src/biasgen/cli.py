@@ -5,8 +5,9 @@
     biasgen audit --data ./faces --resolution 32 --grayscale --n 1024 --splits 4
     biasgen hierarchy --preset cpu        # twins on the hierarchical data model
 
-Every setting of a subcommand's config is also a flag (``biasgen audit --help``);
-values resolve as: defaults < ``--preset`` < ``--config FILE.toml`` < flags.
+Every twin experiment (a :class:`biasgen.pipeline.TwinExperiment`) is a
+subcommand; every setting of its config is also a flag (``biasgen audit
+--help``); values resolve as: defaults < ``--preset`` < ``--config FILE.toml`` < flags.
 """
 from __future__ import annotations
 
@@ -16,57 +17,56 @@ from pathlib import Path
 
 from .config import add_config_flags, build_config, flags_given
 from .errors import BiasgenError
+from .pipeline import TwinExperiment, run_experiment, terminal_summary
 
 
-def _subcommands():
-    """name -> (config class, presets, default preset, run function, default out, help)."""
-    from .images import audit
-    from .hierarchy import experiment
+def experiments() -> dict[str, type[TwinExperiment]]:
+    """The twin experiments offered as subcommands, by name."""
+    from .hierarchy.experiment import HierarchyExperiment
+    from .images.audit import ImageAudit
 
-    return {
-        "audit": (audit.AuditConfig, audit.PRESETS, "default", audit.run_audit, audit.human_summary, "runs/audit",
-                  "twin-split audit of an image data set: when does training start favouring the training data?"),
-        "hierarchy": (experiment.HierarchyConfig, experiment.PRESETS, "cpu", experiment.run_hierarchy,
-                      experiment.human_summary, "runs/hierarchy",
-                      "twins on the hierarchical data model, with exact (belief-propagation) ground truth"),
-    }
+    return {e.kind: e for e in (ImageAudit, HierarchyExperiment)}
 
 
-def build_parser(table) -> argparse.ArgumentParser:
+def build_parser(table: dict[str, type[TwinExperiment]]) -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="biasgen", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"biasgen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (cls, presets, default_preset, _, _, default_out, help_text) in table.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--preset", default=default_preset, help=f"one of: {', '.join(presets)} (default: {default_preset})")
+    for name, exp in table.items():
+        p = sub.add_parser(name, help=exp.help, description=exp.help)
+        p.add_argument("--preset", default=exp.default_preset,
+                       help=f"one of: {', '.join(exp.presets)} (default: {exp.default_preset})")
         p.add_argument("--config", metavar="FILE.toml", help="TOML file of settings (flat key = value)")
-        p.add_argument("--out", default=default_out, help=f"run folder (default: {default_out})")
+        p.add_argument("--out", default=exp.default_out, help=f"run folder (default: {exp.default_out})")
         p.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
         p.add_argument("--force", action="store_true", help="delete whatever is in --out and start over")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
-        add_config_flags(p, cls)
+        add_config_flags(p, exp.config_class)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    table = _subcommands()
+    table = experiments()
     args = build_parser(table).parse_args(argv)
-    cls, presets, _, run, summarize, _, _ = table[args.command]
+    exp_class = table[args.command]
     try:
         if args.resume and args.force:
             raise BiasgenError("--resume and --force contradict each other: pick one.")
-        cfg = build_config(cls, presets, args.preset, args.config, flags_given(args, cls))
-        summary = run(cfg, Path(args.out), resume=args.resume, force=args.force, progress=not args.quiet)
+        cfg = build_config(exp_class.config_class, exp_class.presets, args.preset, args.config,
+                           flags_given(args, exp_class.config_class))
+        experiment = exp_class(cfg)
+        summary = run_experiment(experiment, Path(args.out), resume=args.resume, force=args.force,
+                                 progress=not args.quiet)
     except BiasgenError as e:
         print(f"biasgen {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nbiasgen {args.command}: interrupted; continue with --resume --out {args.out}", file=sys.stderr)
         return 130
-    print(summarize(summary, Path(args.out)))
+    print(terminal_summary(experiment, summary, Path(args.out)))
     return 0
 
 

@@ -1,9 +1,13 @@
 """One config object per experiment: presets, TOML files and command-line flags.
 
-An experiment defines a dataclass whose fields carry a ``help`` in their
-metadata, and a ``PRESETS`` dict of partial overrides. Values are resolved in
-this order (later wins): dataclass defaults < preset < ``--config FILE.toml`` <
-command-line flags. Every field becomes a flag ``--field-name`` automatically.
+Every twin experiment's config extends :class:`TwinConfig`, which holds the
+settings all of them share (splits, seeds, training, sampling, runtime) and
+their checks; an experiment adds its own fields and checks in ``validate``.
+A config validates itself when it is built, so an invalid one never exists.
+Each experiment also has a ``PRESETS`` dict of partial overrides. Values are
+resolved in this order (later wins): dataclass defaults < preset <
+``--config FILE.toml`` < command-line flags. Every field becomes a flag
+``--field-name`` automatically.
 """
 from __future__ import annotations
 
@@ -80,7 +84,7 @@ def load_toml(path: str | Path) -> dict:
 
 
 def build_config(cls, presets: dict, preset: str | None = None, toml: str | Path | None = None, overrides: dict | None = None):
-    """Resolve a config of dataclass ``cls``: defaults < preset < TOML file < overrides; then ``validate()``."""
+    """Resolve a config of dataclass ``cls``: defaults < preset < TOML file < overrides (validated when built)."""
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict = {}
     if preset is not None:
@@ -95,9 +99,7 @@ def build_config(cls, presets: dict, preset: str | None = None, toml: str | Path
                 f"Unknown setting(s) {', '.join(unknown)} in {source}. Valid settings: {', '.join(sorted(names))}."
             )
         values.update(layer)
-    cfg = cls(**{k: coerce(cls, k, v) for k, v in values.items()})
-    cfg.validate()
-    return cfg
+    return cls(**{k: coerce(cls, k, v) for k, v in values.items()})
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
@@ -127,3 +129,74 @@ def check(condition: bool, message: str) -> None:
     """Raise :class:`BiasgenError` with ``message`` unless ``condition``."""
     if not condition:
         raise BiasgenError(message)
+
+
+def check_at_least(cfg, minimum: int, *names: str) -> None:
+    """Each setting in ``names`` must be at least ``minimum``."""
+    for name in names:
+        value = getattr(cfg, name)
+        check(value >= minimum, f"--{name.replace('_', '-')} must be at least {minimum}, got {value}.")
+
+
+@dataclasses.dataclass
+class TwinConfig:
+    """The settings every twin experiment shares. Subclasses add theirs and extend :meth:`validate`."""
+
+    # splits and models
+    n: int = opt(256, "training examples per split")
+    splits: int = opt(2, "number of disjoint training splits K (>= 2)")
+    seeds_per_split: int = opt(1, "models per split; >1 adds same-split pairs as a seed-variance control")
+    n_test: int = opt(512, "held-out test examples")
+    seed: int = opt(0, "master seed: permutation, model inits, training, evaluation noise")
+    same_init: bool = opt(False, "start every model from the same weights (the twin-distance minimum is then meaningless)")
+    # diffusion and model
+    T: int = opt(1000, "diffusion steps")
+    dropout: float = opt(0.1, "dropout rate")
+    # training
+    steps: int = opt(1500, "optimisation steps per model")
+    batch_size: int = opt(64, "batch size")
+    lr: float = opt(1e-3, "Adam learning rate")
+    checkpoints: int = opt(12, "number of log-spaced checkpoints (the last one is the final step)")
+    first_checkpoint: int = opt(20, "first checkpoint step")
+    grad_clip: float | None = opt(1.0, "gradient-norm clipping (none to disable)")
+    ema_decay: float | None = opt(None, "EMA decay of the evaluated weights (none: raw weights)")
+    # evaluation
+    n_samples: int = opt(128, "samples per model and checkpoint, from shared noise")
+    sampler: str = opt("ddim", "ddpm (ancestral, all T steps) or ddim (deterministic)")
+    sample_steps: int = opt(50, "DDIM steps (ignored by ddpm)")
+    n_boot: int = opt(1000, "bootstrap resamples for the uncertainty of each tau")
+    # runtime (may change when a run is resumed)
+    device: str = opt("cpu", "torch device (cpu, cuda, cuda:1, mps)")
+    workers: int = opt(0, "processes that train models / evaluate checkpoints at once (0: one per CPU core on cpu, 1 on a GPU)")
+    threads: int = opt(0, "torch CPU threads in the main process during the run (0: torch's default)")
+
+    RUNTIME_KEYS = ("device", "workers", "threads")  # settings that do not define the run
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        check(self.splits >= 2, f"--splits must be at least 2 (twins need two disjoint splits), got {self.splits}.")
+        check_at_least(self, 1, "n", "n_test", "seeds_per_split", "steps", "batch_size", "checkpoints",
+                       "first_checkpoint", "n_samples", "sample_steps")
+        check_at_least(self, 0, "n_boot", "workers", "threads")
+        check(self.T >= 10, f"--T must be at least 10, got {self.T}.")
+        check(self.lr > 0, f"--lr must be positive, got {self.lr}.")
+        check(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}.")
+        check(self.grad_clip is None or self.grad_clip > 0, "--grad-clip must be positive (or none).")
+        check(self.ema_decay is None or 0 < self.ema_decay < 1, "--ema-decay must be in (0, 1) (or none).")
+        check(self.sampler in ("ddpm", "ddim"), f"--sampler must be ddpm or ddim, got {self.sampler!r}.")
+        check(self.sample_steps <= self.T, f"--sample-steps must be in [1, {self.T}].")
+        check(not self.device.startswith("cuda") or _cuda_available(),
+              f"--device {self.device} is not available here (no CUDA GPU); pass --device cpu.")
+
+    @property
+    def sample_step_count(self) -> int:
+        """Denoiser calls per sample: T for ddpm, sample_steps for ddim."""
+        return self.T if self.sampler == "ddpm" else self.sample_steps
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

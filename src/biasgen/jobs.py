@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import threading
 import time
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Callable, Iterator, Sequence
 
@@ -24,6 +25,18 @@ def resolve_workers(requested: int, device: str) -> int:
     if requested > 0:
         return requested
     return max(1, os.cpu_count() or 1) if str(device) == "cpu" else 1
+
+
+@contextmanager
+def torch_threads(threads: int):
+    """Run the block with ``threads`` torch CPU threads (0: leave torch's setting), then restore the caller's."""
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 _SHARED = None  # the ``shared`` argument of run_jobs, set once in each worker process

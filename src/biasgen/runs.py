@@ -8,6 +8,7 @@ result behind.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -51,6 +52,14 @@ def write_bytes(path: Path | str, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_figure(fig, path: Path | str, dpi: int = 120) -> Path:
+    """Write a matplotlib ``Figure`` as PNG to ``path``, atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    write_bytes(path, buffer.getvalue())
+    return Path(path)
 
 
 def read_json(path: Path | str) -> dict:
@@ -121,10 +130,12 @@ def prepare_run_dir(out: Path | str, config: dict, *, resume: bool, force: bool,
     return out
 
 
-def progress_bar(items, enabled: bool, desc: str, total: int | None = None):
-    """``items`` wrapped in a tqdm bar when ``enabled``."""
+def progress_bar(items, enabled: bool, desc: str, total: int | None = None, initial: int = 0,
+                 position: int | None = None):
+    """``items`` wrapped in a tqdm bar when ``enabled``; with ``items=None``, a bar to ``update()`` by hand
+    (or None when not ``enabled``). ``position`` is the bar's line when several processes show bars."""
     if not enabled:
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, total=total, leave=False, dynamic_ncols=True)
+    return tqdm(items, desc=desc, total=total, initial=initial, leave=False, dynamic_ncols=True, position=position)

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import BiasgenError
+from .runs import progress_bar
 from .schedule import NoiseSchedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -88,10 +89,7 @@ def sample(
     ts = timesteps(schedule, method, steps)
     out = []
     chunks = range(0, len(seeds), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc=f"sampling ({method})", leave=False)
+    chunks = progress_bar(chunks, progress, f"sampling ({method})")
     for start in chunks:
         batch_seeds = seeds[start : start + batch_size]
         streams = NoiseStreams(batch_seeds, shape)

@@ -19,6 +19,8 @@ import torch
 
 from .checkpoint import load_tensors, optimizer_from_tensors, optimizer_to_tensors, save_tensors
 from .errors import BiasgenError
+from .runs import progress_bar
+from .seeds import step_seed
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -41,7 +43,7 @@ def checkpoint_stem(out_dir: Path, step: int) -> Path:
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator that drives every random draw of training step ``step``."""
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63))
+    return torch.Generator().manual_seed(step_seed(seed, step))
 
 
 def completed_step(out_dir: Path) -> int:
@@ -101,12 +103,7 @@ def train(
     if start >= steps:
         return
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, initial=start, desc=desc or "training", leave=False, dynamic_ncols=True,
-                   position=position)
+    bar = progress_bar(None, progress, desc or "training", total=steps, initial=start, position=position)
     model.train()
     last_good = max([c for c in checkpoints if c <= start], default=None)
     for step in range(start + 1, steps + 1):

@@ -1,9 +1,10 @@
-"""Twin bookkeeping shared by the image audit and the hierarchical experiments (SPEC §2).
+"""Twin bookkeeping shared by every twin experiment (the protocol: docs/method.md, "Twins").
 
 A *member* is one model, ``(split, seed_index)``: ``K`` disjoint splits times
 ``S`` seeds per split. Model ``m`` starts from its own init seed (unless
-``same_init``) and draws its own training noise; pairs of members on different
-splits are the twins, pairs on the same split the seed-variance control.
+``same_init``) and draws its own training noise (both from the run's
+:class:`~biasgen.seeds.SeedPlan`); pairs of members on different splits are the
+twins, pairs on the same split the seed-variance control.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .jobs import run_jobs
+from .seeds import SeedPlan
 from .training import checkpoint_stem, train
 
 
@@ -29,16 +31,6 @@ def model_pairs(members: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], 
     for a, b in itertools.combinations(range(len(members)), 2):
         (twins if members[a][0] != members[b][0] else controls).append((a, b))
     return twins, controls
-
-
-def init_seed(seed: int, m: int, same_init: bool) -> int:
-    """The weight-init seed of model ``m`` (shared by all models with ``same_init``)."""
-    return seed * 1000 + (0 if same_init else m + 1)
-
-
-def training_seed(seed: int, m: int) -> int:
-    """The seed of model ``m``'s batches, diffusion times, noise and dropout."""
-    return seed * 1000 + 500 + m
 
 
 def build_model(cls, kwargs: dict, seed: int) -> torch.nn.Module:
@@ -64,21 +56,19 @@ def train_members(
     members: list[tuple[int, int]],  # (split, seed_index) per model
     models_dir: Path,  # model m writes to models_dir / f"model{m}"
     *,
-    seed: int,  # master seed
-    same_init: bool,  # all models from the same weights
+    seeds: SeedPlan,  # the run's seeds: model_init(m) and training(m)
     meta: dict,  # recorded in every sidecar, plus the model's split and seed index
     workers: int,  # models trained at once (worker processes)
     device: str,  # torch device
     progress: bool,  # tqdm bars
-    group: str = "split",  # what a split is called in labels and sidecars ("split", "block")
     **train_kwargs,  # steps, batch_size, lr, checkpoints, grad_clip, ema_decay: see biasgen.training.train
 ) -> None:
     """Train (or resume) every model of a twin experiment, ``workers`` at a time."""
-    jobs = [dict(model_cls=model_cls, model_kwargs=model_kwargs, init_seed=init_seed(seed, m, same_init),
+    jobs = [dict(model_cls=model_cls, model_kwargs=model_kwargs, init_seed=seeds.model_init(m),
                  make_loss=make_loss, loss_args=loss_args, data=train_sets[split], device=device,
-                 train_kwargs=dict(train_kwargs, seed=training_seed(seed, m), out_dir=Path(models_dir) / f"model{m}",
-                                   meta={**meta, group: split, f"{group}_seed": s}, resume=True, progress=progress,
-                                   desc=f"model {m + 1}/{len(members)} ({group} {split})",
+                 train_kwargs=dict(train_kwargs, seed=seeds.training(m), out_dir=Path(models_dir) / f"model{m}",
+                                   meta={**meta, "split": split, "split_seed": s}, resume=True, progress=progress,
+                                   desc=f"model {m + 1}/{len(members)} (split {split})",
                                    position=m % workers if workers > 1 else None))
             for m, (split, s) in enumerate(members)]
     for _ in run_jobs(_train_member, jobs, workers):

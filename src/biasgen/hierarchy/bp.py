@@ -24,29 +24,19 @@ How it is fast and exact:
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 from ..errors import BiasgenError
+from ..jobs import torch_threads
 from ..schedule import NoiseSchedule
 
 
 CHUNK = 1024  # batch rows per pass: keeps every intermediate in cache
 
 
-@contextmanager
-def _one_thread():
-    """Run torch ops on one thread. BP is many small cache-sized ops; on a shared CPU, intra-op
-    threads mostly wait on each other at every op (measured 10-20x slower on 2 busy cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 @dataclass(frozen=True)
@@ -146,7 +136,7 @@ def _chunked(g, log_psi: torch.Tensor, k: int, run) -> list:
     tab = _tables(g, k)
     psi = log_psi.to(torch.float64).permute(2, 1, 0).contiguous()  # (q, n, B): the batch is the fast axis
     out = []
-    with _one_thread():
+    with torch_threads(1):  # many small cache-sized ops: intra-op threads mostly wait on each other
         for s in range(0, max(psi.shape[-1], 1), CHUNK):  # an empty batch still runs once
             chunk = psi[..., s : s + CHUNK]
             res, worst = run(tab, chunk, exact=False)

@@ -1,166 +1,153 @@
-"""Twins on the hierarchical data model: pool -> blocks -> training -> diagnostics -> onset -> report (SPEC §2, §5–§8).
+"""Twins on the hierarchical data model: the sequence definition of the twin pipeline.
 
     from biasgen.hierarchy.experiment import hierarchy
     summary = hierarchy("runs/hierarchy")                   # the 'cpu' preset, minutes on a laptop
-    summary = hierarchy("runs/paper", preset="paper")        # SPEC §8, for a GPU
+    summary = hierarchy("runs/paper", preset="paper")        # the paper's setting, for a GPU
 
-or from the shell: ``biasgen hierarchy --preset cpu --out runs/hierarchy``. The run
-folder holds ``run.json``, ``metrics.jsonl`` (one record per evaluated
-checkpoint), ``summary.json``, the figures ``fig_*.png`` and the checkpoints under
-``models/``. A killed run continues with ``--resume``: finished models and
-evaluated checkpoints are skipped.
+or from the shell: ``biasgen hierarchy --preset cpu --out runs/hierarchy``. A
+seeded pool of grammar sequences is permuted once and cut into disjoint
+training splits and a test set; each model is an encoder transformer predicting
+x0 logits; every checkpoint is compared with the exact belief-propagation
+denoisers BP_k. The run folder is laid out as for ``biasgen audit``; what each
+diagnostic means: docs/method.md.
 """
 from __future__ import annotations
 
-import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..config import build_config, check, opt
+from ..config import TwinConfig, check, check_at_least, opt
 from ..losses import x0_cross_entropy_loss
-from ..jobs import resolve_workers
-from ..onset import checkpoint_minimum, public_tau, recommend, verdict
-from ..runs import append_jsonl, environment, prepare_run_dir, progress_bar, read_jsonl, write_json
+from ..pipeline import Curve, Data, Shared, TwinExperiment, metric_table as table, run_experiment
 from ..schedule import NoiseSchedule
-from ..training import checkpoint_steps
-from ..twins import init_seed, load_model, make_members, model_pairs, train_members, training_seed
-from .grammar import Grammar
-from .metrics import (kl_per_input, loss_decomposition, nearest_hamming, nn_divergence, noised_inputs, symmetric_kl,
-                          uturn_overlap)
-from .model import SequenceDenoiser, as_denoiser
+from ..seeds import SeedPlan
+from ..twins import model_pairs
+from . import figures
 from .denoisers import bp_denoise_fn, sample_sequences
+from .grammar import Grammar
+from .metrics import (kl_along_t, loss_decomposition, nearest_hamming, nn_divergence, noised_inputs,
+                      oracle_kls, symmetric_kl, uturn_overlap)
+from .model import SequenceDenoiser, as_denoiser
 
 
 @dataclass
-class HierarchyConfig:
-    # grammar (SPEC §5)
+class HierarchyConfig(TwinConfig):
+    """The hierarchical experiment's settings: the shared twin settings plus the grammar and its diagnostics."""
+
+    n: int = opt(64, "training sequences per split")
+    n_test: int = opt(1000, "held-out test sequences")
+    seeds_per_split: int = opt(2, "models per split; >1 adds same-split pairs as a seed-variance control")
+    T: int = opt(500, "diffusion steps (betas rescaled by 1000/T)")
+    dropout: float = opt(0.0, "dropout rate")
+    batch_size: int = opt(128, "batch size")
+    ema_decay: float | None = opt(0.99, "EMA decay of the evaluated weights (none: raw weights; EMA smooths Adam noise but lags)")
+    sample_steps: int = opt(25, "DDIM steps (ignored by ddpm)")
+    threads: int = opt(1, "torch CPU threads in the main process (0: torch's default); small models run fastest on 1")
+    # grammar
     q: int = opt(6, "vocabulary size")
     depth: int = opt(4, "tree depth l (sequences have 2**l symbols)")
     q_eff: int = opt(4, "child pairs owned by each parent symbol")
     sigma: float = opt(1.0, "spread of the rule log-probabilities")
     grammar_seed: int = opt(0, "seed of the random grammar")
-    # data (SPEC §2)
-    pool: int = opt(20_000, "sequences in the seeded pool the blocks and the test set are cut from")
-    n: int = opt(64, "training sequences per block")
-    blocks: int = opt(2, "disjoint training blocks K (>= 2)")
-    seeds_per_block: int = opt(2, "models per block; >1 adds same-block pairs as a seed-variance control")
-    n_test: int = opt(1000, "held-out test sequences")
-    test_disjoint: bool = opt(True, "drop test sequences that also occur in a training block (content-disjoint test set)")
-    seed: int = opt(0, "master seed: pool, model inits, training, evaluation noise")
-    same_init: bool = opt(False, "start every model from the same weights (the twin-KL minimum is then meaningless)")
-    # model (SPEC §8: 8 layers, width 512, 4 heads, FFN 1024)
+    pool: int = opt(20_000, "sequences in the seeded pool the splits and the test set are cut from")
+    test_disjoint: bool = opt(True, "drop test sequences that also occur in a training split (content-disjoint test set)")
+    # model (the paper: 8 layers, width 512, 4 heads, FFN 1024)
     layers: int = opt(2, "transformer layers")
     width: int = opt(64, "transformer width")
     heads: int = opt(4, "attention heads")
     ffn: int = opt(128, "feed-forward width")
-    dropout: float = opt(0.0, "dropout rate")
-    T: int = opt(500, "diffusion steps (betas rescaled by 1000/T, SPEC §1)")
-    # training
-    steps: int = opt(1500, "optimisation steps per model")
-    batch_size: int = opt(128, "batch size")
-    lr: float = opt(1e-3, "Adam learning rate")
-    checkpoints: int = opt(12, "number of log-spaced checkpoints (the last one is the final step)")
-    first_checkpoint: int = opt(20, "first checkpoint step")
-    grad_clip: float | None = opt(1.0, "gradient-norm clipping (none to disable)")
-    ema_decay: float | None = opt(0.99, "EMA decay of the evaluated weights (none: raw weights; EMA smooths Adam noise but lags)")
-    # evaluation (SPEC §7)
+    # diagnostics
     t_frac: float = opt(0.15, "critical time t/T of the sample-split and model-oracle KLs")
-    n_eval: int = opt(300, "test inputs (and training inputs per block) for the KLs at t/T = t_frac")
+    n_eval: int = opt(300, "test inputs (and training inputs per split) for the KLs at t/T = t_frac")
     n_loss: int = opt(1000, "test and training inputs for the frozen-noise cross-entropy and its decomposition")
-    n_gen: int = opt(128, "generated sequences per model and checkpoint (shared noise) for D_NN")
-    sampler: str = opt("ddim", "ddpm (ancestral, all T steps) or ddim (deterministic) for generation")
-    sample_steps: int = opt(25, "DDIM steps (ignored by ddpm)")
     uturn_fracs: tuple[float, ...] = opt((0.02, 0.06, 0.12), "U-turn depths t/T")
     n_uturn: int = opt(32, "training and test sequences per model for the U-turn overlap")
     uturn_reps: int = opt(2, "U-turns per sequence")
     kl_t_fracs: tuple[float, ...] = opt((0.02, 0.05, 0.1, 0.15, 0.3, 0.6), "t/T grid of the KL-along-t curves")
-    n_boot: int = opt(1000, "bootstrap resamples for the uncertainty of each tau")
-    device: str = opt("cpu", "torch device (cpu, cuda, cuda:1, mps)")
-    threads: int = opt(1, "CPU threads for torch during the run (0: torch's default); small models run fastest on 1")
-    workers: int = opt(0, "processes that train models at once (0: one per CPU core on cpu, 1 on a GPU)")
 
     def validate(self) -> None:
-        for name in ("q", "depth", "q_eff", "pool", "n", "n_test", "seeds_per_block", "layers", "width", "heads", "ffn",
-                     "steps", "batch_size", "checkpoints", "first_checkpoint", "n_eval", "n_loss", "n_gen",
-                     "sample_steps", "n_uturn", "uturn_reps"):
-            check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
-        check(self.blocks >= 2, f"--blocks must be at least 2 (twins need two disjoint blocks), got {self.blocks}.")
+        super().validate()
+        check_at_least(self, 1, "q", "depth", "q_eff", "pool", "layers", "width", "heads", "ffn", "n_eval", "n_loss",
+                       "n_uturn", "uturn_reps")
         check(self.q_eff <= self.q, f"--q-eff must be at most q={self.q}, got {self.q_eff}.")
         check(self.sigma >= 0, f"--sigma must be >= 0, got {self.sigma}.")
-        check(self.T >= 10, f"--T must be at least 10, got {self.T}.")
         check(self.width % self.heads == 0, f"--width ({self.width}) must be divisible by --heads ({self.heads}).")
-        check(self.lr > 0, f"--lr must be positive, got {self.lr}.")
-        check(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}.")
-        check(self.grad_clip is None or self.grad_clip > 0, "--grad-clip must be positive (or none).")
-        check(self.ema_decay is None or 0 < self.ema_decay < 1, "--ema-decay must be in (0, 1) (or none).")
-        check(self.n_boot >= 0, "--n-boot must be >= 0.")
-        check(self.threads >= 0, f"--threads must be >= 0, got {self.threads}.")
-        check(self.workers >= 0, f"--workers must be >= 0 (0 = automatic), got {self.workers}.")
-        check(self.sampler in ("ddpm", "ddim"), f"--sampler must be ddpm or ddim, got {self.sampler!r}.")
-        check(1 <= self.sample_steps <= self.T, f"--sample-steps must be in [1, {self.T}].")
         for name in ("t_frac", "uturn_fracs", "kl_t_fracs"):
             fracs = getattr(self, name)
             fracs = fracs if isinstance(fracs, tuple) else (fracs,)
             check(len(fracs) >= 1 and all(1 <= round(f * self.T) <= self.T for f in fracs),
                   f"--{name.replace('_', '-')} must hold fractions t/T with 1 <= t <= T (e.g. 0.15), got {fracs}.")
-        need = self.blocks * self.n + self.n_test
-        check(need <= self.pool, f"{self.blocks} blocks of {self.n} plus {self.n_test} test sequences need {need} "
+        need = self.splits * self.n + self.n_test
+        check(need <= self.pool, f"{self.splits} splits of {self.n} plus {self.n_test} test sequences need {need} "
                                  f"sequences but the pool has {self.pool}; raise --pool or lower --n / --n-test.")
-        check(self.device == "cpu" or torch.cuda.is_available() or self.device == "mps",
-              f"--device {self.device} is not available here; use --device cpu.")
 
 
 PRESETS: dict[str, dict] = {
-    # n = 64 per block, 2 x 2 models, 1500 steps: about 7 min on 2 shared CPU cores; docs/hierarchy-experiments.md gives what it shows.
+    # n = 64 per split, 2 x 2 models, 1500 steps: minutes on 2 CPU cores; docs/hierarchy-experiments.md gives what it shows.
     "cpu": {},
-    # SPEC §8 at n = 12k, for a GPU (hours).
-    "paper": dict(pool=1_000_000, n=12_000, blocks=3, seeds_per_block=5, n_test=10_000, layers=8, width=512, heads=4,
-                  ffn=1024, steps=100_000, batch_size=512, lr=3e-4, ema_decay=None, checkpoints=25, first_checkpoint=10, n_eval=2000,
-                  n_loss=10_000, n_gen=2048, sampler="ddpm", n_uturn=512, uturn_reps=8, device="cuda", threads=0),
+    # The paper's hierarchical setting (Garnier-Brun et al. 2026, Sec. 4) at n = 12k, for a GPU (hours).
+    "paper": dict(pool=1_000_000, n=12_000, splits=3, seeds_per_split=5, n_test=10_000, layers=8, width=512, heads=4,
+                  ffn=1024, steps=100_000, batch_size=512, lr=3e-4, ema_decay=None, checkpoints=25, first_checkpoint=10,
+                  n_eval=2000, n_loss=10_000, n_samples=2048, sampler="ddpm", n_uturn=512, uturn_reps=8, device="cuda",
+                  threads=0),
     # A seconds-long smoke run (used by the tests); far too small to show anything.
-    "tiny": dict(pool=400, n=48, blocks=2, seeds_per_block=1, n_test=64, depth=3, layers=1, width=16, heads=2, ffn=32,
-                 steps=12, batch_size=16, checkpoints=3, first_checkpoint=4, n_eval=32, n_loss=32, n_gen=16,
-                 sample_steps=5, uturn_fracs=(0.04,), n_uturn=8, uturn_reps=1, kl_t_fracs=(0.1, 0.5), n_boot=50, workers=1),
+    "tiny": dict(pool=400, n=48, splits=2, seeds_per_split=1, n_test=64, depth=3, layers=1, width=16, heads=2, ffn=32,
+                 steps=12, batch_size=16, checkpoints=3, first_checkpoint=4, n_eval=32, n_loss=32, n_samples=16,
+                 sample_steps=5, uturn_fracs=(0.04,), n_uturn=8, uturn_reps=1, kl_t_fracs=(0.1, 0.5), n_boot=50,
+                 workers=1),
 }
 
 
-def hierarchy(out: str | Path, preset: str | None = "cpu", config: str | Path | None = None, *,
-              resume: bool = False, force: bool = False, progress: bool = True, **settings) -> dict:
-    """Python API of ``biasgen hierarchy``: resolve the config, run, and return ``summary.json`` as a dict."""
-    cfg = build_config(HierarchyConfig, PRESETS, preset, config, settings)
-    return run_hierarchy(cfg, out, resume=resume, force=force, progress=progress)
+def steps_of(fracs, T: int) -> list[int]:
+    """Diffusion steps ``round(f * T)`` (clamped to 1..T) of the fractions ``fracs``."""
+    return [max(1, min(T, round(f * T))) for f in fracs]
 
-
-# -- data ---------------------------------------------------------------------------------------
 
 @dataclass
-class Data:
+class Reference:
+    """Evaluation inputs noised once (frozen noise) and what the exact denoisers say about them."""
+
     grammar: Grammar
-    blocks: list[torch.Tensor]  # K blocks, LongTensor (n, L) each
+    train: list[torch.Tensor]  # one training split per entry, LongTensor (n, L)
     test: torch.Tensor  # LongTensor (n_test, L)
-    dropped_test: int  # test candidates skipped because they occur in a training block
-    cross_block_duplicates: int  # block sequences that also occur in another block (exact copies)
+    test_c: tuple[torch.Tensor, torch.Tensor]  # test inputs at the critical step: x_t (n_eval, L, q), t (n_eval,)
+    train_c: list[tuple[torch.Tensor, torch.Tensor]]  # per split, the same for its first n_eval sequences
+    test_l: tuple[torch.Tensor, torch.Tensor]  # frozen-noise (random t) test inputs for the cross-entropy
+    train_l: list[tuple[torch.Tensor, torch.Tensor]]  # per split
+    bp_test_l: float  # cross-entropy of the exact denoiser on test_l: the floor of the test loss
+    kl_steps: list[int]  # the t grid of the KL-along-t curves
+    kl_bp: list[list[float]]  # KL(BP_0 || BP_k) along t: (depth + 1) lists of len(kl_steps)
+    uturn_steps: list[int]
+    uturn_inputs: list[torch.Tensor]  # per split: its first n_uturn sequences then n_uturn test sequences (2 n_uturn, L)
+    uturn_bp: list[torch.Tensor]  # per split: BP overlaps on uturn_inputs, (len(uturn_steps), 2 n_uturn)
 
 
-def make_data(cfg: HierarchyConfig) -> Data:
-    """Sample the seeded pool, permute it once, and cut K disjoint blocks and a test set from it."""
+def make_data(cfg: HierarchyConfig, seeds: SeedPlan) -> Data:
+    """Sample the seeded pool, permute it once, and cut K disjoint splits and a test set from it."""
     grammar = Grammar.random(q=cfg.q, depth=cfg.depth, q_eff=cfg.q_eff, sigma=cfg.sigma, seed=cfg.grammar_seed)
-    pool = grammar.sample(cfg.pool, k=0, seed=cfg.seed * 1000 + 1)
-    pool = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed * 1000 + 2))]
-    train_ids, rest_ids = _ids(pool[: cfg.blocks * cfg.n], pool[cfg.blocks * cfg.n:])
-    blocks = [pool[i * cfg.n:(i + 1) * cfg.n] for i in range(cfg.blocks)]
-    block_ids = train_ids.reshape(cfg.blocks, cfg.n)
-    cross = sum(int(torch.isin(block_ids[i], torch.cat([block_ids[:i], block_ids[i + 1:]]).flatten()).sum())
-                for i in range(cfg.blocks))
+    pool = grammar.sample(cfg.pool, k=0, seed=seeds.pool())
+    pool = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seeds.pool_permutation()))]
+    used = cfg.splits * cfg.n
+    train_ids, rest_ids = _ids(pool[:used], pool[used:])
+    splits = [pool[i * cfg.n:(i + 1) * cfg.n] for i in range(cfg.splits)]
+    split_ids = train_ids.reshape(cfg.splits, cfg.n)
+    cross = sum(int(torch.isin(split_ids[i], torch.cat([split_ids[:i], split_ids[i + 1:]]).flatten()).sum())
+                for i in range(cfg.splits))
     keep = ~torch.isin(rest_ids, train_ids) if cfg.test_disjoint else torch.ones(len(rest_ids), dtype=torch.bool)
-    test = pool[cfg.blocks * cfg.n:][keep][: cfg.n_test]
-    check(len(test) == cfg.n_test, f"Only {len(test)} pool sequences outside the training blocks are left for "
+    test = pool[used:][keep][: cfg.n_test]
+    check(len(test) == cfg.n_test, f"Only {len(test)} pool sequences outside the training splits are left for "
                                    f"--n-test {cfg.n_test}; raise --pool.")
-    last_used = int(torch.nonzero(keep)[cfg.n_test - 1])
-    return Data(grammar, blocks, test, dropped_test=last_used + 1 - cfg.n_test, cross_block_duplicates=cross)
+    dropped = int(torch.nonzero(keep)[cfg.n_test - 1]) + 1 - cfg.n_test
+    description = {
+        "grammar": {"q": cfg.q, "depth": cfg.depth, "q_eff": cfg.q_eff, "sigma": cfg.sigma, "seed": cfg.grammar_seed,
+                    "leaf_entropy_nats": grammar.leaf_entropy()},
+        "pool": cfg.pool, "n_per_split": cfg.n, "splits": cfg.splits, "n_test": cfg.n_test,
+        "test_duplicates_dropped": dropped, "cross_split_duplicates": cross,
+        "distinct_per_split": [len(torch.unique(s, dim=0)) for s in splits],
+    }
+    return Data(train=splits, test=test, description=description, extra={"grammar": grammar})
 
 
 def _ids(*parts: torch.Tensor) -> list[torch.Tensor]:
@@ -169,352 +156,159 @@ def _ids(*parts: torch.Tensor) -> list[torch.Tensor]:
     return list(ids.split([len(p) for p in parts]))
 
 
-# -- the pipeline -------------------------------------------------------------------------------
+class HierarchyExperiment(TwinExperiment):
+    """Twins on disjoint splits of a grammar's sequences, each an x0-predicting transformer."""
 
-def run_hierarchy(cfg: HierarchyConfig, out: str | Path, *, resume: bool = False, force: bool = False,
-                  progress: bool = True) -> dict:
-    """Run (or resume) the twin experiment defined by ``cfg`` in the folder ``out``; returns the summary."""
-    cfg.validate()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads or threads)
-    try:
-        return _run(cfg, Path(out), resume=resume, force=force, progress=progress)
-    finally:
-        torch.set_num_threads(threads)
+    kind = "hierarchy"
+    config_class = HierarchyConfig
+    presets = PRESETS
+    default_preset = "cpu"
+    default_out = "runs/hierarchy"
+    help = "twins on the hierarchical data model, with exact (belief-propagation) ground truth"
+    cfg: HierarchyConfig
 
+    def load(self) -> Data:
+        return make_data(self.cfg, self.seeds)
 
-def _run(cfg: HierarchyConfig, out: Path, *, resume: bool, force: bool, progress: bool) -> dict:
-    started = time.time()
-    data = make_data(cfg)
-    run = prepare_run_dir(out, dataclasses.asdict(cfg), resume=resume, force=force, kind="hierarchy",
-                          runtime_keys=("workers", "threads", "device"))
-    schedule = NoiseSchedule.onehot(cfg.T)
-    members = make_members(cfg.blocks, cfg.seeds_per_block)
-    steps = checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.first_checkpoint)
-    kwargs = model_kwargs(cfg)
-    meta = {"config": dataclasses.asdict(cfg), "model": kwargs, "environment": environment()}
+    def network(self, data: Data) -> tuple[type, dict]:
+        cfg = self.cfg
+        return SequenceDenoiser, dict(q=cfg.q, length=2 ** cfg.depth, T=cfg.T, layers=cfg.layers, width=cfg.width,
+                                      heads=cfg.heads, ffn=cfg.ffn, dropout=cfg.dropout)
 
-    t0 = time.time()
-    workers = resolve_workers(cfg.workers, cfg.device)
-    train_members(SequenceDenoiser, kwargs, x0_cross_entropy_loss, (schedule, cfg.q), data.blocks, members,
-                  run / "models", seed=cfg.seed, same_init=cfg.same_init, meta=meta, workers=workers, device=cfg.device,
-                  progress=progress, group="block", steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                  checkpoints=steps, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay)
-    training_s = time.time() - t0
+    def loss(self):
+        return x0_cross_entropy_loss, (NoiseSchedule.onehot(self.cfg.T), self.cfg.q)
 
-    t0 = time.time()
-    done = {r["step"] for r in read_jsonl(run / "metrics.jsonl")}
-    todo = [s for s in steps if s not in done]
-    reference = make_reference(data, schedule, cfg)
-    for step in progress_bar(todo, progress, "evaluating checkpoints"):
-        models = [load_model(SequenceDenoiser, kwargs, run / "models" / f"model{m}", step, cfg.device)
-                  for m in range(len(members))]
-        append_jsonl(run / "metrics.jsonl", {"step": step, **evaluate_checkpoint(models, members, data, reference,
-                                                                                 schedule, cfg)})
-    evaluation_s = time.time() - t0
+    def reference(self, data: Data, members) -> Reference:
+        return make_reference(data, self.cfg, self.seeds)
 
-    records = sorted(read_jsonl(run / "metrics.jsonl"), key=lambda r: r["step"])
-    summary = summarize(records, cfg, members, data)
-    summary["bp_reference"] = {"kl_bp_along_t": reference.kl_bp, "kl_t_steps": reference.kl_steps,
-                               "test_ce": reference.bp_test_l, "uturn_steps": reference.uturn_steps,
-                               "uturn_overlap_bp_test": torch.stack(reference.uturn_bp)[:, :, cfg.n_uturn:].mean((0, 2)).tolist()}
-    summary["timing"] = {"wall_s_this_invocation": round(time.time() - started, 1),
-                         "training_s_this_invocation": round(training_s, 1),
-                         "evaluation_s_this_invocation": round(evaluation_s, 1)}
-    write_json(run / "summary.json", summary)
-    plot_all(run, records, summary)
-    return summary
+    def evaluate(self, models, shared: Shared):
+        return evaluate_checkpoint(models, shared.members, shared.reference, self.cfg, self.seeds)
+
+    def curves(self, records: list[dict]) -> dict[str, Curve]:
+        return {
+            "tau_bias": Curve(table(records, "skl_test_pairs"), "median", "twin pairs"),
+            "tau_nn": Curve(table(records, "d_nn"), "median", "models"),
+            "tau_oracle": Curve(table(records, "oracle_kl", 0), "mean", "models"),
+            "tau_loss": Curve(table(records, "test_l"), "mean", "models"),
+        }
+
+    def summarize(self, records, data, ref: Reference, taus) -> dict:
+        return {"coarse_to_fine": coarse_to_fine(records, self.cfg, self.seeds), "bp_reference": {
+            "kl_bp_along_t": ref.kl_bp, "kl_t_steps": ref.kl_steps, "test_ce": ref.bp_test_l,
+            "uturn_steps": ref.uturn_steps,
+            "uturn_overlap_bp_test": torch.stack(ref.uturn_bp)[:, :, self.cfg.n_uturn:].mean((0, 2)).tolist()}}
+
+    def plot(self, run: Path, records, summary, data: Data) -> None:
+        figures.plot_all(run, records, summary)
+
+    def terminal_lines(self, summary: dict) -> list[str]:
+        c2f = summary["coarse_to_fine"]
+        return [f"tau_nn (D_NN minimum) = step {summary['tau_nn']['step']}; tau_oracle (closest to exact BP) = "
+                f"step {summary['tau_oracle']['step']}",
+                f"closest to BP_k at steps {c2f['oracle_kl_argmin_step']} for k = 0..{len(c2f['oracle_kl_argmin_step']) - 1}"
+                f" ({'coarse-to-fine' if c2f['ordered'] else 'not ordered coarse-to-fine'})"]
 
 
-def model_kwargs(cfg: HierarchyConfig) -> dict:
-    return dict(q=cfg.q, length=2 ** cfg.depth, T=cfg.T, layers=cfg.layers, width=cfg.width, heads=cfg.heads,
-                ffn=cfg.ffn, dropout=cfg.dropout)
+def hierarchy(out: str | Path, preset: str | None = "cpu", config: str | Path | None = None, *,
+              resume: bool = False, force: bool = False, progress: bool = True, **settings) -> dict:
+    """Python API of ``biasgen hierarchy``: resolve the config, run, and return ``summary.json`` as a dict."""
+    return run_experiment(HierarchyExperiment.from_settings(preset, config, **settings), out, resume=resume,
+                          force=force, progress=progress)
 
 
-# -- evaluation ---------------------------------------------------------------------------------
-
-@dataclass
-class Reference:
-    """Evaluation inputs noised once (frozen noise) and everything the exact denoisers say about them."""
-
-    t_c: int  # the critical step round(t_frac * T)
-    test_c: tuple[torch.Tensor, torch.Tensor]  # test inputs at t_c: x_t (n_eval, L, q), t (n_eval,)
-    train_c: list[tuple[torch.Tensor, torch.Tensor]]  # per block, the same for its first n_eval sequences
-    bp_c: torch.Tensor  # BP_k predictions on test_c: (depth + 1, n_eval, L, q)
-    test_l: tuple[torch.Tensor, torch.Tensor]  # frozen-noise (random t) test inputs for the cross-entropy
-    train_l: list[tuple[torch.Tensor, torch.Tensor]]  # per block
-    bp_test_l: float  # cross-entropy of the exact denoiser on test_l: the floor of the test loss
-    test_nn: list[torch.Tensor]  # per block: Hamming distance of each test sequence to its nearest block sequence
-    kl_steps: list[int]  # the t grid of the KL-along-t curves
-    kl_inputs: list[tuple[torch.Tensor, torch.Tensor]]  # test inputs noised at each step of kl_steps
-    kl_bp0: list[torch.Tensor]  # BP_0 predictions on kl_inputs
-    kl_bp: list[list[float]]  # KL(BP_0 || BP_k) along t: (depth + 1) lists of len(kl_steps)
-    uturn_steps: list[int]
-    uturn_inputs: list[torch.Tensor]  # per block: its first n_uturn sequences then n_uturn test sequences (2 n_uturn, L)
-    uturn_bp: list[torch.Tensor]  # per block: BP overlaps on uturn_inputs, (len(uturn_steps), 2 n_uturn)
-
-
-def _steps(fracs, T: int) -> list[int]:
-    return [max(1, min(T, round(f * T))) for f in fracs]
-
-
-def make_reference(data: Data, schedule: NoiseSchedule, cfg: HierarchyConfig) -> Reference:
+def make_reference(data: Data, cfg: HierarchyConfig, seeds: SeedPlan) -> Reference:
     """Noise the evaluation inputs once and run the exact (BP) denoisers on them."""
-    g, q, seed = data.grammar, cfg.q, cfg.seed * 1000 + 17
-    t_c = _steps([cfg.t_frac], cfg.T)[0]
+    g, q, schedule = data.extra["grammar"], cfg.q, NoiseSchedule.onehot(cfg.T)
+    t_c = steps_of([cfg.t_frac], cfg.T)[0]
     bps = [bp_denoise_fn(g, schedule, k) for k in range(cfg.depth + 1)]
-    test_c = noised_inputs(data.test[: cfg.n_eval], q, schedule, t_c, seed)
-    train_c = [noised_inputs(b[: cfg.n_eval], q, schedule, t_c, seed + 1 + i) for i, b in enumerate(data.blocks)]
-    test_l = noised_inputs(data.test[: cfg.n_loss], q, schedule, None, seed + 100)
-    train_l = [noised_inputs(b[: cfg.n_loss], q, schedule, None, seed + 101 + i) for i, b in enumerate(data.blocks)]
-    kl_steps = _steps(cfg.kl_t_fracs, cfg.T)
-    kl_inputs = [noised_inputs(data.test[: cfg.n_eval], q, schedule, t, seed + 200) for t in kl_steps]
-    kl_bp0 = [bps[0](*xt) for xt in kl_inputs]
-    kl_bp = [[float(kl_per_input(p0, bp(*xt)).mean()) for p0, xt in zip(kl_bp0, kl_inputs)] for bp in bps]
-    uturn_steps = _steps(cfg.uturn_fracs, cfg.T)
-    uturn_inputs = [torch.cat([b[: cfg.n_uturn], data.test[: cfg.n_uturn]]) for b in data.blocks]
-    bp_test_l = loss_decomposition(bps[0], bps[0], data.test[: cfg.n_loss], *test_l)["l"]
+    test_l = noised_inputs(data.test[: cfg.n_loss], q, schedule, None, seeds.evaluation("loss_test"))
+    kl_steps = steps_of(cfg.kl_t_fracs, cfg.T)
+    kl_bp = [kl_along_t(bps[0], bp, data.test[: cfg.n_eval], q, schedule, kl_steps, seeds.evaluation("kl_along_t"))
+             for bp in bps]
+    uturn_steps = steps_of(cfg.uturn_fracs, cfg.T)
+    uturn_inputs = [torch.cat([s[: cfg.n_uturn], data.test[: cfg.n_uturn]]) for s in data.train]
     return Reference(
-        t_c=t_c, test_c=test_c, train_c=train_c, bp_c=torch.stack([bp(*test_c) for bp in bps]),
-        test_l=test_l, train_l=train_l, bp_test_l=bp_test_l, test_nn=[nearest_hamming(data.test, b) for b in data.blocks],
-        kl_steps=kl_steps, kl_inputs=kl_inputs, kl_bp0=kl_bp0, kl_bp=kl_bp, uturn_steps=uturn_steps,
-        uturn_inputs=uturn_inputs,
-        uturn_bp=[uturn_overlap(bps[0], x, q, uturn_steps, schedule, cfg.uturn_reps, seed + 300) for x in uturn_inputs],
+        grammar=g, train=data.train, test=data.test,
+        test_c=noised_inputs(data.test[: cfg.n_eval], q, schedule, t_c, seeds.evaluation("critical_test")),
+        train_c=[noised_inputs(s[: cfg.n_eval], q, schedule, t_c, seeds.evaluation("critical_train", i))
+                 for i, s in enumerate(data.train)],
+        test_l=test_l,
+        train_l=[noised_inputs(s[: cfg.n_loss], q, schedule, None, seeds.evaluation("loss_train", i))
+                 for i, s in enumerate(data.train)],
+        bp_test_l=loss_decomposition(bps[0], bps[0], data.test[: cfg.n_loss], *test_l)["l"],
+        kl_steps=kl_steps, kl_bp=kl_bp, uturn_steps=uturn_steps, uturn_inputs=uturn_inputs,
+        uturn_bp=[uturn_overlap(bps[0], x, q, uturn_steps, schedule, cfg.uturn_reps, seeds.evaluation("uturn"))
+                  for x in uturn_inputs],
     )
 
 
-@torch.no_grad()
-def evaluate_checkpoint(models, members, data: Data, ref: Reference, schedule: NoiseSchedule,
-                        cfg: HierarchyConfig) -> dict:
-    """Every diagnostic of SPEC §7 for one checkpoint of all models; returns the metrics record.
+def evaluate_checkpoint(models, members, ref: Reference, cfg: HierarchyConfig, seeds: SeedPlan) -> tuple[dict, dict]:
+    """Every hierarchical diagnostic (docs/method.md) for one checkpoint of all models.
 
-    ``models``: networks predicting x0 logits; ``members[m] = (block, seed)``.
-    Divergences and losses are in nats per sequence (summed over the ``2**depth`` positions).
+    ``models``: networks predicting x0 logits; ``members[m] = (split, seed)``. Divergences and losses
+    are in nats per sequence (summed over the ``2**depth`` positions). Returns the metrics record and
+    ``{"samples": LongTensor (M, n_samples, 2**depth)}``, the generated sequences.
     """
-    q, seed = cfg.q, cfg.seed * 1000 + 17
+    q, schedule = cfg.q, NoiseSchedule.onehot(cfg.T)
     dens = [as_denoiser(m) for m in models]
-    bp0 = bp_denoise_fn(data.grammar, schedule, 0)
+    bp0 = bp_denoise_fn(ref.grammar, schedule, 0)
     twins, controls = model_pairs(members)
     rec: dict = {}
 
-    # twin disagreement at t_c on test inputs, on both twins' training inputs, and for same-block controls
-    pred_test = [d(*ref.test_c).double() for d in dens]
-    pred_train = [[d(*xt).double() for xt in ref.train_c] for d in dens]
+    # twin disagreement at t_c on test inputs, on both twins' training inputs, and for same-split controls
+    pred_test = [d(*ref.test_c) for d in dens]
+    pred_train = [[d(*xt) for xt in ref.train_c] for d in dens]
     rec["skl_test_pairs"] = [symmetric_kl(pred_test[a], pred_test[b]) for a, b in twins]
-    rec["skl_train_pairs"] = [0.5 * sum(symmetric_kl(pred_train[a][blk], pred_train[b][blk]) for blk in (members[a][0], members[b][0]))
+    rec["skl_train_pairs"] = [0.5 * sum(symmetric_kl(pred_train[a][s], pred_train[b][s]) for s in (members[a][0], members[b][0]))
                               for a, b in twins]
     rec["skl_control_pairs"] = [symmetric_kl(pred_test[a], pred_test[b]) for a, b in controls]
 
     # sequential learning: KL(BP_k || model) for k = 0..depth at t_c, and KL(BP_0 || model) along t
-    rec["oracle_kl"] = [[float(kl_per_input(bp, p).mean()) for bp in ref.bp_c] for p in pred_test]  # (M, depth + 1)
-    rec["kl_along_t"] = [[float(kl_per_input(p0, d(*xt)).mean()) for p0, xt in zip(ref.kl_bp0, ref.kl_inputs)]
-                         for d in dens]
+    rec["oracle_kl"] = [oracle_kls(ref.grammar, d, *ref.test_c, schedule) for d in dens]  # (M, depth + 1)
+    rec["kl_along_t"] = [kl_along_t(bp0, d, ref.test[: cfg.n_eval], q, schedule, ref.kl_steps,
+                                    seeds.evaluation("kl_along_t")) for d in dens]
 
-    # frozen-noise cross-entropy and its decomposition l = l* + l~, on test and on each model's own block
-    test_dec = [loss_decomposition(d, bp0, data.test[: cfg.n_loss], *ref.test_l) for d in dens]
-    train_dec = [loss_decomposition(d, bp0, data.blocks[blk][: cfg.n_loss], *ref.train_l[blk])
-                 for d, (blk, _) in zip(dens, members)]
+    # frozen-noise cross-entropy and its decomposition l = l* + l~, on test and on each model's own split
+    test_dec = [loss_decomposition(d, bp0, ref.test[: cfg.n_loss], *ref.test_l) for d in dens]
+    train_dec = [loss_decomposition(d, bp0, ref.train[s][: cfg.n_loss], *ref.train_l[s]) for d, (s, _) in zip(dens, members)]
     for key in ("l", "l_star", "l_tilde"):
         rec[f"test_{key}"] = [r[key] for r in test_dec]
         rec[f"train_{key}"] = [r[key] for r in train_dec]
 
     # generation from shared noise: D_NN, grammaticality, exact log-probability
-    seeds = [cfg.seed * 1_000_000 + 7919 * j for j in range(cfg.n_gen)]
-    gen = [sample_sequences(d, 2 ** cfg.depth, q, seeds, schedule, cfg.sampler,
+    gen = [sample_sequences(d, 2 ** cfg.depth, q, seeds.sample_seeds(cfg.n_samples), schedule, cfg.sampler,
                             None if cfg.sampler == "ddpm" else cfg.sample_steps, batch_size=1024) for d in dens]
-    rec["d_nn"] = [nn_divergence(x, data.test, data.blocks[blk]) for x, (blk, _) in zip(gen, members)]
-    rec["gen_nn_mean"] = [float(nearest_hamming(x, data.blocks[blk]).double().mean()) for x, (blk, _) in zip(gen, members)]
-    rec["gen_copy_share"] = [float((nearest_hamming(x, data.blocks[blk]) == 0).double().mean())
-                             for x, (blk, _) in zip(gen, members)]
-    logp = [data.grammar.log_prob(x) for x in gen]
+    nearest = [nearest_hamming(x, ref.train[s]) for x, (s, _) in zip(gen, members)]
+    rec["d_nn"] = [nn_divergence(x, ref.test, ref.train[s]) for x, (s, _) in zip(gen, members)]
+    rec["gen_nn_mean"] = [float(d.double().mean()) for d in nearest]
+    rec["gen_copy_share"] = [float((d == 0).double().mean()) for d in nearest]
+    logp = [ref.grammar.log_prob(x) for x in gen]
     rec["gen_grammatical"] = [float(lp.isfinite().double().mean()) for lp in logp]
     rec["gen_logprob"] = [float(lp[lp.isfinite()].mean()) if lp.isfinite().any() else None for lp in logp]
 
     # U-turns: overlap of model / BP, on the model's own training sequences vs test sequences
     rec["uturn_ratio_train"], rec["uturn_ratio_test"] = [], []
     n = cfg.n_uturn
-    for d, (blk, _) in zip(dens, members):
-        model = uturn_overlap(d, ref.uturn_inputs[blk], q, ref.uturn_steps, schedule, cfg.uturn_reps, seed + 300)
-        bp = ref.uturn_bp[blk]
+    for d, (s, _) in zip(dens, members):
+        model = uturn_overlap(d, ref.uturn_inputs[s], q, ref.uturn_steps, schedule, cfg.uturn_reps, seeds.evaluation("uturn"))
+        bp = ref.uturn_bp[s]
         rec["uturn_ratio_train"].append((model[:, :n].mean(1) / bp[:, :n].mean(1)).tolist())
         rec["uturn_ratio_test"].append((model[:, n:].mean(1) / bp[:, n:].mean(1)).tolist())
-    return rec
+    return rec, {"samples": torch.stack(gen)}
 
 
-# -- onset and summary --------------------------------------------------------------------------
+def coarse_to_fine(records: list[dict], cfg: HierarchyConfig, seeds: SeedPlan) -> dict:
+    """The checkpoint where the model is closest to each BP_k, and whether they come coarse (large k) first."""
+    from ..onset import checkpoint_minimum
 
-def _table(records: list[dict], key: str, column: int | None = None) -> torch.Tensor:
-    """``(n_units, n_ckpt)`` table of a per-unit metric (``column`` picks one entry of per-unit lists)."""
-    rows = [r[key] if column is None else [u[column] for u in r[key]] for r in records]
-    return torch.tensor(rows, dtype=torch.float64).T
-
-
-def summarize(records: list[dict], cfg: HierarchyConfig, members, data: Data) -> dict:
-    """Locate tau_bias, tau_nn, tau_oracle and tau_loss with bootstrap uncertainty; verdict and coarse-to-fine order."""
     steps = [r["step"] for r in records]
-    boot = dict(n_boot=cfg.n_boot, seed=cfg.seed)
-    tau = {
-        "tau_bias": checkpoint_minimum(steps, _table(records, "skl_test_pairs"), reduce="median", **boot),
-        "tau_nn": checkpoint_minimum(steps, _table(records, "d_nn"), reduce="median", **boot),
-        "tau_oracle": checkpoint_minimum(steps, _table(records, "oracle_kl", 0), reduce="mean", **boot),
-        "tau_loss": checkpoint_minimum(steps, _table(records, "test_l"), reduce="mean", **boot),
-    }
-    judged = verdict(tau["tau_bias"], tau["tau_loss"])
-    advice = recommend(judged, tau["tau_bias"], tau["tau_loss"])
-    by_k = [checkpoint_minimum(steps, _table(records, "oracle_kl", k), reduce="mean", **boot) for k in range(cfg.depth + 1)]
+    by_k = [checkpoint_minimum(steps, table(records, "oracle_kl", k), n_boot=cfg.n_boot, seed=seeds.bootstrap(),
+                               reduce="mean") for k in range(cfg.depth + 1)]
     argmins = [m["step"] for m in by_k]
-    twins, controls = model_pairs(members)
     return {
-        "verdict": judged["verdict"],
-        "reason": judged["reason"],
-        "p_bias_before_loss": judged["p_bias_before_loss"],
-        "tau_loss_open": judged["tau_loss_open"],  # the test loss still falls at the last checkpoint
-        **{name: public_tau(t) for name, t in tau.items()},
-        "window": [tau["tau_bias"]["step"], tau["tau_loss"]["step"]] if judged["window"]["exists"] else None,
-        "recommended_step": advice["step"],
-        "recommendation": advice["rationale"],
-        "coarse_to_fine": {
-            "oracle_kl_argmin_step": argmins,  # per k = 0..depth: checkpoint where the model is closest to BP_k
-            "oracle_kl_argmin_ci": [m["ci"] for m in by_k],
-            "ordered": all(a >= b for a, b in zip(argmins, argmins[1:])) and argmins[-1] < argmins[0],
-            "rule": "coarse-to-fine when the model is closest to BP_k at non-increasing steps as k grows, "
-                    "and strictly earlier for k = depth than for k = 0",
-        },
-        "checkpoints": steps,
-        "complete": len(steps) == len(checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.first_checkpoint)),
-        "models": [{"model": m, "block": b, "block_seed": s} for m, (b, s) in enumerate(members)],
-        "n_twin_pairs": len(twins),
-        "n_control_pairs": len(controls),
-        "units": {"tau_bias": "twin pairs (median)", "tau_nn": "models (median)", "tau_oracle": "models (mean)",
-                  "tau_loss": "models (mean)"},
-        "sampler": {"method": cfg.sampler, "steps": cfg.T if cfg.sampler == "ddpm" else cfg.sample_steps},
-        "data": {"grammar": {"q": cfg.q, "depth": cfg.depth, "q_eff": cfg.q_eff, "sigma": cfg.sigma,
-                             "seed": cfg.grammar_seed, "leaf_entropy_nats": data.grammar.leaf_entropy()},
-                 "pool": cfg.pool, "n_per_block": cfg.n, "blocks": cfg.blocks, "n_test": cfg.n_test,
-                 "test_duplicates_dropped": data.dropped_test, "cross_block_duplicates": data.cross_block_duplicates,
-                 "distinct_per_block": [len(torch.unique(b, dim=0)) for b in data.blocks]},
-        "config": dataclasses.asdict(cfg),
-        "seeds": {"master": cfg.seed, "pool": cfg.seed * 1000 + 1, "permutation": cfg.seed * 1000 + 2,
-                  "model_init": [init_seed(cfg.seed, m, cfg.same_init) for m in range(len(members))],
-                  "training": [training_seed(cfg.seed, m) for m in range(len(members))],
-                  "evaluation_noise": cfg.seed * 1000 + 17,
-                  "sample_noise": f"seed*1000000 + 7919*j for sample j (seed={cfg.seed})"},
-        "environment": environment(),
+        "oracle_kl_argmin_step": argmins,  # per k = 0..depth
+        "oracle_kl_argmin_ci": [m["ci"] for m in by_k],
+        "ordered": all(a >= b for a, b in zip(argmins, argmins[1:])) and argmins[-1] < argmins[0],
+        "rule": "coarse-to-fine when the model is closest to BP_k at non-increasing steps as k grows, "
+                "and strictly earlier for k = depth than for k = 0",
     }
-
-
-def human_summary(summary: dict, out: Path) -> str:
-    """A few lines for the terminal."""
-    fmt = lambda name: (f"step {summary[name]['step']:>6}  (68% interval {summary[name]['ci'][0]}..{summary[name]['ci'][1]}, "
-                        f"over {summary[name]['n_units']} {summary['units'][name].split(' (')[0]})")
-    c2f = summary["coarse_to_fine"]
-    return "\n".join([
-        f"biasgen hierarchy: {summary['verdict']}",
-        f"  tau_bias   (twins agree most)       = {fmt('tau_bias')}",
-        f"  tau_nn     (D_NN minimum)           = {fmt('tau_nn')}",
-        f"  tau_oracle (closest to exact BP)    = {fmt('tau_oracle')}",
-        f"  tau_loss   (test cross-entropy min) = {fmt('tau_loss')}"
-        + ("  still falling at the last checkpoint" if summary["tau_loss_open"] else ""),
-        f"  biased window: {summary['window'] if summary['window'] else 'none'}; "
-        f"P(tau_bias < tau_loss) = {summary['p_bias_before_loss']:.2f}",
-        f"  closest to BP_k at steps {c2f['oracle_kl_argmin_step']} for k = 0..{len(c2f['oracle_kl_argmin_step']) - 1}"
-        f" ({'coarse-to-fine' if c2f['ordered'] else 'not ordered coarse-to-fine'})",
-        f"  why: {summary['reason']}",
-        f"  results in {out}: summary.json, metrics.jsonl, fig_*.png",
-    ])
-
-
-# -- figures (shaped like the paper's Figs. 1b, 3b, 4a, 4b, 5) -----------------------------------
-
-def plot_all(run: Path, records: list[dict], summary: dict) -> None:
-    """Write ``fig_kl.png``, ``fig_kl_along_t.png``, ``fig_nn.png``, ``fig_loss_decomposition.png``, ``fig_uturn.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in records]
-    mean = lambda key, col=None: _table(records, key, col).mean(0).tolist()
-    marks = {"tau_bias": "C3", "tau_nn": "C2", "tau_oracle": "C4", "tau_loss": "k"}
-
-    def mark(ax):
-        for name, color in marks.items():
-            ax.axvline(summary[name]["step"], color=color, ls="--", lw=1, label=name)
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(run / name, dpi=110)
-        plt.close(fig)
-
-    # Fig. 1b: sample-split KL and KL(BP_k || model) vs training time
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    a.plot(steps, _table(records, "skl_test_pairs").median(0).values, "o-", label="twins, test inputs")
-    a.plot(steps, _table(records, "skl_train_pairs").median(0).values, "s-", label="twins, training inputs")
-    if records[0]["skl_control_pairs"]:
-        a.plot(steps, _table(records, "skl_control_pairs").median(0).values, "^:", label="same block (control)")
-    a.set(xscale="log", xlabel="training step", ylabel="sample-split KL (nats/seq)",
-          title=f"twin disagreement at t/T = {summary['config']['t_frac']}")
-    for k in range(len(records[0]["oracle_kl"][0])):
-        b.plot(steps, mean("oracle_kl", k), "o-", ms=3, label=f"k = {k}")
-    b.set(xscale="log", yscale="log", xlabel="training step", ylabel="KL(BP_k || model) (nats/seq)",
-          title="model vs exact k-filtered denoisers")
-    for ax in (a, b):
-        mark(ax)
-        ax.legend(fontsize=7)
-    save(fig, "fig_kl.png")
-
-    # Fig. 3b: KL along t
-    t_fracs = summary["config"]["kl_t_fracs"]
-    kl_bp = summary["bp_reference"]["kl_bp_along_t"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for k, curve in enumerate(kl_bp):
-        if k:
-            ax.plot(t_fracs, curve, ":", color=f"C{k}", label=f"KL(BP_0 || BP_{k})")
-    for name in ("tau_bias", "tau_loss"):
-        i = summary[name]["index"]
-        ax.plot(t_fracs, torch.tensor(records[i]["kl_along_t"]).mean(0), "o-", label=f"KL(BP_0 || model) at {name}")
-    ax.plot(t_fracs, torch.tensor(records[-1]["kl_along_t"]).mean(0), "o-", label="KL(BP_0 || model), final")
-    ax.axvline(summary["config"]["t_frac"], color="gray", lw=1)
-    ax.set(xlabel="t / T", ylabel="KL (nats/seq)", yscale="log", title="divergence from the exact denoiser along t")
-    ax.legend(fontsize=7)
-    save(fig, "fig_kl_along_t.png")
-
-    # Fig. 4a: D_NN with train/test cross-entropy
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, _table(records, "d_nn").median(0).values, "o-", color="C2", label="D_NN")
-    ax.set(xscale="log", xlabel="training step", ylabel="D_NN = KL(P_gen || P_test)")
-    ax2 = ax.twinx()
-    ax2.plot(steps, mean("test_l"), "s-", color="C0", label="test CE")
-    ax2.plot(steps, mean("train_l"), "^-", color="C1", label="train CE")
-    ax2.set_ylabel("cross-entropy (nats/seq, frozen noise)")
-    mark(ax)
-    fig.legend(fontsize=7, loc="upper center", ncol=3)
-    save(fig, "fig_nn.png")
-
-    # Fig. 4b: loss decomposition
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for split, style in (("train", "o-"), ("test", "s--")):
-        a.plot(steps, mean(f"{split}_l_star"), style, label=f"l* {split}")
-        b.plot(steps, mean(f"{split}_l_tilde"), style, label=f"l~ {split}")
-    a.set(xscale="log", xlabel="training step", ylabel="l* (nats/seq)", title="distillation of the exact denoiser")
-    b.axhline(0, color="gray", lw=1)
-    b.set(xscale="log", xlabel="training step", ylabel="l~ (nats/seq)", title="data-dependent excess")
-    for ax in (a, b):
-        mark(ax)
-        ax.legend(fontsize=7)
-    save(fig, "fig_loss_decomposition.png")
-
-    # Fig. 5: U-turn overlap ratio model / BP on training vs test sequences
-    u_fracs = summary["config"]["uturn_fracs"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for j, name in enumerate(("tau_bias", "tau_loss")):
-        r = records[summary[name]["index"]]
-        ax.plot(u_fracs, torch.tensor(r["uturn_ratio_train"]).mean(0), "o-", color=f"C{j}", label=f"train, {name}")
-        ax.plot(u_fracs, torch.tensor(r["uturn_ratio_test"]).mean(0), "s--", color=f"C{j}", label=f"test, {name}")
-    r = records[-1]
-    ax.plot(u_fracs, torch.tensor(r["uturn_ratio_train"]).mean(0), "o-", color="C3", label="train, final")
-    ax.plot(u_fracs, torch.tensor(r["uturn_ratio_test"]).mean(0), "s--", color="C3", label="test, final")
-    ax.axhline(1, color="gray", lw=1)
-    ax.set(xlabel="U-turn depth t / T", ylabel="overlap ratio model / BP", title="U-turns")
-    ax.legend(fontsize=7)
-    save(fig, "fig_uturn.png")

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BiasgenError
+from ..runs import progress_bar
 
 NAMED_DATA = ("digits", "fashion-mnist", "cifar10")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -227,10 +228,9 @@ def _load_folder(folder: Path, limit: int | None, **options) -> torch.Tensor:
         raise BiasgenError(f"no PNG/JPEG images found in {folder} (searched recursively); put .png/.jpg "
                            "files there, or pass a .npz/.npy file or a data set name.")
     from PIL import Image
-    from tqdm import tqdm
 
     images, first_size = [], None
-    for path in tqdm(files[:limit], desc="reading images", disable=len(files[:limit]) < 2000, leave=False):
+    for path in progress_bar(files[:limit], len(files[:limit]) >= 2000, "reading images"):
         try:
             with Image.open(path) as img:
                 img.load()

@@ -2,8 +2,8 @@
 
 Every figure tolerates partial runs: a record may lack any metric (or hold
 ``None``) and the curve simply skips it. Figures are drawn with matplotlib's
-object API (no pyplot, no display) and written atomically: a temporary file
-in the same folder, then ``os.replace``.
+object API (no pyplot, no display, no backend switch) and written atomically
+(:func:`biasgen.runs.write_figure`).
 
     plot_all(run_dir, records, summary, gallery_rows)
     # -> fig_loss_twin.png, fig_score_similarity.png, fig_memorization.png, fig_gallery.png
@@ -18,8 +18,6 @@ A record looks like ``{"step": 120, "test_loss": 0.31, "test_loss_sem": 0.01,
 from __future__ import annotations
 
 import math
-import os
-import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -29,6 +27,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..errors import BiasgenError
+from ..runs import write_figure
 
 NN_STYLE = [  # (record key part, colour, line style, legend) of the nearest-neighbour curves
     ("own", "tab:red", "-", "own split"),
@@ -40,17 +39,8 @@ TAU_STYLE = {"tau_bias": ("tab:red", "$\\tau_{bias}$"), "tau_loss": ("tab:blue",
 
 # -- helpers ---------------------------------------------------------------
 def _save(fig: Figure, path: str | Path) -> Path:
-    """Write ``fig`` as PNG to ``path`` atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # same folder, so the rename is atomic
-    try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``fig`` as PNG to ``path`` atomically."""
+    return write_figure(fig, path, dpi=120)
 
 
 def _number(value) -> float | None:

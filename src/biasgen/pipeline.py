@@ -1,0 +1,266 @@
+"""One twin pipeline for every experiment: data -> splits -> models -> training -> evaluation -> onset -> summary.
+
+An experiment is a :class:`TwinExperiment` subclass that says only what is
+specific to it: how to load data and cut splits, the network and its loss, how
+to evaluate all models at one checkpoint, which curves locate the taus, and its
+figures. :func:`run_experiment` does everything else, the same way for all:
+the run folder (refusing to mix two runs), parallel training and parallel
+checkpoint evaluation (what every evaluation needs is sent to each worker
+once), resume after a kill, atomic writes, progress bars, timing, and the
+shared part of ``summary.json`` (verdict, taus, window, advice, models, seeds,
+sampler, config, versions).
+
+    class MyExperiment(TwinExperiment):
+        kind = "my-experiment"
+        config_class, presets = MyConfig, {"default": {}}
+        def load(self): ...                       # -> Data(train=[...], description={...}, ...)
+        def network(self, data): ...              # -> (model class, constructor kwargs)
+        def loss(self): ...                       # -> (top-level loss factory, its args)
+        def evaluate(self, models, shared): ...   # -> (metrics record, {name: tensor} to store)
+        def curves(self, records): ...            # -> {"tau_bias": ..., "tau_loss": ...}
+    summary = run_experiment(MyExperiment(cfg), "runs/mine")
+
+docs/pipeline.md walks through a complete small definition.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from .checkpoint import save_tensors
+from .config import TwinConfig, build_config
+from .jobs import resolve_workers, run_jobs, torch_threads
+from .onset import checkpoint_minimum, public_tau, recommend, verdict
+from .runs import append_jsonl, environment, prepare_run_dir, progress_bar, read_jsonl, write_json
+from .seeds import SeedPlan
+from .training import checkpoint_steps
+from .twins import load_model, make_members, model_pairs, train_members
+
+
+@dataclass
+class Data:
+    """What an experiment's :meth:`TwinExperiment.load` returns."""
+
+    train: list[torch.Tensor]  # one training set per split, (n, ...) each
+    test: torch.Tensor  # held-out examples (n_test, ...)
+    description: dict  # summary.json's "data" block (sources, sizes, duplicates)
+    extra: dict = field(default_factory=dict)  # anything else the experiment needs later (a grammar, a mean image)
+
+
+@dataclass
+class Curve:
+    """A table whose checkpoint minimum locates one tau: ``table`` is ``(n_units, n_checkpoints)``."""
+
+    table: torch.Tensor
+    reduce: str  # "median" or "mean" over units
+    units: str  # what a unit is, for the summary ("twin pairs", "test examples", ...)
+
+
+@dataclass
+class Shared:
+    """Everything one checkpoint evaluation needs besides its step: sent to each worker once."""
+
+    experiment: "TwinExperiment"
+    run: Path
+    members: list[tuple[int, int]]
+    model_class: type
+    model_kwargs: dict
+    reference: Any  # the experiment's precomputed evaluation inputs (see TwinExperiment.reference)
+
+
+def metric_table(records: list[dict], key: str, column: int | None = None) -> torch.Tensor:
+    """``(n_units, n_ckpt)`` float64 table of a per-unit metric of ``metrics.jsonl`` records.
+
+    ``records[c][key]`` is a list with one value per unit (pair, model, example); ``column`` picks
+    one entry when each unit holds a list (e.g. ``oracle_kl``: one value per k).
+    """
+    rows = [r[key] if column is None else [u[column] for u in r[key]] for r in records]
+    return torch.tensor(rows, dtype=torch.float64).T
+
+
+class TwinExperiment:
+    """The definition of one kind of twin experiment; see the module docstring."""
+
+    kind: ClassVar[str]  # run.json's "kind" and the CLI subcommand
+    config_class: ClassVar[type[TwinConfig]]
+    presets: ClassVar[dict[str, dict]]
+    default_preset: ClassVar[str] = "default"
+    default_out: ClassVar[str] = "runs/experiment"
+    help: ClassVar[str] = ""
+
+    def __init__(self, cfg: TwinConfig):
+        self.cfg = cfg
+        self.seeds = SeedPlan(cfg.seed, cfg.same_init)
+
+    @classmethod
+    def from_settings(cls, preset: str | None = None, config: str | Path | None = None, **settings) -> "TwinExperiment":
+        """The experiment of a preset, a TOML file and keyword settings (in that order of precedence)."""
+        return cls(build_config(cls.config_class, cls.presets, preset or cls.default_preset, config, settings))
+
+    # -- what every experiment defines -------------------------------------------------------------
+    def load(self) -> Data:
+        """Load or generate the data and cut ``cfg.splits`` disjoint training splits and a test set."""
+        raise NotImplementedError
+
+    def network(self, data: Data) -> tuple[type, dict]:
+        """``(model class, constructor kwargs)``; the class knows nothing of the noise schedule."""
+        raise NotImplementedError
+
+    def loss(self) -> tuple[Callable, tuple]:
+        """``(factory, args)``: ``factory(*args)`` is ``loss(model, x0_batch, generator)`` (top-level, picklable)."""
+        raise NotImplementedError
+
+    def reference(self, data: Data, members: list[tuple[int, int]]) -> Any:
+        """Evaluation inputs computed once per run (frozen noise, exact references); default: the data."""
+        return data
+
+    def evaluate(self, models: list[torch.nn.Module], shared: Shared) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Evaluate every model at one checkpoint: ``(metrics record, tensors to keep)``.
+
+        The tensors (e.g. ``{"samples": (M, n_samples, ...)}``) are stored under ``samples/`` per step.
+        """
+        raise NotImplementedError
+
+    def curves(self, records: list[dict]) -> dict[str, Curve]:
+        """The curves whose minima locate each tau; must hold ``tau_bias`` and ``tau_loss``."""
+        raise NotImplementedError
+
+    def summarize(self, records: list[dict], data: Data, reference: Any, taus: dict[str, dict]) -> dict:
+        """The experiment-specific part of ``summary.json`` (taus already located are in ``taus``)."""
+        return {}
+
+    def plot(self, run: Path, records: list[dict], summary: dict, data: Data) -> None:
+        """Write the experiment's figures ``fig_*.png`` into ``run``."""
+
+    def terminal_lines(self, summary: dict) -> list[str]:
+        """Extra lines of the terminal summary."""
+        return []
+
+
+def run_experiment(experiment: TwinExperiment, out: str | Path, *, resume: bool = False, force: bool = False,
+                   progress: bool = True) -> dict:
+    """Run (or resume) ``experiment`` in the folder ``out``; returns ``summary.json`` as a dict."""
+    cfg = experiment.cfg
+    with torch_threads(cfg.threads):
+        started = time.time()
+        data = experiment.load()
+        run = prepare_run_dir(out, dataclasses.asdict(cfg), resume=resume, force=force, kind=experiment.kind,
+                              runtime_keys=cfg.RUNTIME_KEYS)
+        members = make_members(cfg.splits, cfg.seeds_per_split)
+        steps = checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.first_checkpoint)
+        model_class, model_kwargs = experiment.network(data)
+        workers = resolve_workers(cfg.workers, cfg.device)
+
+        t0 = time.time()
+        make_loss, loss_args = experiment.loss()
+        meta = {"config": dataclasses.asdict(cfg), "model": model_kwargs, "environment": environment()}
+        train_members(model_class, model_kwargs, make_loss, loss_args, data.train, members, run / "models",
+                      seeds=experiment.seeds, meta=meta, workers=workers, device=cfg.device, progress=progress,
+                      steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, checkpoints=steps,
+                      grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay)
+        training_s = time.time() - t0
+
+        t0 = time.time()
+        shared = Shared(experiment, run, members, model_class, model_kwargs, experiment.reference(data, members))
+        evaluate_checkpoints(shared, steps, workers, progress)
+        evaluation_s = time.time() - t0
+
+        records = sorted(read_jsonl(run / "metrics.jsonl"), key=lambda r: r["step"])
+        summary = summarize(experiment, records, data, shared.reference, members, complete=len(records) == len(steps))
+        summary["timing"] = {"wall_s_this_invocation": round(time.time() - started, 1),
+                             "training_s_this_invocation": round(training_s, 1),
+                             "evaluation_s_this_invocation": round(evaluation_s, 1)}
+        write_json(run / "summary.json", summary)
+        experiment.plot(run, records, summary, data)
+    return summary
+
+
+def evaluate_checkpoints(shared: Shared, steps: list[int], workers: int, progress: bool) -> None:
+    """Evaluate every checkpoint not yet in ``metrics.jsonl``, ``workers`` at a time, appending in step order."""
+    metrics = shared.run / "metrics.jsonl"
+    done = {r["step"] for r in read_jsonl(metrics)}
+    todo = [step for step in steps if step not in done]
+    order, pending = list(todo), {}
+    for step, record in progress_bar(run_jobs(_evaluate_step, todo, workers, shared), progress,
+                                     "evaluating checkpoints", len(todo)):
+        pending[step] = record
+        while order and order[0] in pending:  # keep metrics.jsonl in step order
+            append_jsonl(metrics, {"step": order[0], **pending.pop(order.pop(0))})
+
+
+def _evaluate_step(step: int, shared: Shared) -> tuple[int, dict]:
+    """Load every model at ``step``, evaluate them, and store the kept tensors (a worker-process job)."""
+    cfg = shared.experiment.cfg
+    models = [load_model(shared.model_class, shared.model_kwargs, shared.run / "models" / f"model{m}", step, cfg.device)
+              for m in range(len(shared.members))]
+    with torch.no_grad():
+        record, keep = shared.experiment.evaluate(models, shared)
+    if keep:
+        save_tensors(shared.run / "samples" / f"step_{step:07d}", keep,
+                     {"step": step, "sampler": cfg.sampler, "sample_steps": cfg.sample_step_count})
+    return step, record
+
+
+def summarize(experiment: TwinExperiment, records: list[dict], data: Data, reference: Any,
+              members: list[tuple[int, int]], complete: bool) -> dict:
+    """``summary.json``: the verdict and advice from the located taus, then the experiment's own part."""
+    cfg, seeds = experiment.cfg, experiment.seeds
+    steps = [r["step"] for r in records]
+    curves = experiment.curves(records)
+    taus = {name: checkpoint_minimum(steps, c.table, n_boot=cfg.n_boot, seed=seeds.bootstrap(i), reduce=c.reduce)
+            for i, (name, c) in enumerate(curves.items())}
+    bias, loss = taus["tau_bias"], taus["tau_loss"]
+    judged = verdict(bias, loss)
+    advice = recommend(judged, bias, loss)
+    twins, controls = model_pairs(members)
+    return {
+        "verdict": judged["verdict"],
+        "reason": judged["reason"],
+        "p_bias_before_loss": judged["p_bias_before_loss"],
+        "tau_loss_open": judged["tau_loss_open"],  # the test loss still falls at the last checkpoint
+        **{name: public_tau(t) for name, t in taus.items()},
+        "units": {name: c.units for name, c in curves.items()},
+        "window": [bias["step"], loss["step"]] if judged["window"]["exists"] else None,
+        "recommended_step": advice["step"],
+        "recommendation": advice["rationale"],
+        "recommendation_basis": advice["basis"],
+        **experiment.summarize(records, data, reference, taus),
+        "checkpoints": steps,
+        "complete": complete,
+        "models": [{"model": m, "split": s, "split_seed": k} for m, (s, k) in enumerate(members)],
+        "n_twin_pairs": len(twins),
+        "n_control_pairs": len(controls),
+        "sampler": {"method": cfg.sampler, "steps": cfg.sample_step_count},
+        "data": data.description,
+        "config": dataclasses.asdict(cfg),
+        "seeds": seeds.describe(len(members)),
+        "environment": environment(),
+    }
+
+
+def terminal_summary(experiment: TwinExperiment, summary: dict, out: Path) -> str:
+    """A few lines for the terminal: the verdict, the taus with their intervals, the window and the advice."""
+    def tau(name: str) -> str:
+        t = summary[name]
+        return f"step {t['step']:>6}  (68% interval {t['ci'][0]}..{t['ci'][1]}, over {t['n_units']} {summary['units'][name]})"
+
+    window = "none"
+    if summary["window"]:
+        window = f"steps {summary['window'][0]}..{summary['window'][1]}"
+        if summary["tau_loss_open"]:
+            window += " and beyond (the test loss was still falling at the end)"
+    return "\n".join([
+        f"biasgen {experiment.kind}: {summary['verdict']}",
+        f"  tau_bias (twins agree most)  = {tau('tau_bias')}",
+        f"  tau_loss (test-loss minimum) = {tau('tau_loss')}",
+        *[f"  {line}" for line in experiment.terminal_lines(summary)],
+        f"  biased window: {window}",
+        f"  recommended stopping checkpoint: step {summary['recommended_step']} — {summary['recommendation']}",
+        f"  why: {summary['reason']}",
+        f"  results in {out}: summary.json, metrics.jsonl, fig_*.png",
+    ])
