@@ -7,15 +7,23 @@ import torch
 from biasgen.errors import BiasgenError
 from biasgen.hierarchy import Grammar, bp_denoise_fn, empirical_denoise_fn, sample_sequences
 from biasgen.hierarchy.metrics import (
+    bp_predictions,
     kl_along_t,
     kl_per_input,
     loss_decomposition,
+    loss_terms,
     nearest_hamming,
     nn_divergence,
+    nn_histograms,
     noised_inputs,
+    oracle_kl,
+    oracle_kl_along_t,
     oracle_kls,
     sample_split_kl,
+    uniform_sequences,
     uturn_overlap,
+    uturn_random,
+    uturn_ratio,
 )
 from biasgen.hierarchy.model import SequenceDenoiser, as_denoiser
 from biasgen.schedule import NoiseSchedule
@@ -122,3 +130,98 @@ def test_bad_inputs_raise_clear_errors(data):
         nearest_hamming(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(BiasgenError, match="shape"):
         SequenceDenoiser(q=4, length=8, T=S.T, layers=1, width=16, heads=2, ffn=16)(torch.zeros(2, 7, 4), torch.ones(2).long())
+
+
+# -- analyses from precomputed predictions (BP once per run, the model per checkpoint) ----------
+def test_oracle_kl_from_precomputed_bp_matches_and_is_zero_at_its_own_k(g, data):
+    x_t, t = noised_inputs(data["test"][:80], 4, S, t=75, seed=0)
+    bp = bp_predictions(g, S, x_t, t)
+    assert bp.shape == (g.depth + 1, 80, 8, 4) and bp.dtype == torch.float64
+    for k in (0, g.depth):
+        kls = oracle_kl(bp, bp_denoise_fn(g, S, k)(x_t, t))
+        assert kls == pytest.approx(oracle_kls(g, bp_denoise_fn(g, S, k), x_t, t, S), abs=1e-12)
+        assert kls[k] == pytest.approx(0, abs=1e-9) and min(kls[:k] + kls[k + 1:]) > 1e-3
+    with pytest.raises(BiasgenError, match="same inputs"):
+        oracle_kl(bp, bp[0, :10])
+
+
+def test_oracle_kl_along_t_covers_every_k_and_agrees_with_kl_along_t(g, data):
+    steps = [5, 75, 450]
+    inputs = [noised_inputs(data["test"][:60], 4, S, t=s, seed=0) for s in steps]
+    bps = [bp_predictions(g, S, *xt) for xt in inputs]  # once per run
+    coarse = bp_denoise_fn(g, S, g.depth)  # a "model" that has learned only the coarsest level
+    curves = oracle_kl_along_t(bps, [coarse(*xt) for xt in inputs])
+    assert len(curves) == g.depth + 1 and all(len(c) == len(steps) for c in curves)
+    assert curves[g.depth] == pytest.approx([0, 0, 0], abs=1e-9)
+    bp0 = bp_denoise_fn(g, S, 0)
+    assert curves[0] == pytest.approx(kl_along_t(bp0, coarse, data["test"][:60], 4, S, steps, seed=0), rel=1e-9)
+    assert curves[0][1] > curves[0][0] and curves[0][1] > curves[0][2]  # the peak sits at intermediate t
+    with pytest.raises(BiasgenError, match="one of each per step"):
+        oracle_kl_along_t(bps, [coarse(*inputs[0])])
+
+
+def test_loss_terms_at_fixed_t_separate_a_memorizer_on_train_from_test(g, data):
+    # Fig. 4b at t/T = 0.3: the empirical denoiser of the training set is overconfident on its own
+    # sequences (l~ < 0), while on fresh sequences E[l~] = 0 for any denoiser, even this one
+    t_fix = round(0.3 * S.T)
+    bp0, emp = bp_denoise_fn(g, S, 0), empirical_denoise_fn(data["train"], 4, S)
+    terms = {}
+    for name in ("train", "test"):
+        x0 = data[name][:200]
+        x_t, t = noised_inputs(x0, 4, S, t=t_fix, seed=1)
+        oracle = bp0(x_t, t)
+        terms[name] = loss_terms(emp(x_t, t), oracle, x0)
+        assert terms[name] == pytest.approx(loss_decomposition(emp, bp0, x0, x_t, t), rel=1e-12)
+        assert terms[name]["l"] == pytest.approx(terms[name]["l_star"] + terms[name]["l_tilde"], abs=1e-9)
+    assert terms["train"]["l_tilde"] < 0 and abs(terms["test"]["l_tilde"]) < 0.25 * abs(terms["train"]["l_tilde"])
+    x_t, t = noised_inputs(data["test"], 4, S, t=t_fix, seed=2)
+    exact = loss_terms(bp0(x_t, t), bp0(x_t, t), data["test"])
+    assert abs(exact["l_tilde"]) < 0.1 * exact["l"]
+    with pytest.raises(BiasgenError, match="equal shape"):
+        loss_terms(bp0(x_t, t), bp0(x_t, t)[:5], data["test"])
+
+
+def test_nn_histograms_by_hand_and_for_copies(data):
+    train = torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]])
+    generated = torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1], [0, 0, 1, 1], [1, 0, 1, 1]])  # distances 0, 0, 2, 1
+    test = torch.tensor([[2, 2, 2, 2], [0, 0, 0, 1]])  # distances 4, 1
+    h = nn_histograms(generated, test, train)
+    assert h["distance"] == [0, 1, 2, 3, 4]
+    assert h["generated"] == pytest.approx([0.5, 0.25, 0.25, 0, 0]) and h["test"] == pytest.approx([0, 0.5, 0, 0, 0.5])
+    copies = nn_histograms(data["train"][:50], data["test"], data["train"])
+    assert copies["generated"][0] == 1.0 and sum(copies["test"]) == pytest.approx(1.0)
+    assert copies["test"][0] < 0.5  # fresh sequences are mostly not in the training set
+
+
+# -- U-turns: per-sequence ratios, random sequences ----------------------------------------------
+def test_uturn_ratio_mean_and_sem_over_sequences():
+    bp = torch.tensor([[0.5, 1.0, 0.8, 0.0], [0.25, 0.5, 0.5, 1.0]])
+    same = uturn_ratio(bp, bp)
+    assert same["mean"] == [1.0, 1.0] and same["sem"] == [0.0, 0.0] and same["n"] == [3, 4]  # bp = 0 left out
+    model = torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.25, 0.25, 0.5, 0.5]])
+    r = uturn_ratio(model, bp)
+    ratios = torch.tensor([1.0, 0.5, 0.5])  # first step, sequences with bp > 0
+    assert r["mean"][0] == pytest.approx(float(ratios.mean())) and r["sem"][0] == pytest.approx(float(ratios.std()) / math.sqrt(3))
+    assert r["mean"][1] == pytest.approx(0.75)
+    assert uturn_ratio(model[:, :1], bp[:, :1])["sem"] == [None, None]  # one sequence: no standard error
+    with pytest.raises(BiasgenError, match="steps, sequences"):
+        uturn_ratio(model, bp[:, :2])
+
+
+def test_uturn_random_bp_levels_and_memorizer(g, data):
+    dens = {f"bp_{k}": bp_denoise_fn(g, S, k) for k in range(g.depth + 1)}
+    dens["empirical"] = empirical_denoise_fn(data["train"], 4, S)
+    steps = [5, 15]
+    out = uturn_random(dens, 40, 8, 4, steps, S, reps=1, seed=0)
+    assert set(out) == set(dens) and all(len(v["mean"]) == len(v["sem"]) == 2 for v in out.values())
+    x0 = uniform_sequences(40, 8, 4, seed=0)
+    assert torch.equal(x0, uniform_sequences(40, 8, 4, seed=0)) and int(x0.max()) < 4
+    # random sequences break the grammar: the exact BP_0 must rewrite some symbols even at small t,
+    # BP_depth (leaves independent given the root) much less, and the memorizer most of all
+    shallow = {name: v["mean"][0] for name, v in out.items()}
+    assert shallow["empirical"] < shallow["bp_0"] < shallow[f"bp_{g.depth}"]
+    # each denoiser's result depends only on the arguments, not on the other denoisers run beside it
+    alone = uturn_random({"bp_0": dens["bp_0"]}, 40, 8, 4, steps, S, reps=1, seed=0)
+    assert alone["bp_0"] == out["bp_0"]
+    with pytest.raises(BiasgenError, match="at least 2"):
+        uturn_random({"bp_0": dens["bp_0"]}, 1, 8, 4, steps, S, reps=1, seed=0)

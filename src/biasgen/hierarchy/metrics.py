@@ -8,14 +8,18 @@ divergence is summed over positions and averaged over inputs (nats per sequence)
 
     x_t, t = noised_inputs(test, q, schedule, t=75, seed=0)          # frozen noise, reused at every checkpoint
     sample_split_kl(model_a, model_b, x_t, t)                       # twin disagreement: its minimum is tau_bias
-    oracle_kls(grammar, model, x_t, t, schedule)                     # KL(BP_k || model) for k = 0..depth
-    loss_decomposition(model, bp0, x0, x_t, t)                       # l = l* + l~
-    nn_divergence(generated, test, train)                            # D_NN
+    bp = bp_predictions(grammar, schedule, x_t, t)                   # BP_0..BP_depth once per run: (depth + 1, N, L, q)
+    oracle_kl(bp, model(x_t, t))                                     # KL(BP_k || model) for k = 0..depth, per checkpoint
+    loss_terms(model(x_t, t), bp[0], test)                           # l = l* + l~ (at one t: the paper's Fig. 4b)
+    nn_histograms(generated, test, train)                            # D_NN histograms (Fig. 4a); nn_divergence: D_NN
     uturn_overlap(model, x0, q, [20, 60], schedule, reps=4, seed=0)  # (2, N): compare with the BP denoiser's
+    uturn_ratio(model_overlap, bp_overlap)                           # model/BP per step, mean ± SEM over sequences
+    uturn_random({"model": model, "bp_0": bp0}, 100, L, q, [25, 50], schedule, reps=4, seed=0)
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import math
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,10 +70,48 @@ def sample_split_kl(den_a: Denoiser, den_b: Denoiser, x_t: torch.Tensor, t: torc
     return symmetric_kl(den_a(x_t, t), den_b(x_t, t))
 
 
+def bp_predictions(grammar, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The exact denoisers BP_0..BP_depth on fixed inputs: ``(depth + 1, B, L, q)`` float64.
+
+    ``x_t``: ``(B, L, q)`` and ``t``: ``(B,)``, e.g. from :func:`noised_inputs`. Compute them once
+    per run on frozen inputs, then compare every checkpoint with :func:`oracle_kl`,
+    :func:`oracle_kl_along_t` or :func:`loss_terms` without running BP again.
+    """
+    return torch.stack([bp_denoise_fn(grammar, schedule, k)(x_t, t).double() for k in range(grammar.depth + 1)])
+
+
+def oracle_kl(bp_preds: torch.Tensor, pred: torch.Tensor) -> list[float]:
+    """``KL(BP_k || model)`` for every k, from precomputed predictions on the same inputs.
+
+    ``bp_preds``: ``(K, B, L, q)`` from :func:`bp_predictions`; ``pred``: ``(B, L, q)`` the model's.
+    Returns ``K`` floats (nats per sequence, mean over inputs). Along training at t/T = 0.15
+    (the paper's Figs. 1b and 6), sequential learning shows as the model approaching large k
+    (coarse) before k = 0 (exact).
+    """
+    if bp_preds.ndim != 4 or bp_preds.shape[1:] != pred.shape:
+        raise BiasgenError(f"BP predictions (K, B, L, q) {tuple(bp_preds.shape)} do not match the model's "
+                           f"{tuple(pred.shape)}; compute both on the same inputs.")
+    return [float(kl_per_input(bp, pred).mean()) for bp in bp_preds]
+
+
 def oracle_kls(grammar, den: Denoiser, x_t: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule) -> list[float]:
     """``KL(BP_k || model)`` for ``k = 0..depth`` on the same inputs: sequential learning shows as large k first."""
-    pred = den(x_t, t)
-    return [float(kl_per_input(bp_denoise_fn(grammar, schedule, k)(x_t, t), pred).mean()) for k in range(grammar.depth + 1)]
+    return oracle_kl(bp_predictions(grammar, schedule, x_t, t), den(x_t, t))
+
+
+def oracle_kl_along_t(bp_preds: Sequence[torch.Tensor], preds: Sequence[torch.Tensor]) -> list[list[float]]:
+    """``KL(BP_k || model)`` for every k along the diffusion time: the paper's Fig. 3b in full.
+
+    ``bp_preds[i]``: ``(K, B, L, q)`` BP_0..BP_{K-1} on the inputs noised at the i-th step
+    (:func:`bp_predictions`, once per run); ``preds[i]``: ``(B, L, q)`` the model on the same
+    inputs. Works alike on test inputs and on training inputs. Returns ``K`` lists (one per k)
+    of ``len(preds)`` floats.
+    """
+    if len(bp_preds) != len(preds) or not preds:
+        raise BiasgenError(f"Got BP predictions at {len(bp_preds)} steps and model predictions at {len(preds)}; "
+                           "pass one of each per step (at least one).")
+    per_step = [oracle_kl(bp, p) for bp, p in zip(bp_preds, preds)]
+    return [list(row) for row in zip(*per_step)]
 
 
 def kl_along_t(den_p: Denoiser, den_r: Denoiser, x0: torch.Tensor, q: int, schedule: NoiseSchedule,
@@ -83,19 +125,29 @@ def kl_along_t(den_p: Denoiser, den_r: Denoiser, x0: torch.Tensor, q: int, sched
 
 
 # -- losses -------------------------------------------------------------------
-def loss_decomposition(den: Denoiser, oracle: Denoiser, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> dict:
-    """Cross-entropy ``l = -x0 . log x0_hat`` split as ``l* + l~`` (SPEC §7), means over inputs.
+def loss_terms(pred: torch.Tensor, oracle_pred: torch.Tensor, x0: torch.Tensor) -> dict:
+    """Cross-entropy ``l = -x0 . log x0_hat`` split as ``l* + l~`` (the paper's Eq. 4), from predictions; means over inputs.
 
-    ``l* = -x0_hat_BP . log x0_hat`` (distillation of the exact denoiser ``oracle``),
-    ``l~ = -(x0 - x0_hat_BP) . log x0_hat`` (data-dependent excess; 0 in expectation on
-    test data). ``x0``: ``(B, L)``; ``x_t``: ``(B, L, q)`` noised from ``x0`` at ``t (B,)``.
-    Returns ``{"l", "l_star", "l_tilde"}`` (nats per sequence).
+    ``l* = -x0_hat_BP . log x0_hat`` (distillation of the exact denoiser), ``l~ = -(x0 - x0_hat_BP) . log x0_hat``
+    (data-dependent excess: 0 in expectation on test data, negative on training data once
+    the model favours its own training sequences). ``pred``, ``oracle_pred``: ``(B, L, q)`` the
+    model's and BP_0's predictions on inputs noised from ``x0 (B, L)``. Inputs noised at one
+    step (``noised_inputs(..., t=round(0.3 * T))``) give the paper's Fig. 4b; random steps the
+    t-average. Returns ``{"l", "l_star", "l_tilde"}`` (nats per sequence).
     """
-    logp = den(x_t, t).double().clamp_min(TINY).log()
-    onehot = F.one_hot(x0, logp.shape[-1]).double()
-    l = -(onehot * logp).sum((1, 2))
-    l_star = -(oracle(x_t, t).double() * logp).sum((1, 2))
+    if pred.shape != oracle_pred.shape or pred.shape[:2] != x0.shape:
+        raise BiasgenError(f"loss_terms needs predictions (B, L, q) of equal shape and x0 (B, L); got "
+                           f"{tuple(pred.shape)}, {tuple(oracle_pred.shape)} and {tuple(x0.shape)}.")
+    logp = pred.double().clamp_min(TINY).log()
+    l = -(F.one_hot(x0, logp.shape[-1]).double() * logp).sum((1, 2))
+    l_star = -(oracle_pred.double() * logp).sum((1, 2))
     return {"l": float(l.mean()), "l_star": float(l_star.mean()), "l_tilde": float((l - l_star).mean())}
+
+
+def loss_decomposition(den: Denoiser, oracle: Denoiser, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> dict:
+    """:func:`loss_terms` of the denoiser ``den`` against the exact denoiser ``oracle`` on ``x_t (B, L, q)``
+    noised from ``x0 (B, L)`` at ``t (B,)``. Returns ``{"l", "l_star", "l_tilde"}`` (nats per sequence)."""
+    return loss_terms(den(x_t, t), oracle(x_t, t), x0)
 
 
 # -- generated sequences ------------------------------------------------------
@@ -110,6 +162,18 @@ def nearest_hamming(x: torch.Tensor, ref: torch.Tensor, chunk: int = 1024) -> to
 def nn_histogram(dist: torch.Tensor, length: int) -> torch.Tensor:
     """Normalised histogram of Hamming distances over ``0..length``: ``(length + 1,)`` float64."""
     return torch.bincount(dist, minlength=length + 1).double() / max(len(dist), 1)
+
+
+def nn_histograms(generated: torch.Tensor, test: torch.Tensor, train: torch.Tensor) -> dict:
+    """The two histograms behind D_NN (the paper's Fig. 4a; appendix Figs. 9 and 10, left).
+
+    Normalised histograms over Hamming distances ``0..L`` of each generated sequence
+    (``(N, L)``) and each test sequence (``(M, L)``) to its nearest training sequence
+    (``(n, L)``). Returns JSON-ready lists ``{"distance", "generated", "test"}`` of length ``L + 1``.
+    """
+    L = train.shape[1]
+    hists = {name: nn_histogram(nearest_hamming(x, train), L).tolist() for name, x in (("generated", generated), ("test", test))}
+    return {"distance": list(range(L + 1)), **hists}
 
 
 def nn_divergence(generated: torch.Tensor, test: torch.Tensor, train: torch.Tensor, pseudo: float = 0.5) -> float:
@@ -152,6 +216,53 @@ def uturn_overlap(den: Denoiser, x0: torch.Tensor, q: int, steps: Sequence[int],
         x[active] = schedule.ddpm_step(x[active], x0_hat, s, noise[active])
     overlap = (x.argmax(-1) == rows).double().mean(-1)
     return overlap.reshape(len(starts), reps, n).mean(1)
+
+
+def uturn_ratio(model_overlap: torch.Tensor, bp_overlap: torch.Tensor) -> dict:
+    """Model/BP U-turn overlap ratio per step, mean ± SEM over sequences (the paper's Fig. 5).
+
+    ``model_overlap``, ``bp_overlap``: ``(S, N)`` from :func:`uturn_overlap` on the same sequences
+    and seed (S steps, N sequences, each already averaged over repetitions). The ratio of
+    each sequence, ``model_i / bp_i``, is averaged over the sequences whose BP overlap is
+    positive (``n`` of them). Returns JSON-ready lists of length ``S``: ``mean``, ``sem``
+    (``std / sqrt(n)``; None when ``n < 2``) and ``n``.
+    """
+    if model_overlap.shape != bp_overlap.shape or model_overlap.ndim != 2:
+        raise BiasgenError(f"U-turn overlaps must both be (steps, sequences); got {tuple(model_overlap.shape)} "
+                           f"and {tuple(bp_overlap.shape)}.")
+    out: dict = {"mean": [], "sem": [], "n": []}
+    for m, b in zip(model_overlap.double(), bp_overlap.double()):
+        r = m[b > 0] / b[b > 0]
+        out["mean"].append(float(r.mean()) if len(r) else None)
+        out["sem"].append(float(r.std()) / math.sqrt(len(r)) if len(r) >= 2 else None)
+        out["n"].append(int(len(r)))
+    return out
+
+
+def uniform_sequences(n: int, length: int, q: int, seed: int) -> torch.Tensor:
+    """``n`` sequences of independent uniform symbols: LongTensor ``(n, length)`` in ``[0, q)``, fixed by ``seed``."""
+    return torch.randint(0, q, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def uturn_random(dens: Mapping[str, Denoiser], n: int, length: int, q: int, steps: Sequence[int],
+                 schedule: NoiseSchedule, reps: int, seed: int) -> dict:
+    """U-turns of uniformly random (out-of-distribution) sequences (the paper's appendix, Fig. 11).
+
+    ``n`` sequences of :func:`uniform_sequences` (seeded by ``seed``) go through
+    :func:`uturn_overlap` (noise seeded by ``seed + 1``) with every denoiser of ``dens`` (e.g.
+    the model, the empirical denoiser, BP_0..BP_depth); every denoiser sees the same sequences
+    and the same noise, so BP and the empirical denoiser can be run once per run and the model
+    per checkpoint with the same arguments. Returns ``{name: {"mean": [S], "sem": [S]}}``:
+    overlap per step, mean and SEM over the ``n`` sequences (each averaged over ``reps`` U-turns).
+    """
+    if n < 2:
+        raise BiasgenError(f"uturn_random needs at least 2 sequences for a standard error, got n={n}.")
+    x0 = uniform_sequences(n, length, q, seed)
+    out = {}
+    for name, den in dens.items():
+        overlap = uturn_overlap(den, x0, q, steps, schedule, reps, seed + 1)  # (S, n)
+        out[name] = {"mean": overlap.mean(1).tolist(), "sem": (overlap.std(1) / math.sqrt(n)).tolist()}
+    return out
 
 
 def _check_tokens(x0: torch.Tensor, q: int) -> None:
