@@ -1,4 +1,4 @@
-"""Data layer: loaders, preprocessing, scaling, splits and duplicate reports (SPEC §2)."""
+"""Data layer: loaders, preprocessing, scaling, splits and duplicate reports (docs/method.md §2)."""
 import gzip
 import json
 import os

@@ -1,4 +1,4 @@
-"""Each SPEC §7 diagnostic on constructed cases where the answer is known."""
+"""Each docs/method.md §7 diagnostic on constructed cases where the answer is known."""
 import math
 
 import pytest

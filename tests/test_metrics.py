@@ -1,4 +1,4 @@
-"""Metrics on constructed cases whose answers are known (SPEC §2–§4)."""
+"""Metrics on constructed cases whose answers are known (docs/method.md §2–§4)."""
 import math
 
 import numpy as np

@@ -30,7 +30,7 @@ def test_output_shape_matches_input(channels, size, config):
 def test_paper_config_forward():
     torch.manual_seed(0)
     net = UNet(**PAPER_CONFIG).eval()
-    assert 3_000_000 < count_parameters(net) < 6_000_000  # a small U-Net, as in SPEC §8
+    assert 3_000_000 < count_parameters(net) < 6_000_000  # a small U-Net, as in docs/method.md §8
     with torch.no_grad():
         out = net(torch.randn(2, 1, 32, 32), torch.tensor([10, 900]))
     assert out.shape == (2, 1, 32, 32)

@@ -1,4 +1,4 @@
-"""Training losses: small callables ``loss(model, x0_batch, generator) -> scalar`` (SPEC §1)."""
+"""Training losses: small callables ``loss(model, x0_batch, generator) -> scalar`` (docs/method.md §1)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Onset times, the biased-generalization window, a verdict and a stopping advice (SPEC §0, §2–§4, §7).
+"""Onset times, the biased-generalization window, a verdict and a stopping advice (docs/method.md §0, §2–§4, §7).
 
 Generic over the curve: twin cosine distance or test loss on images, KLs and
 cross-entropies on hierarchical data. A curve is a table ``(n_units, n_ckpt)``
@@ -113,7 +113,7 @@ def checkpoint_minimum(
 
 
 def score_crossing(steps: Sequence[int], train_sim, test_sim) -> int | None:
-    """First checkpoint step from which the train-input similarity stays below the test-input one (SPEC §4).
+    """First checkpoint step from which the train-input similarity stays below the test-input one (docs/method.md §4).
 
     ``train_sim``, ``test_sim``: ``(n_ckpt,)`` score-level twin similarities on
     training and on test inputs. Returns None when train is not below test at

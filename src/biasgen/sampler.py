@@ -1,4 +1,4 @@
-"""Reverse-diffusion samplers with per-sample shared noise (SPEC §1–§2).
+"""Reverse-diffusion samplers with per-sample shared noise (docs/method.md §1–§2).
 
 Sample ``j`` draws its starting point ``x_T`` and every step's noise from its
 own generator seeded with ``seeds[j]``. Two models sampled with the same seeds

@@ -1,6 +1,6 @@
 """Discrete-time DDPM noise schedules and the identities between parameterisations.
 
-Pure tensor math, separate from any model (SPEC §1). Time steps are integers
+Pure tensor math, separate from any model (docs/method.md §1). Time steps are integers
 ``t`` in ``1..T``; index 0 of ``alpha_bar`` is the clean data (``alpha_bar[0] = 1``).
 
     schedule = NoiseSchedule.linear()            # images: T=1000, betas 1e-4..0.02
@@ -38,12 +38,12 @@ class NoiseSchedule:
     # -- constructors -----------------------------------------------------
     @classmethod
     def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "NoiseSchedule":
-        """Linear betas (Ho et al. 2020); the image default of SPEC §1."""
+        """Linear betas (Ho et al. 2020); the image default of docs/method.md §1."""
         return cls(torch.linspace(beta_start, beta_end, T, dtype=torch.float64), name=f"linear(T={T})")
 
     @classmethod
     def onehot(cls, T: int = 500) -> "NoiseSchedule":
-        """Linear betas rescaled by 1000/T: the one-hot sequence default of SPEC §1 (2e-4..0.04 at T=500)."""
+        """Linear betas rescaled by 1000/T: the one-hot sequence default of docs/method.md §1 (2e-4..0.04 at T=500)."""
         s = 1000.0 / T
         return cls(torch.linspace(1e-4 * s, 0.02 * s, T, dtype=torch.float64), name=f"onehot-linear(T={T})")
 

@@ -1,4 +1,4 @@
-"""The hierarchical lab: a random grammar with an exact denoiser (SPEC §5–§6).
+"""The hierarchical lab: a random grammar with an exact denoiser (docs/method.md §5–§6).
 
     from biasgen.hierarchy import Grammar, exact_denoiser
     g = Grammar.random(q=6, depth=4, q_eff=4, sigma=1.0, seed=0)

@@ -1,4 +1,4 @@
-"""Exact inference on the hierarchical model: batched belief propagation (SPEC §6).
+"""Exact inference on the hierarchical model: batched belief propagation (docs/method.md §6).
 
 A Gaussian-noised one-hot leaf ``x_t = sqrt(abar) x0 + sqrt(1 - abar) eps``
 carries the evidence ``log psi(a) = sqrt(abar) / (1 - abar) * x_t[a]`` (up to a

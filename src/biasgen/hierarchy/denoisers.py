@@ -1,4 +1,4 @@
-"""Reverse diffusion on one-hot sequences with exact denoisers (SPEC §1, §6).
+"""Reverse diffusion on one-hot sequences with exact denoisers (docs/method.md §1, §6).
 
 Two reference denoisers, both ``x0``-predictors for :func:`biasgen.sampler.sample`:
 
@@ -90,7 +90,7 @@ def sample_sequences(
 ) -> torch.Tensor:
     """Reverse diffusion of one-hot sequences driven by ``denoise``; LongTensor ``(len(seeds), n_leaves)``.
 
-    ``schedule`` defaults to the one-hot schedule of SPEC §1 (T = 500);
+    ``schedule`` defaults to the one-hot schedule of docs/method.md §1 (T = 500);
     ``method`` is ``'ddpm'`` (ancestral) or ``'ddim'`` (deterministic, ``steps``).
     """
     schedule = schedule or NoiseSchedule.onehot()

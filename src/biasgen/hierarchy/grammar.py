@@ -1,4 +1,4 @@
-"""The hierarchical data model of SPEC §5: a random context-free grammar on a binary tree.
+"""The hierarchical data model of docs/method.md §5: a random context-free grammar on a binary tree.
 
 A grammar is a tensor ``M[a, b, c] = P(left=b, right=c | parent=a)`` of shape
 ``(q, q, q)`` and a tree depth ``l``: the root (level 0) is uniform on ``q``
@@ -57,7 +57,7 @@ class Grammar:
     # -- construction -------------------------------------------------------
     @classmethod
     def random(cls, q: int = 6, depth: int = 4, q_eff: int = 4, sigma: float = 1.0, seed: int = 0) -> "Grammar":
-        """The paper's random unambiguous grammar (SPEC §5).
+        """The paper's random unambiguous grammar (docs/method.md §5).
 
         The ``q**2`` ordered child pairs are shuffled once; parent ``a`` owns the
         block ``[a*q_eff, (a+1)*q_eff)`` of them, with logits ``sigma * N(0, 1)``

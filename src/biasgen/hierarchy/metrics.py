@@ -1,4 +1,4 @@
-"""Diagnostics of biased generalization on hierarchical data (SPEC §7), as pure functions on tensors.
+"""Diagnostics of biased generalization on hierarchical data (docs/method.md §7), as pure functions on tensors.
 
 A *denoiser* is any callable ``denoise(x_t (B, L, q), t (B,) long) -> x0 probabilities (B, L, q)``:
 a trained network (:func:`biasgen.hierarchy.model.as_denoiser`), the exact BP_k
@@ -37,7 +37,7 @@ def noised_inputs(x0: torch.Tensor, q: int, schedule: NoiseSchedule, t: int | No
     """Noise sequences once with a fixed seed: ``(x_t (N, L, q) float64, t (N,) long)``.
 
     ``t=None`` draws each input's step uniformly in ``1..T-1`` (the frozen-noise test
-    loss of SPEC §2); an integer ``t`` noises every input at that step.
+    loss of docs/method.md §2); an integer ``t`` noises every input at that step.
     """
     _check_tokens(x0, q)
     gen = torch.Generator().manual_seed(seed)
@@ -116,7 +116,7 @@ def oracle_kl_along_t(bp_preds: Sequence[torch.Tensor], preds: Sequence[torch.Te
 
 def kl_along_t(den_p: Denoiser, den_r: Denoiser, x0: torch.Tensor, q: int, schedule: NoiseSchedule,
                steps: Sequence[int], seed: int) -> list[float]:
-    """``KL(p || r)`` averaged over ``x0 (N, L)`` noised at each step in ``steps``; one value per step (SPEC §7, Fig. 3b)."""
+    """``KL(p || r)`` averaged over ``x0 (N, L)`` noised at each step in ``steps``; one value per step (docs/method.md §7, Fig. 3b)."""
     out = []
     for t in steps:
         x_t, tt = noised_inputs(x0, q, schedule, t, seed)
@@ -177,7 +177,7 @@ def nn_histograms(generated: torch.Tensor, test: torch.Tensor, train: torch.Tens
 
 
 def nn_divergence(generated: torch.Tensor, test: torch.Tensor, train: torch.Tensor, pseudo: float = 0.5) -> float:
-    """``D_NN = KL(P_gen || P_test)`` of nearest-training-sequence Hamming histograms (SPEC §7).
+    """``D_NN = KL(P_gen || P_test)`` of nearest-training-sequence Hamming histograms (docs/method.md §7).
 
     ``generated (N, L)``, ``test (M, L)``, ``train (n, L)``. Both histograms get ``pseudo``
     counts per bin (additive smoothing) so an empty test bin gives a finite value.

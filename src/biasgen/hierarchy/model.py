@@ -1,4 +1,4 @@
-"""Encoder-only transformer that predicts x0 logits of a noised one-hot sequence (SPEC §1, §8).
+"""Encoder-only transformer that predicts x0 logits of a noised one-hot sequence (docs/method.md §1, §8).
 
     model = SequenceDenoiser(q=6, length=16, T=500, layers=8, width=512, heads=4, ffn=1024)  # the paper's size
     logits = model(x_t, t)          # x_t: (B, L, q) float, t: (B,) LongTensor of raw steps in 0..T

@@ -1,4 +1,4 @@
-"""Image data for the twin-split audit: loading, scaling, splits (SPEC §2).
+"""Image data for the twin-split audit: loading, scaling, splits (docs/method.md §2).
 
     data = load_images("digits")                              # (1797, 1, 8, 8) in [0, 1]
     data = load_images("fashion-mnist", resolution=16)        # IDX files, resized to 16x16

@@ -1,4 +1,4 @@
-"""Twin-split metrics on images: sample level (SPEC §3), score level (SPEC §4), frozen-noise loss (SPEC §2).
+"""Twin-split metrics on images: sample level (docs/method.md §3), score level (docs/method.md §4), frozen-noise loss (docs/method.md §2).
 
 Public API. Every function takes plain tensors or plain callables, so it works
 on any diffusion model, not only those biasgen trained. An *eps-denoiser* is
@@ -58,9 +58,9 @@ def _all_pairs(k: int, ordered: bool) -> list[tuple[int, int]]:
     return list(make(range(k), 2))
 
 
-# -- sample level (SPEC §3) -------------------------------------------------
+# -- sample level (docs/method.md §3) -------------------------------------------------
 def standardize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """The map ``f`` of SPEC §3: per image subtract its pixel mean, divide by its pixel std, flatten, L2-normalise.
+    """The map ``f`` of docs/method.md §3: per image subtract its pixel mean, divide by its pixel std, flatten, L2-normalise.
 
     ``x``: ``(N, ...)`` -> ``(N, D)`` unit rows. A constant image maps to the zero vector.
     """
@@ -212,7 +212,7 @@ def data_copying_z(sample_nn_dist: torch.Tensor, heldout_nn_dist: torch.Tensor) 
     return 0.0 if var <= 0 else float((u - m * n / 2) / math.sqrt(var))
 
 
-# -- score level (SPEC §4) ---------------------------------------------------
+# -- score level (docs/method.md §4) ---------------------------------------------------
 def _noised(x0: torch.Tensor, t: int, schedule: NoiseSchedule, seed: int) -> torch.Tensor:
     """``x0`` noised at integer step ``t`` with eps drawn from ``seed`` (the same eps at every call and every t)."""
     if not 1 <= t <= schedule.T:
@@ -268,7 +268,7 @@ def score_similarity(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
 ) -> dict:
-    """Score-level twin similarity (SPEC §4) on training inputs vs test inputs, per diffusion step.
+    """Score-level twin similarity (docs/method.md §4) on training inputs vs test inputs, per diffusion step.
 
     ``models[k]``: model k's eps-denoiser; ``x0_train_per_model[k]``: ``(n_k, ...)``
     model k's own training images; ``x0_test``: ``(n_test, ...)``.
@@ -311,7 +311,7 @@ def score_similarity(
     return out
 
 
-# -- frozen-noise loss (SPEC §2) ----------------------------------------------
+# -- frozen-noise loss (docs/method.md §2) ----------------------------------------------
 @torch.no_grad()
 def frozen_noise_loss(
     eps_model: EpsDenoiser,

@@ -1,4 +1,4 @@
-"""A DDPM-style U-Net that predicts the noise ``eps`` of an image (SPEC §1, §8).
+"""A DDPM-style U-Net that predicts the noise ``eps`` of an image (docs/method.md §1, §8).
 
 The network sees only ``(x_t, t)``: ``t`` enters through a sinusoidal embedding
 of its raw value, so the model knows nothing of the noise schedule and works
@@ -10,14 +10,14 @@ with any of them.
 
 Level ``i`` runs at resolution ``H / 2**i`` with ``base_width * channel_mults[i]``
 channels; ``attention_levels`` lists the levels that get self-attention
-(level 0 is full resolution). The paper's CelebA network (SPEC §8) is the
+(level 0 is full resolution). The paper's CelebA network (docs/method.md §8) is the
 ``paper_config``: 32x32, width 32, multipliers (1, 2, 4), attention on levels
 1 and 2, two res-blocks per level, GroupNorm(8), dropout 0.1.
 
 All layers keep PyTorch's default initialisation, the output convolution
 included: a zero-initialised output would make every model the same function
 (``eps_hat = 0``) at step 0, so twins with different init seeds would start
-out identical instead of converging towards each other first (SPEC §2).
+out identical instead of converging towards each other first (docs/method.md §2).
 """
 from __future__ import annotations
 
