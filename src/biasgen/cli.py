@@ -4,6 +4,7 @@
     biasgen audit --preset fashion-mnist --out runs/fm
     biasgen audit --data ./faces --resolution 32 --grayscale --n 1024 --splits 4
     biasgen hierarchy --preset cpu        # twins on the hierarchical data model
+    biasgen report runs/audit             # (re)build runs/audit/report.html from the run folder
 
 Every setting of a subcommand's config is also a flag (``biasgen audit --help``);
 values resolve as: defaults < ``--preset`` < ``--config FILE.toml`` < flags.
@@ -48,12 +49,29 @@ def build_parser(table) -> argparse.ArgumentParser:
         p.add_argument("--force", action="store_true", help="delete whatever is in --out and start over")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         add_config_flags(p, cls)
+    report = sub.add_parser("report", help="(re)build report.html, the page a person reads, from a run folder",
+                            description="(re)build report.html, the page a person reads, from a run folder")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (the --out of a run)")
     return parser
+
+
+def _report(run_dir: str) -> int:
+    from .report import write_report
+
+    try:
+        path = write_report(run_dir)
+    except BiasgenError as e:
+        print(f"biasgen report: error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     table = _subcommands()
     args = build_parser(table).parse_args(argv)
+    if args.command == "report":
+        return _report(args.run_dir)
     cls, presets, _, run, summarize, _, _ = table[args.command]
     try:
         if args.resume and args.force:
