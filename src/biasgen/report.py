@@ -134,7 +134,7 @@ class Kind:
     columns: tuple  # of Column; metrics absent from the run are left out
     gallery_figures: tuple = ()  # figures shown in the gallery section, not among the others
     gallery: Callable[[Run], str] | None = None  # HTML of a gallery built from samples/
-    section: Callable[[Run], str] | None = None  # HTML of a kind-specific section (e.g. a sweep's fits)
+    section: Callable[[Run], str] | None = None  # a kind-specific section with its own <h2> (e.g. a sweep's fits)
 
 
 def _sequence_gallery(run: Run, n_rows: int = 6) -> str:
