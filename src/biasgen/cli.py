@@ -4,6 +4,7 @@
     biasgen audit --preset fashion-mnist --out runs/fm
     biasgen audit --data ./faces --resolution 32 --grayscale --n 1024 --splits 4
     biasgen hierarchy --preset cpu        # twins on the hierarchical data model
+    biasgen report runs/audit             # (re)build runs/audit/report.html from the run folder
 
 Every twin experiment (a :class:`biasgen.pipeline.TwinExperiment`) is a
 subcommand; every setting of its config is also a flag (``biasgen audit
@@ -45,12 +46,38 @@ def build_parser(table: dict[str, type[TwinExperiment]]) -> argparse.ArgumentPar
         p.add_argument("--force", action="store_true", help="delete whatever is in --out and start over")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         add_config_flags(p, exp.config_class)
+    for name, (add_arguments, _, help_text) in TOOLS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
+
+
+# -- subcommands that work on run folders ---------------------------------------------------------
+
+def _report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (the --out of a run)")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+TOOLS = {  # name -> (add its arguments, run it (returns the exit code), help)
+    "report": (_report_arguments, _report, "(re)build report.html, the page a person reads, from a run folder"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     table = experiments()
     args = build_parser(table).parse_args(argv)
+    if args.command in TOOLS:
+        try:
+            return TOOLS[args.command][1](args)
+        except BiasgenError as e:
+            print(f"biasgen {args.command}: error: {e}", file=sys.stderr)
+            return 2
     exp_class = table[args.command]
     try:
         if args.resume and args.force:

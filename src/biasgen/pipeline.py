@@ -35,6 +35,7 @@ import torch
 from .checkpoint import save_tensors
 from .config import TwinConfig, build_config
 from .jobs import resolve_workers, run_jobs, torch_threads
+from .report import write_report
 from .onset import checkpoint_minimum, public_tau, recommend, verdict
 from .runs import append_jsonl, environment, prepare_run_dir, progress_bar, read_jsonl, write_json
 from .seeds import SeedPlan
@@ -177,6 +178,7 @@ def run_experiment(experiment: TwinExperiment, out: str | Path, *, resume: bool 
                              "evaluation_s_this_invocation": round(evaluation_s, 1)}
         write_json(run / "summary.json", summary)
         experiment.plot(run, records, summary, data)
+        write_report(run)
     return summary
 
 
@@ -191,6 +193,7 @@ def evaluate_checkpoints(shared: Shared, steps: list[int], workers: int, progres
         pending[step] = record
         while order and order[0] in pending:  # keep metrics.jsonl in step order
             append_jsonl(metrics, {"step": order[0], **pending.pop(order.pop(0))})
+            write_report(shared.run)  # marked "in progress: k of C checkpoints" until the summary exists
 
 
 def _evaluate_step(step: int, shared: Shared) -> tuple[int, dict]:

@@ -21,6 +21,10 @@ import torch
 from .errors import BiasgenError
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def environment() -> dict:
     """Versions and machine facts recorded with every output."""
     from . import __version__
@@ -46,6 +50,7 @@ def write_bytes(path: Path | str, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be read and shared
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

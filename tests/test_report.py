@@ -1,0 +1,273 @@
+"""report.html: content of a finished run, in-progress pages, escaping, and a real render in headless Chromium."""
+import base64
+import fcntl
+import json
+import os
+import re
+import select
+import shutil
+import subprocess
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+
+from biasgen.checkpoint import save_tensors
+from biasgen.cli import main
+from biasgen.images.audit import audit
+from biasgen.report import VERDICTS, write_report
+from biasgen.training import checkpoint_steps
+
+
+@pytest.fixture(scope="module")
+def tiny_audit(tmp_path_factory):
+    run = tmp_path_factory.mktemp("report") / "tiny"
+    audit(run, preset="tiny", progress=False)
+    return run
+
+
+class Page(HTMLParser):
+    """Tags and text of an HTML page: ``imgs`` (attribute dicts), ``scripts`` (count), ``text``."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.imgs, self.scripts, self.chunks = [], 0, []
+        self.feed(html)
+        self.text = re.sub(r"\s+", " ", "".join(self.chunks))
+
+    def handle_starttag(self, tag, attrs):
+        self.imgs += [dict(attrs)] if tag == "img" else []
+        self.scripts += tag == "script"
+
+    def handle_data(self, data):
+        self.chunks.append(data)
+
+
+def headline(summary: dict) -> str:
+    return f"{VERDICTS[summary['verdict']][0]}: stop training at step {summary['recommended_step']}."
+
+
+def test_finished_audit_report_holds_verdict_step_and_every_figure(tiny_audit):
+    path = write_report(tiny_audit)
+    assert path == tiny_audit / "report.html"
+    summary = json.loads((tiny_audit / "summary.json").read_text())
+    page = Page(path.read_text())
+    assert headline(summary) in page.text
+    assert summary["reason"] in page.text and summary["recommendation"] in page.text
+    assert "tau_bias is the checkpoint where the twins" in page.text  # said in plain words
+    figures = sorted(tiny_audit.glob("fig_*.png"))
+    assert {f.name for f in figures} >= {"fig_loss_twin.png", "fig_gallery.png"}
+    embedded = [base64.b64decode(img["src"].removeprefix("data:image/png;base64,")) for img in page.imgs]
+    assert embedded == [f.read_bytes() for f in sorted(figures, key=lambda f: (f.name != "fig_loss_twin.png", f.name == "fig_gallery.png", f.name))]
+    assert all(img["src"].startswith("data:image/png;base64,") and len(img["alt"]) > 20 for img in page.imgs)
+    for step in summary["checkpoints"]:  # the per-checkpoint table
+        assert f'<td data-v="{step}">{step}</td>' in path.read_text()
+    assert "sklearn bundled" in page.text and summary["environment"]["torch"] in page.text
+
+
+def test_report_of_a_run_killed_mid_way_is_marked_in_progress(tiny_audit, tmp_path, capsys):
+    run = tmp_path / "killed"
+    run.mkdir()
+    shutil.copy(tiny_audit / "run.json", run)
+    (run / "models").mkdir()
+    planned = len(checkpoint_steps(12, 3, 4))  # the tiny preset's steps, checkpoints, first_checkpoint
+    assert main(["report", str(run)]) == 0  # nothing evaluated yet
+    assert f"In progress: 0 of {planned} checkpoints evaluated" in Page((run / "report.html").read_text()).text
+    first, second = (tiny_audit / "metrics.jsonl").read_text().splitlines()[:2]
+    (run / "metrics.jsonl").write_text(first + "\n" + second[: len(second) // 2])  # a half-written second line
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    assert capsys.readouterr().out.strip() == str(run / "report.html")
+    page = Page((run / "report.html").read_text())
+    assert f"In progress: 1 of {planned} checkpoints evaluated (last: step 4)" in page.text
+    assert "metrics.jsonl line 2 is not a metrics record" in page.text
+    assert "stop training at" not in page.text and page.imgs == []
+    assert f"biasgen audit --resume --out {run}" in page.text
+
+
+def test_report_command_refuses_a_folder_without_a_run(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "holds no biasgen run" in capsys.readouterr().err
+    assert not (tmp_path / "report.html").exists()
+
+
+CRAFTED = "<script>alert(1)</script>"
+
+
+def test_strings_from_the_run_are_escaped(tmp_path):
+    run = tmp_path / "<script>alert(1)<" / "script><img src=x onerror=alert(2)>"  # the path holds CRAFTED
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"kind": "sweep<blink>", "config": {CRAFTED: CRAFTED, "steps": "<marquee>"},
+                                              "environment": {"torch": CRAFTED}}))
+    (run / "summary.json").write_text(json.dumps({
+        "verdict": CRAFTED, "reason": CRAFTED, "recommended_step": CRAFTED, "recommendation": CRAFTED,
+        "tau_bias": {"step": CRAFTED, "ci": [CRAFTED, 1]}, "evidence": {CRAFTED: [CRAFTED]}, CRAFTED: CRAFTED}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 3, CRAFTED: 1.5, "note": CRAFTED}) + "\n")
+    (run / f"fig_{CRAFTED.replace('/', '')}.png").write_bytes(b"\x89PNG")
+    html = write_report(run).read_text()
+    assert html.count("<script") == 1 and "<img src=x" not in html and "<blink>" not in html and "<marquee>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "&lt;img src=x onerror=alert(2)&gt;" in html  # the folder name, shown in the title
+    page = Page(html)
+    assert [img["alt"] for img in page.imgs] == ["Figure: <script>alert(1)<script>."]
+
+
+def test_hierarchy_report_renders_generated_sequences_as_symbols(tmp_path):
+    run = tmp_path / "h"
+    config = {"q": 4, "depth": 3, "steps": 20, "checkpoints": 2, "first_checkpoint": 10}
+    (run / "samples").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"kind": "hierarchy", "config": config, "environment": {}}))
+    records = [{"step": s, "skl_test_pairs": [1.0, 2.0, 10.0 + s], "test_l": [3.0, 5.0], "skl_control_pairs": []}
+               for s in (10, 20)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "summary.json").write_text(json.dumps({
+        "verdict": "inconclusive", "recommended_step": 20, "tau_bias": {"step": 10, "ci": [10, 20]},
+        "models": [{"model": 0, "block": 0}, {"model": 1, "block": 0}, {"model": 2, "block": 1}]}))
+    samples = torch.tensor([[[0, 1, 2, 3, 3, 2, 1, 0]], [[1] * 8], [[3, 3, 0, 0, 1, 1, 2, 2]]])  # (M=3, n=1, L=8)
+    for step in (10, 20):
+        save_tensors(run / "samples" / f"step_{step:07d}", {"samples": samples}, {"step": step})
+    html = write_report(run).read_text()
+    page = Page(html)
+    assert "tau_bias (step 10): model A = 0 (split 0), model B = 2 (split 1)" in page.text  # twins: different blocks
+    rows = page.text.replace(" ", "")
+    assert "A#0abcddcba" in rows and "B#0ddaabbcc" in rows
+    assert 'data-v="2.0">2<' in html and 'data-v="4.0">4<' in html  # median over pairs, mean over models
+    assert "same-block control" not in page.text  # an empty metric gets no column
+    assert "Inconclusive: stop training at step 20." in page.text
+
+
+# -- headless Chromium over the DevTools protocol (messages on a pipe, no extra package) --------
+
+class Chromium:
+    """A headless Chromium driven through ``--remote-debugging-pipe`` (JSON messages ending in NUL)."""
+
+    def __init__(self, profile: Path):
+        to_browser, self.writer = os.pipe()
+        self.reader, from_browser = os.pipe()
+        # the browser reads fd 3 and writes fd 4: hand it our ends from numbers that cannot clash with 3 and 4
+        to_browser, from_browser = (self._above_4(fd) for fd in (to_browser, from_browser))
+        self.proc = subprocess.Popen(
+            ["bash", "-c", f'exec "$0" "$@" 3<&{to_browser} 4>&{from_browser} {to_browser}<&- {from_browser}>&-',
+             "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "about:blank"],
+            pass_fds=(to_browser, from_browser), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_browser)
+        os.close(from_browser)
+        self.buffer, self.next_id, self.events = b"", 0, []
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            self.call(f"{domain}.enable", session=self.session)
+
+    @staticmethod
+    def _above_4(fd: int) -> int:
+        moved = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
+        os.close(fd)
+        return moved
+
+    def _receive(self, done, timeout: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" in self.buffer:
+                raw, self.buffer = self.buffer.split(b"\0", 1)
+                message = json.loads(raw)
+                if done(message):
+                    return message
+                self.events.append(message)
+            if not select.select([self.reader], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                raise TimeoutError("Chromium did not answer in time")
+            chunk = os.read(self.reader, 1 << 20)
+            if not chunk:
+                raise EOFError("Chromium closed the pipe")
+            self.buffer += chunk
+
+    def call(self, method: str, session: str | None = None, **params) -> dict:
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params} | ({"sessionId": session} if session else {})
+        os.write(self.writer, json.dumps(message).encode() + b"\0")
+        answer = self._receive(lambda m: m.get("id") == message["id"])
+        assert "error" not in answer, answer
+        return answer["result"]
+
+    def page(self, method: str, **params) -> dict:
+        return self.call(method, session=self.session, **params)
+
+    def load(self, url: str) -> list[dict]:
+        """Open ``url`` and wait for its load event; returns the events it raised."""
+        self.events = []
+        self.page("Page.navigate", url=url)
+        self._receive(lambda m: m.get("method") == "Page.loadEventFired")
+        self.page("Runtime.evaluate", expression="0")  # let messages logged during load arrive
+        return self.events
+
+    def js(self, expression: str):
+        return self.page("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close")
+            self.proc.wait(timeout=10)
+        except (OSError, EOFError, TimeoutError, subprocess.TimeoutExpired):
+            self.proc.kill()
+        os.close(self.writer)
+        os.close(self.reader)
+
+
+def problems(events: list[dict]) -> list[str]:
+    """Console errors, uncaught exceptions, error log entries, and requests that leave the page's own file."""
+    found = []
+    for e in events:
+        method, p = e.get("method"), e.get("params", {})
+        if method == "Runtime.exceptionThrown" or (method == "Runtime.consoleAPICalled" and p["type"] in ("error", "assert")):
+            found.append(f"{method}: {json.dumps(p)[:300]}")
+        elif method == "Log.entryAdded" and p["entry"]["level"] == "error":
+            found.append(f"log: {p['entry']['text']}")
+        elif method == "Network.requestWillBeSent" and not p["request"]["url"].startswith(("file:", "data:")):
+            found.append(f"request: {p['request']['url']}")
+    return found
+
+
+@pytest.fixture
+def chromium(tmp_path):
+    if shutil.which("chromium") is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing in CI: .ci/run installs it (apt-get install -y chromium).")
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    browser = Chromium(tmp_path / "profile")
+    yield browser
+    browser.close()
+
+
+def test_report_renders_in_headless_chromium(tiny_audit, chromium, tmp_path):
+    # the checker catches what it must catch: a console error and a request to the network
+    bad = tmp_path / "bad.html"
+    bad.write_text('<img src="http://127.0.0.1:9/x.png"><script>console.error("boom")</script>')
+    found = problems(chromium.load(bad.as_uri()))
+    assert any("boom" in f for f in found) and any(f.startswith("request: http://127.0.0.1:9/") for f in found)
+
+    path = write_report(tiny_audit)
+    summary = json.loads((tiny_audit / "summary.json").read_text())
+    assert problems(chromium.load(path.as_uri())) == []
+    assert chromium.js("document.querySelector('.headline').textContent") == headline(summary)
+    images = chromium.js("[...document.images].map(i => [i.alt, i.naturalWidth, i.closest('figure').textContent])")
+    assert len(images) == len(list(tiny_audit.glob("fig_*.png")))
+    assert all(alt and width > 100 and alt in caption for alt, width, caption in images)
+    for name in (f.name for f in tiny_audit.glob("fig_*.png")):
+        assert chromium.js(f"document.body.textContent.includes({json.dumps(name)})")
+    # the table sorts on a click (and only the page's own script ran)
+    chromium.js("document.querySelector('table.metrics th').click(); document.querySelector('table.metrics th').click()")
+    steps = chromium.js("[...document.querySelectorAll('table.metrics tbody tr')].map(r => +r.cells[0].textContent)")
+    assert steps == sorted(summary["checkpoints"], reverse=True)
+    assert chromium.js("document.scripts.length") == 1
+
+    chromium.page("Emulation.setDeviceMetricsOverride", width=1200, height=900, deviceScaleFactor=1, mobile=False)
+    shot = base64.b64decode(chromium.page("Page.captureScreenshot", format="png", captureBeyondViewport=True)["data"])
+    (tmp_path / "report.png").write_bytes(shot)
+    assert shot.startswith(b"\x89PNG") and len(shot) > 50_000
+    pdf = base64.b64decode(chromium.page("Page.printToPDF", paperWidth=8.27, paperHeight=11.69,
+                                         preferCSSPageSize=True)["data"])  # A4
+    (tmp_path / "report.pdf").write_bytes(pdf)
+    assert pdf.startswith(b"%PDF") and 2 <= len(re.findall(rb"/Type\s*/Page\b", pdf)) <= 12
