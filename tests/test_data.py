@@ -10,10 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from biasgen.images.data import (
-    FASHION_MNIST_DIR, Splits, describe, find_exact_duplicates, load_images, make_splits, resize_images,
-    scale_images, to_grayscale, unscale_images,
-)
+from biasgen.images.data import Splits, describe, find_exact_duplicates, load_images, make_splits, scale_images, unscale_images
+from biasgen.images.loaders import FASHION_MNIST_DIR, resize_images, to_grayscale
 from biasgen.errors import BiasgenError
 
 rng = np.random.default_rng(0)

@@ -9,7 +9,6 @@ from biasgen.errors import BiasgenError
 from biasgen.hierarchy import experiment
 from biasgen.hierarchy.experiment import PRESETS, HierarchyConfig, hierarchy, make_data
 from biasgen.seeds import SeedPlan
-from biasgen.hierarchy.model import SequenceDenoiser
 from biasgen.runs import read_jsonl
 from biasgen.twins import build_model
 

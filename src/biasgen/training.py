@@ -87,19 +87,7 @@ def train(
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if ema_decay else None
 
-    start = completed_step(out_dir) if resume else 0
-    if start:
-        tensors, state = load_tensors(out_dir / "state")
-        try:
-            model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-            optimizer_from_tensors(opt, tensors, state["optimizer"])
-            if ema is not None:
-                ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise BiasgenError(
-                f"Cannot resume from {out_dir / 'state'}: it does not match this model or optimizer ({str(e)[:200]}). "
-                "Rerun with --force to start over."
-            ) from e
+    start = _resume(out_dir, model, opt, ema) if resume else 0
     if start >= steps:
         return
 
@@ -136,6 +124,24 @@ def train(
             last_good = step
     if bar is not None:
         bar.close()
+
+
+def _resume(out_dir: Path, model, opt, ema) -> int:
+    """Load the resume state in ``out_dir`` into ``model``, ``opt`` and ``ema``; returns its step (0 if none)."""
+    start = completed_step(out_dir)
+    if start:
+        tensors, state = load_tensors(out_dir / "state")
+        try:
+            model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            optimizer_from_tensors(opt, tensors, state["optimizer"])
+            if ema is not None:
+                ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise BiasgenError(
+                f"Cannot resume from {out_dir / 'state'}: it does not match this model or optimizer ({str(e)[:200]}). "
+                "Rerun with --force to start over."
+            ) from e
+    return start
 
 
 def _save(out_dir: Path, step: int, model, ema, opt, meta: dict, loss: float) -> None:

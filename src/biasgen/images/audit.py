@@ -204,20 +204,7 @@ def evaluate_checkpoint(models, members, ref: dict, cfg: AuditConfig, seeds) -> 
         control = twin_distance(list(samples), controls)
         record.update(same_split_distance=control["median"], same_split_distance_sem=control["sem"])
 
-    # proximity to the training data
-    own, other, test_nn = [], [], []
-    for m, (split, _) in enumerate(members):
-        own.append(nearest_neighbors(samples[m], train_sets[split]))
-        other.extend(nearest_neighbors(samples[m], train_sets[j]) for j in range(cfg.splits) if j != split)
-        test_nn.append(nearest_neighbors(samples[m], test_set[: cfg.n]))  # size-matched to a split
-    cat = lambda results, key: torch.cat([r[key] for r in results])
-    record.update(nn_own_sim=float(cat(own, "sim").mean()), nn_other_sim=float(cat(other, "sim").mean()),
-                  nn_test_sim=float(cat(test_nn, "sim").mean()), nn_own_l2=float(cat(own, "l2").mean()),
-                  nn_other_l2=float(cat(other, "l2").mean()), nn_test_l2=float(cat(test_nn, "l2").mean()))
-    fmem = memorized_fraction(cat(own, "l2"), cat(own, "l2_second"), n_boot=cfg.n_boot,
-                              seed=seeds.evaluation("f_mem_bootstrap"))
-    record.update(f_mem=fmem["value"], f_mem_ci=fmem["ci"])
-    record["copy_z"] = float(sum(data_copying_z(o["l2"], h) for o, h in zip(own, ref["heldout_l2"])) / len(own))
+    record.update(proximity(samples, members, train_sets, test_set, ref["heldout_l2"], cfg, seeds))
 
     # score-level twin similarity on training vs test inputs
     x_train = [train_sets[split][: cfg.n_score_inputs].to(device) for split, _ in members]
@@ -228,6 +215,24 @@ def evaluate_checkpoint(models, members, ref: dict, cfg: AuditConfig, seeds) -> 
                                     "test": sim["test_mean"][i], "test_sem": sim["test_sem"][i]}
                            for i, t in enumerate(sim["ts"])}
     return record, {"samples": samples}
+
+
+def proximity(samples: torch.Tensor, members, train_sets, test_set, heldout_l2, cfg: AuditConfig, seeds) -> dict:
+    """Nearest-neighbour proximity of each model's samples ``(M, n_samples, C, H, W)`` to its own split, the
+    other splits and a size-matched test slice; the memorized fraction and the data-copying z (docs/method.md §3)."""
+    own, other, test_nn = [], [], []
+    for m, (split, _) in enumerate(members):
+        own.append(nearest_neighbors(samples[m], train_sets[split]))
+        other.extend(nearest_neighbors(samples[m], train_sets[j]) for j in range(cfg.splits) if j != split)
+        test_nn.append(nearest_neighbors(samples[m], test_set[: cfg.n]))  # size-matched to a split
+    cat = lambda results, key: torch.cat([r[key] for r in results])
+    fmem = memorized_fraction(cat(own, "l2"), cat(own, "l2_second"), n_boot=cfg.n_boot,
+                              seed=seeds.evaluation("f_mem_bootstrap"))
+    return dict(nn_own_sim=float(cat(own, "sim").mean()), nn_other_sim=float(cat(other, "sim").mean()),
+                nn_test_sim=float(cat(test_nn, "sim").mean()), nn_own_l2=float(cat(own, "l2").mean()),
+                nn_other_l2=float(cat(other, "l2").mean()), nn_test_l2=float(cat(test_nn, "l2").mean()),
+                f_mem=fmem["value"], f_mem_ci=fmem["ci"],
+                copy_z=float(sum(data_copying_z(o["l2"], h) for o, h in zip(own, heldout_l2)) / len(own)))
 
 
 def gallery_rows(run: Path, summary: dict, train_sets, members, n: int = 10):
