@@ -17,6 +17,7 @@ the root); below level ``k`` the rules apply. ``k = 0`` is the full model.
 """
 from __future__ import annotations
 
+import io
 import math
 from functools import cached_property
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import BiasgenError
+from ..runs import write_bytes
 from . import bp
 
 ROW_SUM_TOL = 1e-6  # how far a row M[a] may sum from 1
@@ -247,10 +249,12 @@ def save_pool(path: str | Path, x: torch.Tensor, grammar: Grammar, k: int = 0, s
     if path.suffix != ".npz":
         raise BiasgenError(f"Pools are saved as .npz files; got {path.name!r}.")
     dtype = np.uint8 if grammar.q <= 256 else np.int64
+    buffer = io.BytesIO()
     np.savez_compressed(
-        path, x=x.numpy().astype(dtype), M=grammar.M.numpy(), depth=grammar.depth, k=grammar.check_k(k),
+        buffer, x=x.numpy().astype(dtype), M=grammar.M.numpy(), depth=grammar.depth, k=grammar.check_k(k),
         seed=-1 if seed is None else int(seed),
     )
+    write_bytes(path, buffer.getvalue())
     return path
 
 
