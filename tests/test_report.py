@@ -17,7 +17,8 @@ import torch
 from biasgen.checkpoint import save_tensors
 from biasgen.cli import main
 from biasgen.images.audit import audit
-from biasgen.report import VERDICTS, write_report
+from biasgen.report import write_report
+from biasgen.report_sections import VERDICTS
 from biasgen.training import checkpoint_steps
 
 
