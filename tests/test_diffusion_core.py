@@ -174,3 +174,38 @@ def test_cross_entropy_loss_is_small_for_a_perfect_token_model():
     loss = x0_cross_entropy_loss(s, 3)
     assert float(loss(perfect, tokens, gen)) < 1e-6
     assert float(loss(uniform, tokens, gen)) == pytest.approx(math.log(3))
+
+
+def test_ema_is_bias_corrected_so_the_init_does_not_linger(tmp_path):
+    """Step 1's EMA equals the step-1 weights, and step k's EMA is the (1-d) d^(k-i) weighted mean of w_1..w_k:
+    an uncorrected EMA would still hold 99% of the random init at step 1 (decay 0.99)."""
+    s = NoiseSchedule.linear(T=100)
+    data = torch.randn(20, 1, 2, 2)
+    kw = dict(batch_size=4, lr=1e-2, seed=0, meta={}, progress=False)
+    snapshots = []
+    for k in (1, 2, 3):  # raw weights after each step: resume state of runs stopped there
+        train(_model(), eps_mse_loss(s), data, steps=k, checkpoints=[k], out_dir=tmp_path / f"raw{k}", **kw)
+        state, _ = load_tensors(tmp_path / f"raw{k}" / "state")
+        snapshots.append({n[6:]: v for n, v in state.items() if n.startswith("model.")})
+    d = 0.99
+    train(_model(), eps_mse_loss(s), data, steps=3, checkpoints=[1, 3], out_dir=tmp_path / "ema", ema_decay=d, **kw)
+    first, _ = load_tensors(checkpoint_stem(tmp_path / "ema", 1))
+    third, _ = load_tensors(checkpoint_stem(tmp_path / "ema", 3))
+    weights = torch.tensor([(1 - d) * d ** 2, (1 - d) * d, 1 - d]) / (1 - d ** 3)
+    for name in snapshots[0]:
+        torch.testing.assert_close(first[name], snapshots[0][name], rtol=1e-5, atol=1e-6)
+        expected = sum(w * snap[name] for w, snap in zip(weights, snapshots))
+        torch.testing.assert_close(third[name], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_resume_is_bit_identical(tmp_path):
+    s = NoiseSchedule.linear(T=100)
+    data = torch.randn(20, 1, 2, 2)
+    kw = dict(batch_size=4, lr=1e-2, seed=0, meta={}, progress=False, ema_decay=0.9)
+    train(_model(), eps_mse_loss(s), data, steps=8, checkpoints=[4, 8], out_dir=tmp_path / "a", **kw)
+    train(_model(), eps_mse_loss(s), data, steps=4, checkpoints=[4], out_dir=tmp_path / "b", **kw)
+    train(_model(), eps_mse_loss(s), data, steps=8, checkpoints=[4, 8], out_dir=tmp_path / "b", **kw)
+    a, _ = load_tensors(checkpoint_stem(tmp_path / "a", 8))
+    b, _ = load_tensors(checkpoint_stem(tmp_path / "b", 8))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
