@@ -139,8 +139,10 @@ def test_monitor_takes_a_unet2dmodel_directly(digits, tmp_path):
                               figures=False, verbose=False)
     direct = monitor.check(1, unet)
     assert unet.training  # mode restored
+    unet.eval()
     wrapped = biasgen.Monitor(digits[:32], digits[32:64], tmp_path / "mon2", n_samples=6, sample_steps=4,
                               figures=False, verbose=False).check(1, dm.DiffusersEps(unet))
+    assert not unet.training  # every submodule keeps its own mode
     assert direct["val_loss"] == wrapped["val_loss"] and direct["copy_z"] == wrapped["copy_z"]
 
 

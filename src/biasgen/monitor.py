@@ -83,16 +83,16 @@ def _subset(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _evaluating(model):
-    """Eval mode for a torch module and a private global RNG state; both restored afterwards."""
-    was_training = model.training if isinstance(model, torch.nn.Module) else None
-    if was_training is not None:
+    """Eval mode for a torch module and a private global RNG state; both restored afterwards (each submodule's mode)."""
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, torch.nn.Module) else []
+    if modes:
         model.eval()
     try:
         with torch.random.fork_rng(devices=[]):
             yield
     finally:
-        if was_training is not None:
-            model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 def _eps_model(model) -> Callable:
