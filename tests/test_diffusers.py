@@ -83,7 +83,7 @@ def test_adapter_shifts_biasgen_steps_to_diffusers_timesteps():
     unet = tiny_unet().eval()
     x, t = torch.randn(3, 1, 8, 8), torch.tensor([1, 500, 1000])
     with torch.no_grad():
-        assert torch.equal(dm.DiffusersEps(unet)(x, t), unet(x, t - 1).sample)
+        assert torch.equal(dm.DiffusersEps(unet=unet)(x, t), unet(x, t - 1).sample)
 
 
 @pytest.mark.parametrize("kind", ["linear", "scaled_linear", "squaredcos_cap_v2"])
@@ -112,7 +112,7 @@ def test_biasgen_schedules_write_as_ddpm_scheduler_configs(schedule):
 def test_trained_checkpoint_exports_to_a_ddpm_pipeline(digits, tmp_path):
     schedule = NoiseSchedule.linear()
     torch.manual_seed(0)
-    net = dm.diffusers_unet(dm.load_unet_config(TINY))
+    net = dm.DiffusersEps(dm.load_unet_config(TINY))
     train(net, eps_mse_loss(schedule), digits[:32], steps=4, batch_size=8, lr=1e-3, checkpoints=[4], seed=0,
           out_dir=tmp_path / "models", meta={"model": {"config": TINY}}, progress=False)
     out = dm.export_pipeline(tmp_path / "models" / "step_0000004", tmp_path / "exported", schedule)
@@ -141,7 +141,7 @@ def test_monitor_takes_a_unet2dmodel_directly(digits, tmp_path):
     assert unet.training  # mode restored
     unet.eval()
     wrapped = biasgen.Monitor(digits[:32], digits[32:64], tmp_path / "mon2", n_samples=6, sample_steps=4,
-                              figures=False, verbose=False).check(1, dm.DiffusersEps(unet))
+                              figures=False, verbose=False).check(1, dm.DiffusersEps(unet=unet))
     assert not unet.training  # every submodule keeps its own mode
     assert direct["val_loss"] == wrapped["val_loss"] and direct["copy_z"] == wrapped["copy_z"]
 
@@ -162,6 +162,7 @@ def test_biasgen_monitor_over_checkpoint_folders(data_files, tmp_path):
     assert main(args) == 0
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [5, 10, 20]  # step order, not name order
+    assert (out / "fig_monitor.png").exists() and (out / "fig_monitor_gallery.png").exists()
     run = json.loads((out / "run.json").read_text())
     assert run["kind"] == "monitor" and run["config"]["meta"]["model_config"]["block_out_channels"] == [8, 16]
 
@@ -211,3 +212,116 @@ def test_biasgen_monitor_bad_input_writes_nothing(data_files, tmp_path, capsys):
                         "--out", str(tmp_path / "out3")]) == 2
     assert "sigmoid" in capsys.readouterr().err
     assert not any((tmp_path / f"out{i}").exists() for i in (1, 2, 3))
+
+
+# -- `biasgen audit --model diffusers`: a UNet2DModel under the twin protocol ---------------------
+
+AUDIT = ["audit", "--preset", "tiny", "--quiet", "--model", "diffusers"]
+
+
+@pytest.fixture(scope="module")
+def audit_files(tmp_path_factory):
+    """A tiny UNet2DModel config and a (scaled-linear) scheduler config, as diffusers writes them."""
+    folder = tmp_path_factory.mktemp("configs")
+    tiny_unet().save_config(folder / "unet")
+    diffusers.DDPMScheduler(beta_schedule="scaled_linear").save_config(folder / "scheduler")
+    return ["--model-config", str(folder / "unet" / "config.json"),
+            "--scheduler-config", str(folder / "scheduler" / "scheduler_config.json")]
+
+
+@pytest.fixture(scope="module")
+def diffusers_audit(audit_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "ddpm"
+    assert main(AUDIT + audit_files + ["--out", str(out)]) == 0
+    return out
+
+
+def test_audit_trains_a_unet2dmodel_under_the_twin_protocol(diffusers_audit):
+    from biasgen.checkpoint import load_tensors
+
+    summary = json.loads((diffusers_audit / "summary.json").read_text())
+    records = read_jsonl(diffusers_audit / "metrics.jsonl")
+    assert [r["step"] for r in records] == summary["checkpoints"] == [4, 7, 12]
+    assert summary["config"]["model"] == "diffusers" and summary["seeds"]["model_init"] == [1, 2]
+    for key in ("test_loss", "twin_distance", "nn_own_l2", "f_mem", "copy_z", "score_sim"):
+        assert records[-1][key] is not None, key
+    w0, meta = load_tensors(diffusers_audit / "models" / "model0" / "step_0000004")
+    w1, _ = load_tensors(diffusers_audit / "models" / "model1" / "step_0000004")
+    assert dm.architecture(meta["model"]["config"]) == dm.architecture(TINY)  # the sidecar rebuilds the network
+    assert set(w0) == {f"unet.{k}" for k in tiny_unet().state_dict()}
+    assert not torch.equal(w0["unet.conv_in.weight"], w1["unet.conv_in.weight"])  # twins start apart
+
+
+def test_audit_checkpoint_exports_to_a_ddpm_pipeline(diffusers_audit, tmp_path):
+    from biasgen.images.audit import export_checkpoint
+    from biasgen.twins import load_model
+
+    out = export_checkpoint(diffusers_audit, model=1, step=12, out=tmp_path / "twin1")
+    pipe = diffusers.DDPMPipeline.from_pretrained(out)
+    config = json.loads((diffusers_audit / "run.json").read_text())["config"]
+    schedule = dm.schedule_from_scheduler_config(config["scheduler_config"])  # the run's scaled-linear schedule
+    torch.testing.assert_close(pipe.scheduler.alphas_cumprod.double(), schedule.alpha_bar[1:], rtol=1e-5, atol=1e-6)
+    net = load_model(dm.DiffusersEps, {"config": dm.load_unet_config(TINY)}, diffusers_audit / "models" / "model1",
+                     12, "cpu")
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 900])
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, t - 1).sample, net(x, t))
+    image = pipe(batch_size=1, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert image.shape == (1, 8, 8, 1) and np.isfinite(image).all()
+
+
+def test_diffusers_audit_resumes_to_the_same_metrics(diffusers_audit, audit_files, tmp_path, monkeypatch):
+    import biasgen.images.audit as audit_module
+
+    out = tmp_path / "killed"
+    real_loss = audit_module.eps_mse_loss
+    calls = {"n": 0}
+
+    def dying_loss(schedule):  # killed during the second model's training
+        inner = real_loss(schedule)
+
+        def loss(model, x0, gen):
+            calls["n"] += 1
+            if calls["n"] == 18:
+                raise KeyboardInterrupt
+            return inner(model, x0, gen)
+
+        return loss
+
+    monkeypatch.setattr(audit_module, "eps_mse_loss", dying_loss)
+    assert main(AUDIT + audit_files + ["--out", str(out)]) == 130
+    monkeypatch.setattr(audit_module, "eps_mse_loss", real_loss)
+    assert main(AUDIT + audit_files + ["--out", str(out), "--resume"]) == 0
+    resumed, straight = read_jsonl(out / "metrics.jsonl"), read_jsonl(diffusers_audit / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight]
+    for a, b in zip(resumed, straight):
+        for key in ("test_loss", "train_loss", "twin_distance", "nn_own_l2", "copy_z"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+def test_diffusers_audit_bad_input(audit_files, tmp_path, capsys):
+    from biasgen.images.audit import export_checkpoint
+    from biasgen.runs import write_json
+
+    def run(*extra):
+        code = main(AUDIT + list(extra) + ["--out", str(tmp_path / "out")])
+        return code, capsys.readouterr().err
+
+    code, err = run()
+    assert code == 2 and "--model-config" in err
+    scheduler_as_model = audit_files[3]
+    code, err = run("--model-config", scheduler_as_model)
+    assert code == 2 and "not a UNet2DModel" in err
+    rgb = tmp_path / "rgb.json"
+    rgb.write_text(json.dumps(dict(TINY, in_channels=3, out_channels=3)))
+    code, err = run("--model-config", str(rgb))
+    assert code == 2 and "images have 1 channel" in err
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps({"_class_name": "DDPMScheduler", "num_train_timesteps": 500}))
+    code, err = run(audit_files[0], audit_files[1], "--scheduler-config", str(short))
+    assert code == 2 and "--T 500" in err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+    write_json(tmp_path / "unet-run" / "run.json", {"kind": "audit", "config": {"model": "unet"}})
+    with pytest.raises(BiasgenError, match="only runs with --model diffusers"):
+        export_checkpoint(tmp_path / "unet-run", model=0, step=12, out=tmp_path / "x")

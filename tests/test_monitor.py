@@ -76,7 +76,7 @@ def test_monitor_in_a_toy_training_loop(digits, tmp_path):
         assert r["flags"]["val_loss_minimum"] == (r["val_loss"] <= min(q["val_loss"] for q in records if q["step"] < r["step"]))
     run = json.loads((tmp_path / "mon" / "run.json").read_text())
     assert run["kind"] == "monitor" and run["config"]["n_samples"] == 12
-    assert run["seeds"]["loss_noise"] == 17 and run["data"]["overlap"] == 0
+    assert run["seeds"]["monitor_loss"] == 417 and run["data"]["overlap"] == 0
     assert run["environment"]["torch"] == torch.__version__
     for name in ("fig_monitor.png", "fig_monitor_gallery.png", "summary.json", "samples/step_0000050.safetensors"):
         assert (tmp_path / "mon" / name).stat().st_size > 0

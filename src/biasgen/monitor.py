@@ -40,12 +40,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from .checkpoint import save_tensors
+from .checkpoint import load_tensors, save_tensors
 from .errors import BiasgenError
 from .images.metrics import data_copying_z, frozen_noise_loss, loss_by_t, memorized_fraction, nearest_neighbors
 from .runs import append_jsonl, prepare_run_dir, progress_bar, read_json, read_jsonl, write_json
 from .sampler import sample, x0_from_eps_model
 from .schedule import NoiseSchedule
+from .seeds import SeedPlan
 
 RUNTIME_KEYS = ("device", "batch_size", "figures", "verbose", "value_range")  # may change when a run continues
 FLAG_TEXT = {
@@ -54,6 +55,8 @@ FLAG_TEXT = {
     "first_copies": "first copies",
 }
 GALLERY_SIZE = 10
+MONITOR_STREAMS = ("monitor_loss", "monitor_loss_heldout", "monitor_loss_train", "monitor_reference_heldout",
+                   "monitor_reference_train", "f_mem_bootstrap")  # the named seeds (biasgen.seeds) a monitor uses
 
 
 def _images(x, name: str) -> torch.Tensor:
@@ -100,7 +103,7 @@ def _eps_model(model) -> Callable:
     from .images.diffusers_model import DiffusersEps, is_unet2d
 
     if is_unet2d(model):
-        return DiffusersEps(model)
+        return DiffusersEps(unet=model)
     if not callable(model):
         raise BiasgenError(f"monitor.check needs a model or callable (x_t, t) -> eps_hat, got {type(model).__name__}.")
     return model
@@ -154,7 +157,7 @@ class Monitor:
                 raise BiasgenError(f"{name} must be at least 1, got {value}.")
         self.schedule = schedule or NoiseSchedule.linear()
         self.n_samples, self.sampler, self.sample_steps, self.clip = n_samples, sampler, sample_steps, clip
-        self.loss_bands, self.copy_z_threshold, self.n_boot, self.seed = loss_bands, copy_z_threshold, n_boot, seed
+        self.loss_bands, self.copy_z_threshold, self.n_boot = loss_bands, copy_z_threshold, n_boot
         self.value_range, self.device, self.batch_size = value_range, device, batch_size
         self.figures, self.verbose = figures, verbose
 
@@ -174,13 +177,9 @@ class Monitor:
             device=device, batch_size=batch_size, figures=figures, verbose=verbose,
         )
         self.out = prepare_run_dir(out, config, resume=True, force=force, kind="monitor", runtime_keys=RUNTIME_KEYS)
-        self.seeds = {
-            "master": seed,
-            "subsets": seed,
-            "loss_noise": seed * 1000 + 17,
-            "sample_noise": f"seed*1000000 + 7919*j for sample j (seed={seed})",
-            "f_mem_bootstrap": seed,
-        }
+        plan = SeedPlan(seed)
+        self.seeds = {name: plan.evaluation(name) for name in MONITOR_STREAMS}
+        self.seeds["sample_noise"] = plan.describe(0)["sample_noise"]
         run = read_json(self.out / "run.json")
         if "seeds" not in run:
             data = {"overlap": overlap, "n_train": len(self.train), "n_heldout": len(self.heldout)}
@@ -189,11 +188,13 @@ class Monitor:
         # fixed inputs, the same at every check: loss subsets (paired: image i of both gets the same t and noise),
         # size-matched nearest-neighbour references, the held-out images' distances to the training set
         n = min(n_loss, len(self.train), len(self.heldout))
-        self.loss_train, self.loss_heldout = _subset(self.train, n, seed), _subset(self.heldout, n, seed + 1)
+        self.loss_heldout = _subset(self.heldout, n, self.seeds["monitor_loss_heldout"])
+        self.loss_train = _subset(self.train, n, self.seeds["monitor_loss_train"])
         n_ref = min(len(self.train), len(self.heldout))
-        self.ref_train, self.ref_heldout = _subset(self.train, n_ref, seed + 2), _subset(self.heldout, n_ref, seed + 3)
+        self.ref_heldout = _subset(self.heldout, n_ref, self.seeds["monitor_reference_heldout"])
+        self.ref_train = _subset(self.train, n_ref, self.seeds["monitor_reference_train"])
         self.heldout_l2 = nearest_neighbors(self.ref_heldout, self.train)["l2"]
-        self.sample_seeds = [seed * 1_000_000 + 7919 * j for j in range(n_samples)]
+        self.sample_seeds = plan.sample_seeds(n_samples)
 
     # -- records ---------------------------------------------------------------------------------
     @property
@@ -223,9 +224,9 @@ class Monitor:
         device = self.device or _device_of(model)
         shape = tuple(self.train.shape[1:])
         with _evaluating(model):
-            val = frozen_noise_loss(eps, self.loss_heldout, self.schedule, seed=self.seeds["loss_noise"],
+            val = frozen_noise_loss(eps, self.loss_heldout, self.schedule, seed=self.seeds["monitor_loss"],
                                     batch_size=self.batch_size, device=device)
-            tr = frozen_noise_loss(eps, self.loss_train, self.schedule, seed=self.seeds["loss_noise"],
+            tr = frozen_noise_loss(eps, self.loss_train, self.schedule, seed=self.seeds["monitor_loss"],
                                    batch_size=self.batch_size, device=device)
             samples = sample(x0_from_eps_model(eps, self.schedule, clip=self.clip), self.schedule, shape,
                              self.sample_seeds, method=self.sampler,
@@ -236,7 +237,8 @@ class Monitor:
 
         nn_full = nearest_neighbors(samples, self.train)
         nn_train, nn_heldout = nearest_neighbors(samples, self.ref_train), nearest_neighbors(samples, self.ref_heldout)
-        f_mem = memorized_fraction(nn_full["l2"], nn_full["l2_second"], n_boot=self.n_boot, seed=self.seed)
+        f_mem = memorized_fraction(nn_full["l2"], nn_full["l2_second"], n_boot=self.n_boot,
+                                   seed=self.seeds["f_mem_bootstrap"])
         val_t = loss_by_t(val["per_example"], val["t"], n_bins=self.loss_bands, T=self.schedule.T)
         train_t = loss_by_t(tr["per_example"], tr["t"], n_bins=self.loss_bands, T=self.schedule.T)
         record = {
@@ -263,10 +265,9 @@ class Monitor:
         save_tensors(self.out / "samples" / f"step_{step:07d}", {"samples": samples},
                      {"step": step, "sampler": self.sampler, "seeds": self.seeds["sample_noise"]})
         append_jsonl(self.out / "metrics.jsonl", record)
-        records = self.records
-        write_json(self.out / "summary.json", summarize(records))
+        write_json(self.out / "summary.json", summarize(self.records))
         if self.figures:
-            self._draw(records, samples, nn_full["index"], nn_heldout["index"], step)
+            self.plot()
         if self.verbose:
             print(describe(record), file=sys.stderr)
         return record
@@ -281,14 +282,20 @@ class Monitor:
             "first_copies": copies and not any(r["flags"]["copies"] for r in earlier),
         }
 
-    def _draw(self, records, samples, train_index, heldout_index, step: int) -> None:
+    def plot(self) -> None:
+        """Draw ``fig_monitor.png`` from every record and ``fig_monitor_gallery.png`` from the last step's samples."""
         from .images.figures import plot_gallery, plot_monitor
 
+        records = self.records
+        if not records:
+            return
         plot_monitor(records, self.out / "fig_monitor.png", z_threshold=self.copy_z_threshold)
-        k = GALLERY_SIZE
-        rows = [(f"step {step}: samples", samples[:k]),
-                ("nearest training image", self.train[train_index[:k]]),
-                ("nearest held-out image (size-matched set)", self.ref_heldout[heldout_index[:k]])]
+        step = records[-1]["step"]
+        samples = load_tensors(self.out / "samples" / f"step_{step:07d}")[0]["samples"][:GALLERY_SIZE]
+        rows = [(f"step {step}: samples", samples),
+                ("nearest training image", self.train[nearest_neighbors(samples, self.train)["index"]]),
+                ("nearest held-out image (size-matched set)",
+                 self.ref_heldout[nearest_neighbors(samples, self.ref_heldout)["index"]])]
         plot_gallery(rows, self.out / "fig_monitor_gallery.png", value_range=self.value_range)
 
 
@@ -336,7 +343,8 @@ def monitor_checkpoints(
 
     Everything is checked before anything is written: the model config, the
     data's channels and size, and that every checkpoint has that architecture.
-    Images are scaled to [-1, 1], as diffusers' training scripts do.
+    Images are scaled to [-1, 1], as diffusers' training scripts do. The figures
+    are drawn once, after the last checkpoint.
     """
     from .images.data import load_images, scale_images
     from .images.diffusers_model import (check_architectures, check_unet_fits, find_checkpoints,
@@ -354,10 +362,11 @@ def monitor_checkpoints(
     schedule = schedule_from_scheduler_config(scheduler_config) if scheduler_config else NoiseSchedule.linear()
     meta = {"checkpoints": str(Path(checkpoints).resolve()), "subfolder": subfolder, "model_config": config,
             "train": str(train), "heldout": str(heldout), "resolution": resolution, "grayscale": grayscale}
-    monitor = Monitor(*images, out, schedule=schedule, meta=meta, **monitor_kwargs)
+    monitor = Monitor(*images, out, schedule=schedule, meta=meta, figures=False, **monitor_kwargs)
     done = monitor.steps
     for ck in progress_bar([c for c in found if c.step not in done], progress, "checkpoints"):
         monitor.check(ck.step, load_checkpoint_unet(ck, config))
+    monitor.plot()  # once, at the end
     return monitor.records
 
 

@@ -2,8 +2,8 @@
 
     config = load_unet_config("ddpm-digits/unet")         # the config.json diffusers writes (or its folder)
     check_unet_fits(config, train.shape[1:])              # channels and sample size match the data
-    net = diffusers_unet(config)                          # an nn.Module: eps_hat = net(x_t, t), t in 1..T
-    net = DiffusersEps(unet)                              # the same view of a UNet2DModel you already have
+    net = DiffusersEps(config)                            # a new UNet2DModel as an nn.Module: eps_hat = net(x_t, t), t in 1..T
+    net = DiffusersEps(unet=model)                        # the same view of a UNet2DModel you already have
     schedule = schedule_from_scheduler_config("ddpm-digits/scheduler")
     export_pipeline(net, "exported", schedule)            # DDPMPipeline.from_pretrained("exported") loads it
 
@@ -143,21 +143,20 @@ def build_unet(config: dict):
 class DiffusersEps(nn.Module):
     """A ``UNet2DModel`` seen as biasgen's eps-predictor: ``forward(x_t (B, C, H, W), t (B,) long in 1..T) -> eps_hat``.
 
+    Built from a config (``DiffusersEps(config)``, a fresh network: what the twin
+    audit trains) or around a network you have (``DiffusersEps(unet=model)``).
     Shifts ``t`` to diffusers' timestep ``t - 1`` (see the module docstring). The
     state dict holds the UNet's under the prefix ``unet.``.
     """
 
-    def __init__(self, unet):
+    def __init__(self, config: dict | None = None, *, unet=None):
         super().__init__()
-        self.unet = unet
+        if (config is None) == (unet is None):
+            raise BiasgenError("DiffusersEps takes either a UNet2DModel config or a built unet=..., not both or neither.")
+        self.unet = unet if unet is not None else build_unet(config)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.unet(x, t - 1, return_dict=False)[0]
-
-
-def diffusers_unet(config: dict) -> DiffusersEps:
-    """A new UNet2DModel built from ``config`` (see :func:`load_unet_config`), wrapped as an eps-predictor."""
-    return DiffusersEps(build_unet(config))
 
 
 def is_unet2d(model) -> bool:
@@ -370,6 +369,6 @@ def load_checkpoint_unet(checkpoint: FoundCheckpoint, config: dict) -> Diffusers
     """The UNet2DModel of ``checkpoint`` (built from ``config``), wrapped as an eps-predictor, in eval mode."""
     from safetensors.torch import load_file
 
-    net = diffusers_unet(config)
+    net = DiffusersEps(config)
     load_unet_weights(net.unet, load_file(str(checkpoint.weights)), checkpoint.weights)
     return net.eval()
