@@ -5,6 +5,7 @@
     biasgen audit --data ./faces --resolution 32 --grayscale --n 1024 --splits 4
     biasgen hierarchy --preset cpu        # twins on the hierarchical data model
     biasgen report runs/audit             # (re)build runs/audit/report.html from the run folder
+    biasgen monitor --checkpoints ddpm-run --train ./train --heldout ./val   # one run's saved checkpoints
 
 Every twin experiment (a :class:`biasgen.pipeline.TwinExperiment`) is a
 subcommand; every setting of its config is also a flag (``biasgen audit
@@ -16,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import monitor
 from .config import add_config_flags, build_config, flags_given
 from .errors import BiasgenError
 from .pipeline import TwinExperiment, run_experiment, terminal_summary
@@ -66,6 +68,7 @@ def _report(args: argparse.Namespace) -> int:
 
 TOOLS = {  # name -> (add its arguments, run it (returns the exit code), help)
     "report": (_report_arguments, _report, "(re)build report.html, the page a person reads, from a run folder"),
+    "monitor": (monitor.add_arguments, monitor.main, monitor.HELP),
 }
 
 

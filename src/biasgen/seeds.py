@@ -28,6 +28,12 @@ EVALUATION_STREAMS = {
     "loss_train": 101,  # + split
     "kl_along_t": 200,  # test inputs noised at every t of the KL-along-t grid
     "uturn": 300,  # forward and reverse noise of the U-turns
+    # the single-run monitor
+    "monitor_loss": 400,  # (t, eps) per loss image, the same for the held-out and the training subset (paired)
+    "monitor_loss_heldout": 401,  # which held-out images enter the loss
+    "monitor_loss_train": 402,  # which training images enter the loss
+    "monitor_reference_heldout": 403,  # the size-matched nearest-neighbour reference sets
+    "monitor_reference_train": 404,
 }
 
 

@@ -3,6 +3,8 @@
     from biasgen.images.audit import audit
     summary = audit("runs/digits")                       # the default preset
     summary = audit("runs/fm", preset="fashion-mnist", steps=2000)
+    summary = audit("runs/ddpm", model="diffusers", model_config="ddpm/unet")   # a diffusers UNet2DModel
+    export_checkpoint("runs/ddpm", model=0, step=1500, out="ddpm-twin0")        # -> DDPMPipeline.from_pretrained
 
 or from the shell: ``biasgen audit --out runs/digits``. The run folder holds
 ``run.json``, ``metrics.jsonl`` (one record per checkpoint), ``summary.json``,
@@ -19,14 +21,19 @@ import torch
 
 from ..checkpoint import load_tensors
 from ..config import TwinConfig, check, check_at_least, opt
+from ..errors import BiasgenError
 from ..losses import eps_mse_loss
 from ..onset import score_crossing
 from ..pipeline import Curve, Data, Shared, TwinExperiment, run_experiment
+from ..runs import read_json
 from ..sampler import sample, x0_from_eps_model
 from ..schedule import NoiseSchedule
+from ..training import checkpoint_stem
 from ..twins import model_pairs
 from . import figures
 from .data import describe, load_images, make_splits, scale_images, unscale_images
+from .diffusers_model import (DiffusersEps, check_unet_fits, export_pipeline, load_unet_config,
+                              schedule_from_scheduler_config)
 from .metrics import (
     data_copying_z,
     frozen_noise_loss,
@@ -52,11 +59,17 @@ class AuditConfig(TwinConfig):
     center_crop: bool = opt(True, "centre-crop to a square before resizing")
     scaling: str = opt("minus1to1", "pixel scaling: minus1to1 (2x-1) or center (subtract the training mean, as the paper)")
     # model
+    model: str = opt("unet", "network: unet (biasgen's U-Net, set by the options below) or diffusers (a UNet2DModel "
+                             "built from --model-config; the U-Net options and --dropout then do not apply)")
+    model_config: str | None = opt(None, "with --model diffusers: the UNet2DModel config.json (as diffusers writes it, "
+                                         "or its folder)")
     base_width: int = opt(16, "U-Net base channel width")
     channel_mults: tuple[int, ...] = opt((1, 2), "U-Net width multiplier per resolution level")
     attention_levels: tuple[int, ...] = opt((), "levels (0 = full resolution) with self-attention")
     res_blocks: int = opt(1, "residual blocks per level")
     schedule: str = opt("linear", "noise schedule: linear (the paper's) or cosine")
+    scheduler_config: str | None = opt(None, "a diffusers scheduler_config.json as the noise schedule, instead of "
+                                             "--schedule (its num_train_timesteps must equal --T)")
     # evaluation
     score_ts: tuple[int, ...] = opt((50, 100, 150, 200), "diffusion steps t for the score-level twin similarity")
     n_score_inputs: int = opt(128, "training and test inputs for the score-level similarity")
@@ -72,6 +85,14 @@ class AuditConfig(TwinConfig):
         check(self.resolution is None or self.resolution >= 4, "--resolution must be at least 4 pixels.")
         check(all(1 <= t < self.T for t in self.score_ts), f"--score-ts must lie in [1, {self.T - 1}].")
         check(len(self.channel_mults) >= 1, "--channel-mults needs at least one level, e.g. 1,2.")
+        check(self.model in ("unet", "diffusers"), f"--model must be unet or diffusers, got {self.model!r}.")
+        check((self.model == "diffusers") == (self.model_config is not None),
+              "--model diffusers needs --model-config (a UNet2DModel config.json), and --model-config needs "
+              "--model diffusers.")
+        if self.model == "diffusers":
+            load_unet_config(self.model_config)  # a clear error now for a config that is not a UNet2DModel's
+        T = noise_schedule(self.schedule, self.T, self.scheduler_config).T
+        check(T == self.T, f"--scheduler-config has num_train_timesteps={T} but --T is {self.T}; pass --T {T}.")
 
 
 PRESETS: dict[str, dict] = {
@@ -111,13 +132,17 @@ class ImageAudit(TwinExperiment):
         reference = torch.cat(splits.train)  # 'center' scaling subtracts the mean training image
         train = [scale_images(x, cfg.scaling, reference)[0] for x in splits.train]
         test, mean = scale_images(splits.test, cfg.scaling, reference)
+        if cfg.model == "diffusers":  # checked before the run folder is created
+            check_unet_fits(load_unet_config(cfg.model_config), train[0].shape[1:])
         return Data(train=train, test=test, description=describe(images, splits), extra={"mean": mean})
 
     def schedule(self) -> NoiseSchedule:
-        return NoiseSchedule.from_name(self.cfg.schedule, self.cfg.T)
+        return noise_schedule(self.cfg.schedule, self.cfg.T, self.cfg.scheduler_config)
 
     def network(self, data: Data) -> tuple[type, dict]:
         cfg = self.cfg
+        if cfg.model == "diffusers":
+            return DiffusersEps, {"config": load_unet_config(cfg.model_config)}
         return UNet, dict(channels=data.train[0].shape[1], base_width=cfg.base_width,
                           channel_mults=tuple(cfg.channel_mults), attention_levels=tuple(cfg.attention_levels),
                           res_blocks=cfg.res_blocks, dropout=cfg.dropout)
@@ -154,6 +179,28 @@ class ImageAudit(TwinExperiment):
         rows = [(label, unscale_images(x, cfg.scaling, data.extra["mean"]).clamp(0, 1))
                 for label, x in gallery_rows(run, summary, data.train, members)]
         figures.plot_all(run, records, summary, rows, value_range=(0.0, 1.0))
+
+
+def noise_schedule(name: str, T: int, scheduler_config: str | None) -> NoiseSchedule:
+    """An audit's noise schedule: the diffusers scheduler config when one is given, else biasgen's ``name`` with ``T`` steps."""
+    return schedule_from_scheduler_config(scheduler_config) if scheduler_config else NoiseSchedule.from_name(name, T)
+
+
+def export_checkpoint(run: str | Path, model: int, step: int, out: str | Path) -> Path:
+    """Model ``model`` of the audit in ``run`` at checkpoint ``step`` as a diffusers ``DDPMPipeline`` folder ``out``.
+
+    Only for runs with ``--model diffusers`` and ``--scaling minus1to1`` (the [-1, 1] images a DDPMPipeline
+    assumes); the exported scheduler is the run's noise schedule.
+    """
+    cfg = read_json(Path(run) / "run.json")["config"]
+    if cfg.get("model") != "diffusers":
+        raise BiasgenError(f"The audit in {run} trained biasgen's U-Net; only runs with --model diffusers export "
+                           "to diffusers.")
+    if cfg["scaling"] != "minus1to1":
+        raise BiasgenError(f"The audit in {run} used --scaling {cfg['scaling']}; a DDPMPipeline assumes images in "
+                           "[-1, 1] (--scaling minus1to1).")
+    stem = checkpoint_stem(Path(run) / "models" / f"model{model}", step)
+    return export_pipeline(stem, out, noise_schedule(cfg["schedule"], cfg["T"], cfg["scheduler_config"]))
 
 
 def audit(out: str | Path, preset: str | None = "default", config: str | Path | None = None, *,

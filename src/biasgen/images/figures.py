@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
@@ -288,3 +289,103 @@ def plot_all(
     if gallery_rows:
         written["gallery"] = plot_gallery(gallery_rows, run_dir / "fig_gallery.png", value_range)
     return written
+
+
+# -- single-run monitor ---------------------------------------------------------
+def _monitor_events(records: Sequence[dict]) -> list[tuple[float, str, str]]:
+    """``(step, colour, label)`` of the validation-loss minimum and of the first flagged closeness and copies."""
+    events = []
+    steps, val = _series(records, _key("val_loss"))
+    if len(steps):
+        events.append((float(steps[int(np.argmin(val))]), "tab:blue", "val-loss minimum"))
+    for flag, color, text in (("closer_to_train", "tab:red", "first significant closeness"),
+                              ("copies", "tab:purple", "first copies")):
+        steps, hit = _series(records, lambda r: float(bool((r.get("flags") or {}).get(flag))))
+        if hit.any():
+            events.append((float(steps[int(np.argmax(hit))]), color, text))
+    return events
+
+
+def _gap(k: int):
+    """Getter of a monitor record's validation - training loss in noise band ``k`` (``None`` when missing)."""
+
+    def get(r):
+        gaps = (r.get("gap_by_t") or {}).get("gap") or []
+        return _number(gaps[k]) if k < len(gaps) else None
+
+    return get
+
+
+def plot_monitor(records: Sequence[dict], path: str | Path, z_threshold: float = 2.0) -> Path:
+    """The single-run monitor over training: losses, the train-validation gap per noise band, nearest-neighbour
+    proximity to training vs held-out images, the data-copying z and f_mem, with the flagged steps marked."""
+    fig = Figure(figsize=(13, 7))
+    axes = fig.subplots(2, 3).ravel()
+    for ax in axes:
+        _step_axis(ax, records)
+        ax.grid(alpha=0.3)
+    ax_loss, ax_gap, ax_z, ax_l2, ax_sim, ax_mem = axes
+
+    if _plot_band(ax_loss, records, _key("val_loss"), _key("val_loss_sem"), "validation", color="tab:blue"):
+        _plot_band(ax_loss, records, _key("train_loss"), _key("train_loss_sem"), "training images",
+                   color="tab:blue", linestyle="--", alpha=0.7)
+    else:
+        _empty(ax_loss, "loss")
+    ax_loss.set_ylabel("denoising loss (frozen noise)")
+
+    first = next((r["gap_by_t"] for r in records if r.get("gap_by_t")), None)
+    if first:
+        for k, (lo, hi) in enumerate(zip(first["t_lo"], first["t_hi"])):
+            s, v = _series(records, _gap(k))
+            color = colormaps["viridis"](k / max(len(first["t_lo"]) - 1, 1))
+            ax_gap.plot(s, v, marker="o", markersize=2, color=color, label=f"t {lo:.0f}-{hi:.0f}")
+        ax_gap.axhline(0, color="gray", linewidth=0.8)
+        ax_gap.legend(fontsize=6, ncol=2)
+    else:
+        _empty(ax_gap, "loss by noise level")
+    ax_gap.set_ylabel("validation - training loss, per t band")
+
+    s, z = _series(records, _key("copy_z"))
+    if len(s):
+        ax_z.plot(s, z, marker="o", markersize=3, color="tab:red", label="data-copying z")
+        ax_z.axhline(-z_threshold, color="tab:red", linestyle=":", linewidth=1, label=f"z = -{z_threshold:g}")
+        ax_z.axhline(0, color="gray", linewidth=0.8)
+        ax_z.legend(fontsize=8)
+    else:
+        _empty(ax_z, "data-copying z")
+    ax_z.set_ylabel("data-copying z (< 0: closer to training)")
+
+    for ax, suffix, ylabel in ((ax_l2, "l2", "NN L2 distance of samples"), (ax_sim, "sim", "NN cosine similarity")):
+        drew = False
+        for which, color, style in (("train", "tab:red", "-"), ("heldout", "tab:green", ":")):
+            s, v = _series(records, _key(f"nn_{which}_{suffix}"))
+            if len(s):
+                ax.plot(s, v, marker="o", markersize=3, color=color, linestyle=style,
+                        label=f"to {'training' if which == 'train' else 'held-out'} images (size-matched)")
+                drew = True
+        if drew:
+            ax.legend(fontsize=8)
+        else:
+            _empty(ax, ylabel)
+        ax.set_ylabel(ylabel)
+
+    s, f = _series(records, _key("f_mem"))
+    if len(s):
+        ax_mem.plot(s, f, marker="o", markersize=3, color="tab:purple", label="$f_{mem}$")
+        s, ci = _series(records, lambda r: _pair(r.get("f_mem_ci")))
+        if len(s):
+            ax_mem.fill_between(s, ci[:, 0], ci[:, 1], color="tab:purple", alpha=0.2, linewidth=0, label="bootstrap CI")
+        ax_mem.legend(fontsize=8)
+    else:
+        _empty(ax_mem, "f_mem")
+    ax_mem.set_ylabel("memorized fraction ($d_1/d_2 < 1/3$)")
+    ax_mem.set_ylim(-0.02, 1.02)
+
+    for i, ax in enumerate(axes):
+        for step, color, text in _monitor_events(records):
+            ax.axvline(step, color=color, linestyle=":", linewidth=1.3, label=text if i == 0 else None)
+    if ax_loss.get_legend_handles_labels()[0]:
+        ax_loss.legend(fontsize=7)
+    fig.suptitle("Single-run monitor: loss, train-validation gap, proximity to training data", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
