@@ -1,20 +1,23 @@
-"""Onset times, the biased-generalization window, a verdict and a stopping advice (docs/method.md §0, §2–§4, §7).
+"""Onset times and the judge of biased generalization (docs/method.md §9–§10).
 
 Generic over the curve: twin cosine distance or test loss on images, KLs and
 cross-entropies on hierarchical data. A curve is a table ``(n_units, n_ckpt)``
-of per-unit values (units: pairs of twins, samples, or test examples) at the
-checkpoint ``steps``; its reduced curve (median or mean over units) locates the
-minimum, and a bootstrap over units gives the minimum's uncertainty.
+(units: pairs of twins, test examples, models) at the checkpoint ``steps``;
+its mean over units is the curve that is judged.
 
-    bias = checkpoint_minimum(steps, twin_dist_per_pair)   # tau_bias
-    loss = checkpoint_minimum(steps, test_loss_per_example, reduce="mean")   # tau_loss
-    v = verdict(bias, loss)
-    advice = recommend(v, bias, loss)
+Uncertainty comes from the curve's own checkpoint-to-checkpoint noise, never
+from resampling units: units share each model's fluctuation at a checkpoint
+(every pair containing the model, every sample it draws), so they are not
+independent, and one pair of models has nothing to resample.
+
+    result = judge(steps, twin_distance, twin_pairs, test_loss, control_distance, control_pairs)
+    result["verdict"], result["reason"], result["recommended_step"]
 
 Every function returns plain JSON-serialisable values.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -22,76 +25,180 @@ import torch
 
 from .errors import BiasgenError
 
-DETECT_P = 0.9  # P(tau_bias < tau_loss) at or above which bias is called
-REJECT_P = 0.1  # at or below which no bias is called
-RISE_Z = 2.0  # the twin distance must rise after its minimum by this many bootstrap standard errors
-BOOT_CHUNK_VALUES = 4_000_000  # bootstrap replicates are processed in chunks of about this many values
+LEVEL = 0.05  # false-detection rate of the drift test
+PERSIST = 3  # checkpoints a drift must last: the end level and the floor are means over this many
+ORDER_P = 0.9  # P(tau_bias < tau_loss) needed to place the drift before the test-loss minimum
+LEVEL_OFF = 5.0  # the null's tail is levelled from where it is within this many noise sd of its end value
+N_BOOT = 2000  # simulated curves per bootstrap
+MAD_TO_SD = 1.4826  # median absolute deviation -> standard deviation of a normal
+DIFF_ORDER = 4  # order of the differences that estimate the checkpoint noise
+DIFF_WEIGHTS = (  # binomial weights (1, -4, 6, -4, 1) scaled to unit norm: the differences have the noise's variance
+    np.array([(-1) ** i * math.comb(DIFF_ORDER, i) for i in range(DIFF_ORDER + 1)])
+    / math.sqrt(math.comb(2 * DIFF_ORDER, DIFF_ORDER))
+)
+VERDICTS = ("biased-generalization-detected", "no-bias-detected", "inconclusive")
 
 
-def _table(steps: Sequence[int], curves) -> tuple[np.ndarray, np.ndarray]:
-    """Validate ``steps`` ``(n_ckpt,)`` and ``curves`` ``(n_units, n_ckpt)`` (or ``(n_ckpt,)``); float64 arrays."""
-    steps = np.asarray([int(s) for s in steps], dtype=np.int64)
-    c = curves.detach().cpu().numpy() if isinstance(curves, torch.Tensor) else np.asarray(curves)
-    c = np.asarray(c, dtype=np.float64)
-    if c.ndim == 1:
-        c = c[None, :]
-    if c.ndim != 2 or c.shape[1] != len(steps) or len(steps) == 0 or c.shape[0] == 0:
+# -- input checks ---------------------------------------------------------------------------------
+
+def _steps(steps: Sequence[int]) -> np.ndarray:
+    """``(n_ckpt,)`` int64 array of strictly increasing steps."""
+    s = np.asarray([int(v) for v in (steps.tolist() if hasattr(steps, "tolist") else steps)], dtype=np.int64)
+    if s.ndim != 1 or len(s) == 0:
+        raise BiasgenError(f"steps must be a non-empty list of checkpoint steps, got shape {s.shape}.")
+    if np.any(np.diff(s) <= 0):
+        raise BiasgenError(f"Checkpoint steps must be strictly increasing, got {s.tolist()}; sort the checkpoints.")
+    return s
+
+
+def _table(name: str, values, n_ckpt: int) -> np.ndarray:
+    """``values`` ``(n_units, n_ckpt)`` (or ``(n_ckpt,)``, one unit) as a float64 array, checked."""
+    v = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
+    v = np.asarray(v, dtype=np.float64)
+    if v.ndim == 1:
+        v = v[None, :]
+    if v.ndim != 2 or v.shape[1] != n_ckpt or v.shape[0] == 0:
         raise BiasgenError(
-            f"Expected curves of shape (n_units, n_checkpoints={len(steps)}), got {c.shape}; "
-            "pass one column per checkpoint step."
+            f"{name} must have shape (n_units, n_checkpoints={n_ckpt}), got {tuple(v.shape)}; "
+            "pass one row per unit and one column per checkpoint step."
         )
-    if np.any(np.diff(steps) <= 0):
-        raise BiasgenError(f"Checkpoint steps must be strictly increasing, got {steps.tolist()}.")
-    if not np.isfinite(c).all():
-        raise BiasgenError("The curve holds NaN or infinite values; drop the bad checkpoints or units first.")
-    return steps, c
+    if not np.isfinite(v).all():
+        raise BiasgenError(f"{name} holds NaN or infinite values; drop the bad checkpoints or rows first.")
+    return v
 
 
-def _reduce(c: np.ndarray, reduce: str) -> np.ndarray:
-    """Reduce over units (axis -2): ``(..., n_units, n_ckpt)`` -> ``(..., n_ckpt)``."""
-    return np.median(c, axis=-2) if reduce == "median" else c.mean(axis=-2)
+def _pairs(name: str, pairs, n_rows: int) -> list[tuple[int, int]]:
+    """``pairs``: one ``(i, j)`` model-index pair per row, ``i != j``."""
+    out = [tuple(int(m) for m in p) for p in pairs]
+    if len(out) != n_rows or any(len(p) != 2 or p[0] == p[1] or min(p) < 0 for p in out):
+        raise BiasgenError(
+            f"{name} must list one (i, j) pair of distinct model indices per row ({n_rows} rows), got {out}."
+        )
+    return out
 
 
-def checkpoint_minimum(
-    steps: Sequence[int],
-    curves,
-    n_boot: int = 1000,
-    seed: int = 0,
-    reduce: str = "median",
-) -> dict:
-    """Checkpoint at which the unit-reduced curve is smallest, with a bootstrap over units.
+# -- curve fits and noise -------------------------------------------------------------------------
+
+def _antitonic(y: np.ndarray) -> np.ndarray:
+    """Least-squares non-increasing fit of ``y`` ``(n,)`` (pool adjacent violators)."""
+    means, sizes = [], []
+    for v in y:
+        means.append(float(v))
+        sizes.append(1)
+        while len(means) > 1 and means[-2] < means[-1]:
+            m, n = means.pop(), sizes.pop()
+            means[-1] = (means[-1] * sizes[-1] + m * n) / (sizes[-1] + n)
+            sizes[-1] += n
+    return np.repeat(means, sizes)
+
+
+def valley_fit(y) -> np.ndarray:
+    """Least-squares fit of ``y`` ``(n,)`` that first does not increase, then does not decrease."""
+    y = np.asarray(y, dtype=np.float64)
+    best, best_rss = y, np.inf
+    for split in range(len(y) + 1):
+        fit = np.concatenate([_antitonic(y[:split]), -_antitonic(-y[split:])])
+        rss = float(((y - fit) ** 2).sum())
+        if rss < best_rss:
+            best, best_rss = fit, rss
+    return best
+
+
+def noise_sd(y) -> np.ndarray:
+    """Checkpoint-to-checkpoint noise sd of curves ``(..., n_ckpt)`` -> ``(...)``; needs n_ckpt > ``DIFF_ORDER``.
+
+    Robust difference estimator: the normalised ``DIFF_ORDER``-th differences
+    of consecutive checkpoints cancel any smooth trend (a polynomial of lower
+    degree exactly, a smooth fall nearly) and have the noise variance under
+    independent noise; their median absolute value, scaled to a normal sd,
+    ignores the few checkpoints where the curve bends sharply.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    n = y.shape[-1] - DIFF_ORDER
+    resid = sum(w * y[..., i : i + n] for i, w in enumerate(DIFF_WEIGHTS))
+    return MAD_TO_SD * np.median(np.abs(resid), axis=-1)
+
+
+def _window_means(y: np.ndarray, width: int) -> np.ndarray:
+    """Means of ``width`` consecutive checkpoints: ``(..., n_ckpt)`` -> ``(..., n_ckpt - width + 1)``."""
+    c = np.cumsum(np.concatenate([np.zeros(y.shape[:-1] + (1,)), y], axis=-1), axis=-1)
+    return (c[..., width:] - c[..., :-width]) / width
+
+
+def end_rise(y, persist: int = PERSIST) -> tuple[np.ndarray, np.ndarray]:
+    """How far curves ``(..., n_ckpt)`` end above their floor: ``(rise, floor_start)``, each ``(...)``.
+
+    The end level is the mean of the last ``persist`` checkpoints; the floor is
+    the lowest mean of ``persist`` consecutive earlier checkpoints (disjoint from
+    the end), starting at index ``floor_start``. Needs ``n_ckpt >= 2 * persist``.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    means = _window_means(y, persist)
+    earlier = means[..., : y.shape[-1] - 2 * persist + 1]
+    return means[..., -1] - earlier.min(axis=-1), earlier.argmin(axis=-1)
+
+
+def _levelled_null(y: np.ndarray, sd: float) -> np.ndarray:
+    """The least favourable non-drifting mean for ``y`` ``(n,)``: its non-increasing fit, flat from where it is
+    within ``LEVEL_OFF`` noise sd of its end value (a flat tail gives the largest chance of a spurious rise)."""
+    fit = _antitonic(y)
+    start = int(np.argmax(fit - fit[-1] <= LEVEL_OFF * sd))
+    fit[start:] = fit[start]
+    return fit
+
+
+def _draws(fit: np.ndarray, sd: float, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """``(n_boot, n)`` simulated curves: ``fit`` ``(n,)`` plus normal noise whose sd carries the uncertainty of
+    the estimate ``sd``: each draw uses ``sd / r`` with ``r`` the ratio estimate/truth of :func:`noise_sd` on a
+    pure-noise curve of the same length (so a curve whose noise was underestimated still gets wide intervals)."""
+    ratio = noise_sd(rng.standard_normal((n_boot, len(fit))))
+    return fit + (sd / np.maximum(ratio, 1e-3))[:, None] * rng.standard_normal((n_boot, len(fit)))
+
+
+def min_checkpoints(persist: int = PERSIST) -> int:
+    """Fewest checkpoints the drift test works with: a floor and an end level of ``persist`` checkpoints each, one
+    checkpoint between them, and enough differences to estimate the noise."""
+    return max(2 * persist + 1, DIFF_ORDER + 3)
+
+
+def _floor_sd(y: np.ndarray, sd: float) -> float:
+    """``sd`` kept above a tiny fraction of the curve's scale, so that noise-free curves stay well defined."""
+    return max(float(sd), 1e-9 * (float(np.abs(y).max()) + 1e-12))
+
+
+# -- onset times ----------------------------------------------------------------------------------
+
+def checkpoint_minimum(steps: Sequence[int], curves, n_boot: int = N_BOOT, seed: int = 0, reduce: str = "mean") -> dict:
+    """Checkpoint at which the unit-reduced curve is smallest, with its uncertainty from checkpoint noise.
 
     ``steps``: ``(n_ckpt,)`` increasing training steps; ``curves``:
-    ``(n_units, n_ckpt)`` tensor or array (or ``(n_ckpt,)``, one unit).
-    ``reduce``: ``'median'`` or ``'mean'`` over units.
+    ``(n_units, n_ckpt)`` tensor or array (or ``(n_ckpt,)``, one unit);
+    ``reduce``: ``'mean'`` or ``'median'`` over units.
 
-    Returns ``step`` and ``index`` of the argmin; ``ci`` = central 68% interval
-    ``[lo_step, hi_step]`` and ``ci95`` = central 95% interval of the bootstrap
-    argmin steps (``ci_level`` = 0.68 names the first); ``boot_steps`` (one
-    argmin step per replicate); ``curve`` (the reduced curve) and ``curve_se``
-    (its bootstrap standard error); ``rise`` = last value minus the minimum and
-    ``rise_se`` its paired bootstrap standard error; ``steps``; ``n_units``;
-    ``n_ckpt``. With a single unit there is nothing to resample:
-    ``ci = ci95 = [step, step]`` and all errors are 0.
+    The interval is a parametric bootstrap: the valley fit of the curve (non-
+    increasing, then non-decreasing) plus independent normal noise of the
+    curve's own checkpoint noise sd (:func:`noise_sd`, widened for the
+    uncertainty of that estimate), ``n_boot`` times; the argmin of each
+    simulated curve is one draw. Units are never resampled: they share each
+    checkpoint's fluctuation. With ``DIFF_ORDER`` or fewer checkpoints the
+    noise cannot be estimated and every checkpoint counts as possible.
+
+    Returns ``step`` and ``index`` of the argmin; ``ci`` (central 68%) and
+    ``ci95`` as ``[lo_step, hi_step]``; ``ci_level`` = 0.68; ``boot_steps``
+    (one argmin step per draw); ``curve``, ``fit``, ``noise_sd``, ``steps``,
+    ``n_units``, ``n_ckpt``, ``reduce``.
     """
     if reduce not in ("median", "mean"):
         raise BiasgenError(f"reduce must be 'median' or 'mean', got {reduce!r}.")
-    steps, c = _table(steps, curves)
-    n_units, n_ckpt = c.shape
-    curve = _reduce(c, reduce)
+    steps = _steps(steps)
+    c = _table("curves", curves, len(steps))
+    curve = np.median(c, axis=0) if reduce == "median" else c.mean(axis=0)
     index = int(np.argmin(curve))
-    if n_units == 1:
-        boot = np.full((1, n_ckpt), curve)
+    if len(steps) <= DIFF_ORDER:
+        fit, sd, boot_idx = curve, float("nan"), np.arange(len(steps))
     else:
-        rng = np.random.default_rng(seed)
-        chunk = max(1, BOOT_CHUNK_VALUES // (n_units * n_ckpt))
-        parts = []
-        for start in range(0, n_boot, chunk):
-            units = rng.integers(0, n_units, (min(chunk, n_boot - start), n_units))
-            parts.append(_reduce(c[units], reduce))
-        boot = np.concatenate(parts)  # (n_boot, n_ckpt)
-    boot_idx = boot.argmin(1)
-    boot_steps = steps[boot_idx]
+        fit, sd = valley_fit(curve), _floor_sd(curve, noise_sd(curve))
+        boot_idx = _draws(fit, sd, n_boot, np.random.default_rng(seed)).argmin(axis=1)
     lo68, hi68 = np.quantile(boot_idx, 0.16, method="lower"), np.quantile(boot_idx, 0.84, method="higher")
     lo95, hi95 = np.quantile(boot_idx, 0.025, method="lower"), np.quantile(boot_idx, 0.975, method="higher")
     return {
@@ -100,16 +207,20 @@ def checkpoint_minimum(
         "ci": [int(steps[lo68]), int(steps[hi68])],
         "ci95": [int(steps[lo95]), int(steps[hi95])],
         "ci_level": 0.68,
-        "boot_steps": boot_steps.tolist(),
+        "boot_steps": steps[boot_idx].tolist(),
         "curve": curve.tolist(),
-        "curve_se": boot.std(0).tolist(),
-        "rise": float(curve[-1] - curve[index]),
-        "rise_se": float((boot[:, -1] - boot[:, index]).std()),
+        "fit": np.asarray(fit).tolist(),
+        "noise_sd": sd,
         "steps": steps.tolist(),
-        "n_units": int(n_units),
-        "n_ckpt": int(n_ckpt),
+        "n_units": int(c.shape[0]),
+        "n_ckpt": int(len(steps)),
         "reduce": reduce,
     }
+
+
+def public_tau(tau: dict) -> dict:
+    """A :func:`checkpoint_minimum` result without its bootstrap draws and curves (for summary.json)."""
+    return {k: v for k, v in tau.items() if k not in ("boot_steps", "curve", "fit", "steps")}
 
 
 def score_crossing(steps: Sequence[int], train_sim, test_sim) -> int | None:
@@ -119,7 +230,9 @@ def score_crossing(steps: Sequence[int], train_sim, test_sim) -> int | None:
     training and on test inputs. Returns None when train is not below test at
     the last checkpoint (no crossing yet).
     """
-    steps, c = _table(steps, np.stack([np.asarray(train_sim, dtype=np.float64), np.asarray(test_sim, dtype=np.float64)]))
+    steps = _steps(steps)
+    c = _table("similarities", np.stack([np.asarray(train_sim, dtype=np.float64),
+                                         np.asarray(test_sim, dtype=np.float64)]), len(steps))
     below = c[0] < c[1]
     if not below[-1]:
         return None
@@ -129,7 +242,10 @@ def score_crossing(steps: Sequence[int], train_sim, test_sim) -> int | None:
 
 
 def biased_window(tau_bias: int, tau_loss: int) -> dict:
-    """The biased-generalization window ``[tau_bias, tau_loss]``: ``{start, end, length, exists}`` (length in steps, 0 if none)."""
+    """The biased-generalization window ``[tau_bias, tau_loss]``: ``{start, end, length, exists}``.
+
+    ``length`` is in steps, 0 if the window does not exist.
+    """
     tau_bias, tau_loss = int(tau_bias), int(tau_loss)
     return {"start": tau_bias, "end": tau_loss, "length": max(0, tau_loss - tau_bias), "exists": tau_bias < tau_loss}
 
@@ -143,113 +259,243 @@ def prob_before(boot_a: Sequence[int], boot_b: Sequence[int]) -> float:
     return float((less + 0.5 * ties).mean() / len(b))
 
 
-def _call(name: str, reason: str) -> dict:
-    return {"verdict": name, "reason": reason}
+# -- the drift test -------------------------------------------------------------------------------
 
+def drift_test(steps: Sequence[int], curve, *, level: float = LEVEL, persist: int = PERSIST, n_boot: int = N_BOOT,
+               seed: int = 0) -> dict:
+    """Does ``curve`` ``(n_ckpt,)`` end persistently above its floor, beyond checkpoint noise?
 
-def verdict(bias: dict, loss: dict, p_detect: float = DETECT_P, p_reject: float = REJECT_P, rise_z: float = RISE_Z) -> dict:
-    """Decide whether the twins drift apart before the test loss bottoms out.
+    Statistic: ``T = end_rise(curve) / noise_sd(curve)`` (:func:`end_rise`:
+    mean of the last ``persist`` checkpoints minus the lowest mean of
+    ``persist`` earlier consecutive ones). The floor is chosen on the same
+    numbers, so T is compared with its distribution under the least favourable
+    curve that never rises: the non-increasing fit of the curve, levelled flat
+    where it is within ``LEVEL_OFF`` noise sd of its end (for every non-
+    increasing mean a flat stretch is the worst case), plus normal noise of the
+    estimated sd; each simulated curve is studentized by its own estimated sd,
+    as the data are. ``p_value`` = (1 + #{T* >= T}) / (1 + n_boot).
 
-    ``bias``, ``loss``: :func:`checkpoint_minimum` results of the twin-distance
-    curve (tau_bias) and of the test-loss curve (tau_loss), on the same steps.
-    ``p`` = P(tau_bias < tau_loss) over the two bootstrap sets (ties count 1/2).
-
-    - ``'inconclusive'`` when the twin-distance minimum sits at the last
-      checkpoint (run too short), when a curve has a single unit (no
-      uncertainty), or when p is between ``p_reject`` and ``p_detect``;
-    - ``'biased-generalization-detected'`` when ``p >= p_detect``, tau_bias is
-      not the first checkpoint, and the twin distance rises after its minimum
-      by more than ``rise_z`` bootstrap standard errors (otherwise inconclusive).
-      A test loss still falling at the last checkpoint does not prevent this:
-      tau_loss is then only known to be at or after the last checkpoint
-      (``tau_loss_open``), which places tau_bias before it all the more;
-    - ``'no-bias-detected'`` when ``p <= p_reject`` and both 95% intervals stay
-      clear of the last checkpoint.
-
-    Returns ``{verdict, reason, p_bias_before_loss, tau_bias, tau_loss, tau_loss_open, window}``.
+    Returns ``p_value``, ``statistic`` (T), ``drift`` = ``{value, raw, ci, ci95,
+    floor_steps, end_steps}`` (the rise corrected for its selection bias, with
+    68%/95% intervals from a parametric bootstrap around the valley fit of the
+    curve), ``detectable_drift`` (a rise of the last ``persist`` checkpoints
+    that this curve's noise lets the test detect 80% of the time),
+    ``noise_sd``, ``persist``. Needs ``min_checkpoints(persist)`` checkpoints.
     """
-    if bias["steps"] != loss["steps"]:
-        raise BiasgenError("The twin-distance and test-loss curves must use the same checkpoints.")
-    p = prob_before(bias["boot_steps"], loss["boot_steps"])
-    out = {
-        "p_bias_before_loss": p,
-        "tau_bias": bias["step"],
-        "tau_loss": loss["step"],
-        "window": biased_window(bias["step"], loss["step"]),
-    }
-    last = len(bias["steps"]) - 1
-    rise_ok = bias["rise"] > rise_z * bias["rise_se"]
-    loss_open = loss["index"] == last
-    out["tau_loss_open"] = loss_open
-    if bias["index"] == last:
-        return out | _call("inconclusive", "the twins still grow more alike at the last checkpoint; train longer to locate tau_bias.")
-    if bias["n_units"] == 1 or loss["n_units"] == 1:
-        return out | _call("inconclusive", "a curve has a single unit, so the uncertainty of its minimum cannot be estimated.")
-    if p >= p_detect:
-        if bias["index"] == 0:
-            return out | _call(
-                "inconclusive",
-                "the twin distance is smallest at the first checkpoint (twins never converged: same init, or the first "
-                "checkpoint is too late); add earlier checkpoints or use different init seeds.",
-            )
-        if not rise_ok:
-            return out | _call(
-                "inconclusive",
-                f"tau_bias={bias['step']} precedes tau_loss={loss['step']} (P={p:.2f}), but the twin distance rises only "
-                f"{bias['rise']:.3g} ± {bias['rise_se']:.3g} after its minimum, not clearly above noise.",
-            )
-        until = (f"is still falling at the last checkpoint, step {loss['step']} (tau_loss lies at or after it)"
-                 if loss_open else f"keeps falling until step {loss['step']} (68% CI {loss['ci']})")
-        return out | _call(
-            "biased-generalization-detected",
-            f"the twins start drifting apart at step {bias['step']} (68% CI {bias['ci']}) while the test loss "
-            f"{until}; P(tau_bias < tau_loss) = {p:.2f}.",
-        )
-    if loss_open:
-        return out | _call("inconclusive", "the test loss is still falling at the last checkpoint; train longer to locate tau_loss.")
-    if p <= p_reject:
-        if bias["ci95"][1] == bias["steps"][-1] or loss["ci95"][1] == loss["steps"][-1]:
-            return out | _call(
-                "inconclusive",
-                f"tau_bias={bias['step']} does not precede tau_loss={loss['step']} (P={p:.2f}), but a 95% interval reaches "
-                "the last checkpoint; train longer.",
-            )
-        return out | _call(
-            "no-bias-detected",
-            f"the twins keep converging until step {bias['step']} (68% CI {bias['ci']}), not before the test-loss "
-            f"minimum at step {loss['step']} (68% CI {loss['ci']}); P(tau_bias < tau_loss) = {p:.2f}.",
-        )
-    return out | _call(
-        "inconclusive",
-        f"tau_bias={bias['step']} (68% CI {bias['ci']}) and tau_loss={loss['step']} (68% CI {loss['ci']}) are not "
-        f"resolved: P(tau_bias < tau_loss) = {p:.2f}; use more samples, more twin pairs or denser checkpoints.",
-    )
-
-
-def recommend(decision: dict, bias: dict, loss: dict) -> dict:
-    """The checkpoint to stop at: ``{step, basis, rationale}``.
-
-    ``decision``: a :func:`verdict` result; ``bias``, ``loss``: the
-    :func:`checkpoint_minimum` results it was made from. When bias is detected
-    this is tau_bias, the last checkpoint before the twins drift apart (the
-    privacy-safe choice); otherwise tau_loss, the usual early-stopping point.
-    """
-    if decision["verdict"] == "biased-generalization-detected":
-        return {
-            "step": bias["step"],
-            "basis": "tau_bias",
-            "rationale": f"Stop at step {bias['step']}, before the models start favouring their own training data; "
-            f"training on to the test-loss minimum at step {loss['step']} buys a lower loss at the cost of privacy.",
-        }
-    caveat = "no bias was detected" if decision["verdict"] == "no-bias-detected" else "the bias test was inconclusive"
+    steps = _steps(steps)
+    y = _table("curve", curve, len(steps))[0]
+    if len(y) < min_checkpoints(persist):
+        raise BiasgenError(f"The drift test needs at least {min_checkpoints(persist)} checkpoints, got {len(y)}; "
+                           "save more checkpoints.")
+    rng = np.random.default_rng(seed)
+    sd = _floor_sd(y, noise_sd(y))
+    rise, floor_start = end_rise(y, persist)
+    null = _levelled_null(y, sd) + sd * rng.standard_normal((n_boot, len(y)))
+    null_rise, null_sd = end_rise(null, persist)[0], np.maximum(noise_sd(null), 1e-300)
+    t_null = null_rise / null_sd
+    t_obs = float(rise) / sd
+    p_value = float((1 + np.count_nonzero(t_null >= t_obs)) / (1 + n_boot))
+    # raising the last `persist` checkpoints by delta adds delta to each null draw's rise: detected when
+    # null_rise + delta >= t_crit * null_sd, i.e. in 80% of the draws once delta reaches this quantile
+    t_crit = np.quantile(t_null, 1 - level)
+    detectable = float(np.quantile(t_crit * null_sd - null_rise, 0.8))
+    fit = valley_fit(y)
+    error = end_rise(_draws(fit, sd, n_boot, rng), persist)[0] - end_rise(fit, persist)[0]  # overshoot of the rise
+    q = np.quantile(error, [0.025, 0.16, 0.84, 0.975])
+    floor_start = int(floor_start)
     return {
-        "step": loss["step"],
-        "basis": "tau_loss",
-        "rationale": f"Stop at the test-loss minimum, step {loss['step']}, since {caveat}"
-        + (f" (if privacy matters, step {bias['step']} is the cautious choice)." if bias["step"] < loss["step"] else "."),
+        "p_value": p_value,
+        "statistic": t_obs,
+        "drift": {
+            "value": float(rise - error.mean()),
+            "raw": float(rise),
+            "ci": [float(rise - q[2]), float(rise - q[1])],
+            "ci95": [float(rise - q[3]), float(rise - q[0])],
+            "floor_steps": [int(steps[floor_start]), int(steps[floor_start + persist - 1])],
+            "end_steps": [int(steps[-persist]), int(steps[-1])],
+        },
+        "detectable_drift": detectable,
+        "noise_sd": sd,
+        "persist": persist,
     }
 
 
-def public_tau(tau: dict) -> dict:
-    """A :func:`checkpoint_minimum` result without its bootstrap draws and curves (for summary.json)."""
-    return {k: v for k, v in tau.items() if k not in ("boot_steps", "curve", "curve_se", "steps")}
+# -- the judge ------------------------------------------------------------------------------------
+
+def _model_weights(pairs: list[tuple[int, int]], n_models: int) -> np.ndarray:
+    """``(n_models,)`` weight of each model in the mean over ``pairs`` (each pair counts 1/len for each member)."""
+    w = np.zeros(n_models)
+    for i, j in pairs:
+        w[i] += 1
+        w[j] += 1
+    return w / len(pairs)
+
+
+def judge(
+    steps: Sequence[int],
+    twin_distance,
+    twin_pairs: Sequence[tuple[int, int]],
+    test_loss,
+    control_distance=None,
+    control_pairs: Sequence[tuple[int, int]] | None = None,
+    *,
+    level: float = LEVEL,  # false-detection rate of the drift test
+    persist: int = PERSIST,  # checkpoints a drift must last
+    order_p: float = ORDER_P,  # P(tau_bias < tau_loss) needed to place the drift before the test-loss minimum
+    n_boot: int = N_BOOT,  # simulated curves per bootstrap
+    seed: int = 0,
+) -> dict:
+    """Decide whether the twins drift apart before the test loss bottoms out (method: docs/method.md §10).
+
+    ``steps``: ``(C,)`` increasing checkpoint steps. ``twin_distance``:
+    ``(n_twin_pairs, C)`` each twin pair's mean divergence (cosine distance of
+    shared-noise samples, sample-split KL, ...; larger = more different);
+    ``twin_pairs``: the ``(i, j)`` model indices of each row. ``test_loss``:
+    ``(n_units, C)`` frozen-noise test loss per example (or per model), or
+    ``(C,)``. ``control_distance`` ``(n_control_pairs, C)`` and
+    ``control_pairs``: the same for pairs of models trained on the same split
+    from different init seeds.
+
+    tau_bias is the argmin of the mean twin curve and tau_loss the argmin of the
+    mean test loss, each with intervals from its own checkpoint noise. The
+    decision curve is the mean twin curve, or with controls the contrast (mean
+    twin minus mean control curve: the model-level noise shared by both
+    cancels). A drift is detected when the decision curve ends above its floor
+    for ``persist`` checkpoints with p-value <= ``level`` (:func:`drift_test`);
+    it is biased generalization when, in addition, tau_bias precedes tau_loss
+    with probability >= ``order_p`` or the test loss is still falling at the end.
+
+    Returns a JSON-serialisable dict: ``verdict`` (one of ``VERDICTS``),
+    ``reason``, ``evidence``, ``level``, ``p_value``, ``drift``, ``tau_bias``,
+    ``tau_loss`` (each ``{step, index, ci, ci95, ci_level, noise_sd, ...}``),
+    ``tau_loss_open``, ``p_bias_before_loss``, ``window``, ``control`` (None
+    without controls), ``curves``, ``recommended_step``, ``recommendation``,
+    ``recommendation_basis``, ``n_models``, ``settings``.
+    """
+    steps = _steps(steps)
+    n_ckpt = len(steps)
+    twins = _table("twin_distance", twin_distance, n_ckpt)
+    twin_pairs = _pairs("twin_pairs", twin_pairs, len(twins))
+    loss = _table("test_loss", test_loss, n_ckpt)
+    if (control_distance is None) != (control_pairs is None):
+        raise BiasgenError("Pass control_distance and control_pairs together (or neither).")
+    if not 0 < level < 1 or not 0.5 < order_p < 1 or persist < 1:
+        raise BiasgenError(
+            f"Need 0 < level < 1, 0.5 < order_p < 1 and persist >= 1; got {level}, {order_p}, {persist}.")
+    all_pairs = list(twin_pairs)
+    if control_distance is not None:
+        controls = _table("control_distance", control_distance, n_ckpt)
+        control_pairs = _pairs("control_pairs", control_pairs, len(controls))
+        shared = {tuple(sorted(p)) for p in twin_pairs} & {tuple(sorted(p)) for p in control_pairs}
+        if shared:
+            raise BiasgenError(
+                f"Pairs {sorted(shared)} are listed both as twins and as controls; a pair is one or the other.")
+        all_pairs += control_pairs
+    n_models = 1 + max(max(p) for p in all_pairs)
+
+    tau_bias = checkpoint_minimum(steps, twins, n_boot=n_boot, seed=seed, reduce="mean")
+    tau_loss = checkpoint_minimum(steps, loss, n_boot=n_boot, seed=seed + 1, reduce="mean")
+    twin_curve = np.asarray(tau_bias["curve"])
+    curves = {"steps": steps.tolist(), "twin": tau_bias["curve"], "test_loss": tau_loss["curve"]}
+    control = None
+    decision_curve, evidence = twin_curve, f"twin curve only ({len(twins)} twin pairs of {n_models} models)"
+    if control_distance is not None:
+        control_curve = controls.mean(axis=0)
+        decision_curve = twin_curve - control_curve
+        gap = np.abs(_model_weights(twin_pairs, n_models) - _model_weights(control_pairs, n_models)).max()
+        control = {"n_pairs": len(controls), "balanced": bool(gap < 1e-9), "noise_sd": float(noise_sd(control_curve)),
+                   "argmin_step": int(steps[np.argmin(control_curve)])}
+        curves |= {"control": control_curve.tolist(), "contrast": decision_curve.tolist()}
+        evidence = (f"twin-vs-control contrast ({len(twins)} twin pairs minus {len(controls)} same-split control "
+                    f"pairs, {n_models} models)")
+
+    loss_open = tau_loss["index"] == n_ckpt - 1  # tau_loss lies at or after the last checkpoint
+    p_order = prob_before(tau_bias["boot_steps"], [int(steps[-1])] if loss_open else tau_loss["boot_steps"])
+    out = {
+        "evidence": evidence,
+        "level": level,
+        "tau_bias": public_tau(tau_bias),
+        "tau_loss": public_tau(tau_loss),
+        "tau_loss_open": bool(loss_open),
+        "p_bias_before_loss": p_order,
+        "window": biased_window(tau_bias["step"], tau_loss["step"]),
+        "control": control,
+        "curves": curves,
+        "n_models": n_models,
+        "settings": {"level": level, "persist": persist, "order_p": order_p, "n_boot": n_boot, "seed": seed},
+    }
+    if n_ckpt < min_checkpoints(persist):
+        verdict, reason = "inconclusive", (
+            f"Only {n_ckpt} checkpoints: the drift test needs at least {min_checkpoints(persist)} (a floor and an end "
+            f"level of {persist} checkpoints each, and enough checkpoints to estimate their noise); save more "
+            "checkpoints.")
+        out |= {"p_value": None, "drift": None, "detectable_drift": None, "decision_noise_sd": None}
+        return out | {"verdict": verdict, "reason": reason} | _recommend(out, verdict)
+    test = drift_test(steps, decision_curve, level=level, persist=persist, n_boot=n_boot, seed=seed + 2)
+    out |= {"p_value": test["p_value"], "drift": test["drift"], "detectable_drift": test["detectable_drift"],
+            "decision_noise_sd": test["noise_sd"]}
+    verdict, reason = _verdict(out, test, level, order_p, control)
+    reason = f"Evidence: {evidence}. {reason[0].upper()}{reason[1:]}"
+    return out | {"verdict": verdict, "reason": reason} | _recommend(out, verdict)
+
+
+def _verdict(out: dict, test: dict, level: float, order_p: float, control: dict | None) -> tuple[str, str]:
+    """``(verdict, reason)`` from the drift test and the two onset times (rules in docs/method.md §10)."""
+    d, bias, loss, p_order = test["drift"], out["tau_bias"], out["tau_loss"], out["p_bias_before_loss"]
+    controlled = control is not None
+    what = "the twin distance minus the same-split control distance" if controlled else "the twin distance"
+    if controlled and not control["balanced"]:
+        what += (" (unbalanced design: the models weigh differently in twins and controls, so their noise cancels"
+                 " only in part)")
+    rise = (f"{what} ends {d['value']:.3g} above its floor (95% CI {d['ci95'][0]:.3g}..{d['ci95'][1]:.3g}; "
+            f"steps {d['end_steps'][0]}..{d['end_steps'][1]} vs {d['floor_steps'][0]}..{d['floor_steps'][1]}; "
+            f"checkpoint noise sd {test['noise_sd']:.2g}), p = {test['p_value']:.3f}")
+    more = ("" if controlled else
+            " Two init seeds per split would add same-split control pairs, whose contrast with the twins cancels "
+            "the model-level noise and makes the test much stronger.")
+    until = ("the test loss is still falling at the last checkpoint" if out["tau_loss_open"] else
+             f"tau_loss = {loss['step']} (68% CI {loss['ci']}); P(tau_bias < tau_loss) = {p_order:.2f}")
+    if test["p_value"] <= level:
+        if bias["index"] == 0:
+            return "inconclusive", (
+                f"{rise}, but the twin distance is smallest at the first checkpoint (the twins never converged: same "
+                "init, or the first checkpoint comes too late); add earlier checkpoints or use different init seeds.")
+        if out["tau_loss_open"] or p_order >= order_p:
+            return "biased-generalization-detected", (
+                f"{rise} <= {level}: the twins drift apart{' more than same-split pairs do' if controlled else ''} "
+                f"after tau_bias = {bias['step']} (68% CI {bias['ci']}) while {until}.")
+        if p_order <= 1 - order_p:
+            return "no-bias-detected", (
+                f"{rise} <= {level}, but the twins drift apart only after the test-loss minimum ({until}): that is "
+                "overfitting, not biased generalization.")
+        return "inconclusive", (
+            f"{rise} <= {level}, but the order of tau_bias = {bias['step']} (68% CI {bias['ci']}) and {until} is not "
+            "resolved; denser checkpoints between them would tell which comes first.")
+    if out["tau_loss_open"]:
+        return "inconclusive", (
+            f"no persistent drift so far ({rise} > {level}), but the test loss is still falling at the last "
+            f"checkpoint, so the biased window may open later; train longer.{more}")
+    return "no-bias-detected", (
+        f"no persistent drift ({rise} > {level}) up to and past the test-loss minimum ({until}). A drift above "
+        f"{d['ci95'][1]:.3g} is unlikely; this run would detect a drift of {test['detectable_drift']:.3g} with 80% "
+        f"probability, so a smaller one may go unseen.{more}")
+
+
+def _recommend(out: dict, verdict: str) -> dict:
+    """The checkpoint to stop at: ``{recommended_step, recommendation, recommendation_basis}``."""
+    bias, loss = out["tau_bias"], out["tau_loss"]
+    if verdict == "biased-generalization-detected":
+        return {
+            "recommended_step": bias["step"],
+            "recommendation_basis": "tau_bias",
+            "recommendation": f"Stop at step {bias['step']}, the checkpoint before the models start favouring their "
+            f"own training data (68% CI {bias['ci']}; step {bias['ci'][0]} is the cautious end). Training on to the "
+            "test-loss minimum buys a lower loss at the cost of privacy.",
+        }
+    caveat = "no bias was detected" if verdict == "no-bias-detected" else "the bias test was inconclusive"
+    text = f"Stop at the test-loss minimum, step {loss['step']}, since {caveat}"
+    if out["tau_loss_open"]:
+        text += "; the loss was still falling at the last checkpoint, so training longer may lower it further"
+    if bias["step"] < loss["step"]:
+        text += f" (if privacy matters, step {bias['step']}, where the twins agree most, is the cautious choice)"
+    return {"recommended_step": loss["step"], "recommendation_basis": "tau_loss", "recommendation": text + "."}
