@@ -3,7 +3,7 @@
     python bench/bench_verdict.py              # 1000 runs per null case, 400 per other case (a few minutes)
     python bench/bench_verdict.py --quick      # 200 / 80 runs, for a smoke check
 
-Simulated runs carry the noise structure of real ones (docs/verdict.md): each
+Simulated runs carry the noise structure of real ones (docs/method.md §10): each
 model's function fluctuates from checkpoint to checkpoint, and that
 fluctuation is shared by every pair containing the model (pair distance =
 mean curve + a_i(c) + a_j(c) + small per-pair noise); the test loss is

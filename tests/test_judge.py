@@ -167,3 +167,11 @@ def test_bad_inputs_name_the_problem(change, words):
     run = simulate(np.random.default_rng(9), 2, seeds=2)
     with pytest.raises(BiasgenError, match=words.replace("(", r"\(").replace(")", r"\)")):
         judge(**change(run), n_boot=100)
+
+
+def test_controls_with_too_few_checkpoints_give_inconclusive_not_an_error():
+    steps = [4, 7, 12]
+    out = judge(steps, [[0.3, 0.2, 0.25]] * 4, [(0, 2), (0, 3), (1, 2), (1, 3)], [[1.0, 0.9, 0.8]],
+                [[0.2, 0.2, 0.2]] * 2, [(0, 1), (2, 3)])
+    assert out["verdict"] == "inconclusive" and "checkpoints" in out["reason"]
+    assert out["control"]["noise_sd"] is None

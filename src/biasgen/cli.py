@@ -66,8 +66,29 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _judge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (the --out of a run)")
+    p.add_argument("--write", action="store_true", help="also rewrite the verdict part of summary.json and report.html")
+    p.add_argument("--json", action="store_true", help="print the whole judgement as JSON")
+
+
+def _judge(args: argparse.Namespace) -> int:
+    import json
+
+    from .pipeline import rejudge
+
+    judged = rejudge(args.run_dir, write=args.write)
+    if args.json:
+        print(json.dumps(judged, indent=2))
+    else:
+        print(f"{judged['verdict']}: {judged['reason']}\nrecommended stopping step: {judged['recommended_step']} — "
+              f"{judged['recommendation']}")
+    return 0
+
+
 TOOLS = {  # name -> (add its arguments, run it (returns the exit code), help)
     "report": (_report_arguments, _report, "(re)build report.html, the page a person reads, from a run folder"),
+    "judge": (_judge_arguments, _judge, "re-judge a run from its metrics.jsonl alone (no models needed)"),
     "monitor": (monitor.add_arguments, monitor.main, monitor.HELP),
 }
 

@@ -403,7 +403,8 @@ def judge(
         control_curve = controls.mean(axis=0)
         decision_curve = twin_curve - control_curve
         gap = np.abs(_model_weights(twin_pairs, n_models) - _model_weights(control_pairs, n_models)).max()
-        control = {"n_pairs": len(controls), "balanced": bool(gap < 1e-9), "noise_sd": float(noise_sd(control_curve)),
+        control_sd = float(noise_sd(control_curve)) if n_ckpt > DIFF_ORDER else None  # too few checkpoints to tell
+        control = {"n_pairs": len(controls), "balanced": bool(gap < 1e-9), "noise_sd": control_sd,
                    "argmin_step": int(steps[np.argmin(control_curve)])}
         curves |= {"control": control_curve.tolist(), "contrast": decision_curve.tolist()}
         evidence = (f"twin-vs-control contrast ({len(twins)} twin pairs minus {len(controls)} same-split control "

@@ -36,8 +36,9 @@ from .checkpoint import save_tensors
 from .config import TwinConfig, build_config
 from .jobs import resolve_workers, run_jobs, torch_threads
 from .report import write_report
-from .onset import checkpoint_minimum, public_tau, recommend, verdict
-from .runs import append_jsonl, environment, prepare_run_dir, progress_bar, read_jsonl, write_json
+from .onset import checkpoint_minimum, judge, public_tau
+from .errors import BiasgenError
+from .runs import append_jsonl, environment, prepare_run_dir, progress_bar, read_json, read_jsonl, write_json
 from .seeds import SeedPlan
 from .training import checkpoint_steps
 from .twins import load_model, make_members, model_pairs, train_members
@@ -128,11 +129,16 @@ class TwinExperiment:
         raise NotImplementedError
 
     def curves(self, records: list[dict]) -> dict[str, Curve]:
-        """The curves whose minima locate each tau; must hold ``tau_bias`` and ``tau_loss``."""
+        """The curves the verdict is judged on, by name.
+
+        ``tau_bias``: rows = twin pairs in :func:`biasgen.twins.model_pairs` order, larger = more different;
+        ``tau_loss``: rows = test examples (or models); ``control`` (when the run has same-split pairs):
+        rows = control pairs. Any other entry is one more tau located at its curve's minimum.
+        """
         raise NotImplementedError
 
-    def summarize(self, records: list[dict], data: Data, reference: Any, taus: dict[str, dict]) -> dict:
-        """The experiment-specific part of ``summary.json`` (taus already located are in ``taus``)."""
+    def summarize(self, records: list[dict], data: Data, reference: Any, judged: dict) -> dict:
+        """The experiment-specific part of ``summary.json`` (``judged``: the verdict part, taus included)."""
         return {}
 
     def plot(self, run: Path, records: list[dict], summary: dict, data: Data) -> None:
@@ -209,31 +215,77 @@ def _evaluate_step(step: int, shared: Shared) -> tuple[int, dict]:
     return step, record
 
 
-def summarize(experiment: TwinExperiment, records: list[dict], data: Data, reference: Any,
-              members: list[tuple[int, int]], complete: bool) -> dict:
-    """``summary.json``: the verdict and advice from the located taus, then the experiment's own part."""
+def judge_records(experiment: TwinExperiment, records: list[dict], members: list[tuple[int, int]]) -> dict:
+    """The verdict part of ``summary.json`` from ``metrics.jsonl`` records alone (``biasgen judge`` reruns it).
+
+    The twin curve, the control curve (when the experiment has same-split pairs) and the test loss go to
+    :func:`biasgen.onset.judge`; any further curve of the experiment (e.g. ``tau_nn``) is located with
+    :func:`biasgen.onset.checkpoint_minimum`.
+    """
     cfg, seeds = experiment.cfg, experiment.seeds
     steps = [r["step"] for r in records]
     curves = experiment.curves(records)
-    taus = {name: checkpoint_minimum(steps, c.table, n_boot=cfg.n_boot, seed=seeds.bootstrap(i), reduce=c.reduce)
-            for i, (name, c) in enumerate(curves.items())}
-    bias, loss = taus["tau_bias"], taus["tau_loss"]
-    judged = verdict(bias, loss)
-    advice = recommend(judged, bias, loss)
+    twins, controls = model_pairs(members)
+    control = curves.get("control")
+    judged = judge(steps, curves["tau_bias"].table, twins, curves["tau_loss"].table,
+                   control.table if control else None, controls if control else None,
+                   n_boot=cfg.n_boot, seed=seeds.bootstrap())
+    others = {name: public_tau(checkpoint_minimum(steps, c.table, n_boot=cfg.n_boot, seed=seeds.bootstrap(i + 1),
+                                                  reduce=c.reduce))
+              for i, (name, c) in enumerate(curves.items()) if name not in ("tau_bias", "tau_loss", "control")}
+    window = judged.pop("window")
+    if control:  # negative control: the same-split pairs judged as if they were twins must not show bias
+        as_twins = judge(steps, control.table, controls, curves["tau_loss"].table, n_boot=cfg.n_boot, seed=seeds.bootstrap())
+        judged["negative_control"] = {"verdict": as_twins["verdict"], "p_value": as_twins["p_value"],
+                                      "drift": as_twins["drift"], "rule": "same-split control pairs judged as if they "
+                                      "were twins (no controls): a calibrated judge must not detect bias here"}
+    return {
+        **judged,
+        **others,
+        "window": [window["start"], window["end"]] if window["exists"] else None,
+        "units": {name: c.units for name, c in curves.items()},
+    }
+
+
+def rejudge(run_dir: str | Path, *, write: bool = False, experiments: dict | None = None) -> dict:
+    """Judge a run again from its ``run.json`` and ``metrics.jsonl`` alone (no models, no data).
+
+    With ``write``, the verdict part of ``summary.json`` is replaced (and ``report.html`` rebuilt);
+    a run without ``summary.json`` (killed mid-way) is judged on the checkpoints evaluated so far.
+    ``experiments``: kind -> TwinExperiment class (default: the built-in ones).
+    """
+    from .cli import experiments as builtin
+
+    run = Path(run_dir)
+    if not (run / "run.json").exists():
+        raise BiasgenError(f"{run} holds no biasgen run (no run.json); pass the --out folder of a run.")
+    info = read_json(run / "run.json")
+    table = experiments or builtin()
+    if info.get("kind") not in table:
+        raise BiasgenError(f"{run} holds a {info.get('kind')!r} run; biasgen judge knows {', '.join(table)}.")
+    exp_class = table[info["kind"]]
+    config = {**info["config"], "device": "cpu"}  # judging needs no device; the run may have used a GPU
+    experiment = exp_class(build_config(exp_class.config_class, {}, None, None, config))
+    records = sorted(read_jsonl(run / "metrics.jsonl"), key=lambda r: r["step"])
+    if not records:
+        raise BiasgenError(f"{run} has no evaluated checkpoint yet (metrics.jsonl is empty); nothing to judge.")
+    judged = judge_records(experiment, records, make_members(experiment.cfg.splits, experiment.cfg.seeds_per_split))
+    if write and (run / "summary.json").exists():
+        write_json(run / "summary.json", {**read_json(run / "summary.json"), **judged})
+        write_report(run)
+    return judged
+
+
+def summarize(experiment: TwinExperiment, records: list[dict], data: Data, reference: Any,
+              members: list[tuple[int, int]], complete: bool) -> dict:
+    """``summary.json``: the verdict, taus and advice (:func:`judge_records`), then the experiment's own part."""
+    cfg, seeds = experiment.cfg, experiment.seeds
+    judged = judge_records(experiment, records, members)
     twins, controls = model_pairs(members)
     return {
-        "verdict": judged["verdict"],
-        "reason": judged["reason"],
-        "p_bias_before_loss": judged["p_bias_before_loss"],
-        "tau_loss_open": judged["tau_loss_open"],  # the test loss still falls at the last checkpoint
-        **{name: public_tau(t) for name, t in taus.items()},
-        "units": {name: c.units for name, c in curves.items()},
-        "window": [bias["step"], loss["step"]] if judged["window"]["exists"] else None,
-        "recommended_step": advice["step"],
-        "recommendation": advice["rationale"],
-        "recommendation_basis": advice["basis"],
-        **experiment.summarize(records, data, reference, taus),
-        "checkpoints": steps,
+        **judged,
+        **experiment.summarize(records, data, reference, judged),
+        "checkpoints": [r["step"] for r in records],
         "complete": complete,
         "models": [{"model": m, "split": s, "split_seed": k} for m, (s, k) in enumerate(members)],
         "n_twin_pairs": len(twins),

@@ -186,13 +186,15 @@ class HierarchyExperiment(TwinExperiment):
 
     def curves(self, records: list[dict]) -> dict[str, Curve]:
         return {
-            "tau_bias": Curve(table(records, "skl_test_pairs"), "median", "twin pairs"),
+            "tau_bias": Curve(table(records, "skl_test_pairs"), "mean", "twin pairs"),
+            **({"control": Curve(table(records, "skl_control_pairs"), "mean", "control pairs")}
+               if records[0]["skl_control_pairs"] else {}),
             "tau_nn": Curve(table(records, "d_nn"), "median", "models"),
             "tau_oracle": Curve(table(records, "oracle_kl", 0), "mean", "models"),
             "tau_loss": Curve(table(records, "test_l"), "mean", "models"),
         }
 
-    def summarize(self, records, data, ref: Reference, taus) -> dict:
+    def summarize(self, records, data, ref: Reference, judged) -> dict:
         return {"coarse_to_fine": coarse_to_fine(records, self.cfg, self.seeds), "bp_reference": {
             "kl_bp_along_t": ref.kl_bp, "kl_t_steps": ref.kl_steps, "test_ce": ref.bp_test_l,
             "uturn_steps": ref.uturn_steps,

@@ -24,7 +24,7 @@ from ..config import TwinConfig, check, check_at_least, opt
 from ..errors import BiasgenError
 from ..losses import eps_mse_loss
 from ..onset import score_crossing
-from ..pipeline import Curve, Data, Shared, TwinExperiment, run_experiment
+from ..pipeline import Curve, Data, Shared, TwinExperiment, metric_table, run_experiment
 from ..runs import read_json
 from ..sampler import sample, x0_from_eps_model
 from ..schedule import NoiseSchedule
@@ -160,14 +160,13 @@ class ImageAudit(TwinExperiment):
         return evaluate_checkpoint(models, shared.members, shared.reference, self.cfg, self.seeds)
 
     def curves(self, records: list[dict]) -> dict[str, Curve]:
-        loss_units = torch.tensor([r["test_loss_units"] for r in records]).T  # (n_test, n_ckpt)
-        if len(records[0]["twin_distance_pairs"]) >= 2:  # units: twin pairs, median curve
-            bias = Curve(torch.tensor([r["twin_distance_pairs"] for r in records]).T, "median", "twin pairs")
-        else:  # a single pair: its shared-noise samples
-            bias = Curve(torch.tensor([r["twin_distance_samples"] for r in records]).T, "mean", "samples of one pair")
-        return {"tau_loss": Curve(loss_units, "mean", "test images"), "tau_bias": bias}
+        curves = {"tau_bias": Curve(metric_table(records, "twin_distance_pairs"), "mean", "twin pairs"),
+                  "tau_loss": Curve(metric_table(records, "test_loss_units"), "mean", "test images")}
+        if records[0].get("same_split_distance_pairs"):
+            curves["control"] = Curve(metric_table(records, "same_split_distance_pairs"), "mean", "control pairs")
+        return curves
 
-    def summarize(self, records, data, reference, taus) -> dict:
+    def summarize(self, records, data, reference, judged) -> dict:
         steps = [r["step"] for r in records]
         tau_score = {t: score_crossing(steps, [r["score_sim"][t]["train"] for r in records],
                                        [r["score_sim"][t]["test"] for r in records]) for t in records[0]["score_sim"]}
@@ -249,7 +248,8 @@ def evaluate_checkpoint(models, members, ref: dict, cfg: AuditConfig, seeds) -> 
                   twin_distance_samples=[round(v, 6) for v in twin["per_sample"]])
     if controls:
         control = twin_distance(list(samples), controls)
-        record.update(same_split_distance=control["median"], same_split_distance_sem=control["sem"])
+        record.update(same_split_distance=control["median"], same_split_distance_sem=control["sem"],
+                      same_split_distance_pairs=control["per_pair"])
 
     record.update(proximity(samples, members, train_sets, test_set, ref["heldout_l2"], cfg, seeds))
 

@@ -71,6 +71,14 @@ def _key(name: str):
     return lambda r: _number(r.get(name))
 
 
+def _pair_mean(name: str):
+    """``record -> mean of its per-pair list`` (None when the record has no such list)."""
+    def get(record: dict):
+        values = record.get(name)
+        return sum(values) / len(values) if values else None
+    return get
+
+
 def _plot_band(ax: Axes, records, get_mean, get_sem, label: str, **style) -> bool:
     """Curve of ``get_mean`` with a shaded ``± get_sem`` band where known; ``True`` if anything was drawn."""
 
@@ -142,10 +150,12 @@ def plot_loss_and_twin_distance(records: Sequence[dict], summary: dict | None, p
     ax.set_ylabel("denoising loss (frozen noise)", color="tab:blue")
     _mark_taus(ax, summary)
 
-    ax2 = ax.twinx()
-    drew_twin = _plot_band(ax2, records, _key("twin_distance"), _key("twin_distance_sem"),
-                           "twin cosine distance (median ± SEM)", color="tab:red")
-    ax2.set_ylabel("twin cosine distance $D_{cos}$", color="tab:red")
+    ax2 = ax.twinx()  # the curves the verdict is judged on: means over twin pairs and over same-split pairs
+    drew_twin = _plot_band(ax2, records, _pair_mean("twin_distance_pairs"), lambda r: None,
+                           "twins, different splits (mean over pairs)", color="tab:red")
+    _plot_band(ax2, records, _pair_mean("same_split_distance_pairs"), lambda r: None,
+               "same-split control (mean over pairs)", color="tab:gray", linestyle="--")
+    ax2.set_ylabel("cosine distance of shared-noise samples $D_{cos}$", color="tab:red")
     if not (drew_loss or drew_twin):
         _empty(ax, "loss or twin distance")
 
