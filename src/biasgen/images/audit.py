@@ -17,13 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..checkpoint import load_tensors
 from ..config import TwinConfig, check, check_at_least, opt
 from ..errors import BiasgenError
 from ..losses import eps_mse_loss
-from ..onset import score_crossing
+from ..onset import checkpoint_minimum, noise_sd, score_crossing
 from ..pipeline import Curve, Data, Shared, TwinExperiment, metric_table, run_experiment
 from ..runs import read_json
 from ..sampler import sample, x0_from_eps_model
@@ -170,7 +171,8 @@ class ImageAudit(TwinExperiment):
         steps = [r["step"] for r in records]
         tau_score = {t: score_crossing(steps, [r["score_sim"][t]["train"] for r in records],
                                        [r["score_sim"][t]["test"] for r in records]) for t in records[0]["score_sim"]}
-        return {"tau_score": tau_score, "tau_score_reference_t": str(self.cfg.score_ts[0])}
+        return {"tau_score": tau_score, "tau_score_reference_t": str(self.cfg.score_ts[0]),
+                "loss_by_band": loss_bands(records, n_boot=self.cfg.n_boot, seed=self.seeds.bootstrap())}
 
     def plot(self, run: Path, records, summary, data: Data) -> None:
         cfg = self.cfg
@@ -226,14 +228,15 @@ def evaluate_checkpoint(models, members, ref: dict, cfg: AuditConfig, seeds) -> 
     test_runs = [frozen_noise_loss(m, test_set.to(device), schedule, seed=seeds.evaluation("test_loss"),
                                    batch_size=cfg.eval_batch) for m in models]
     test_losses = torch.stack([r["per_example"] for r in test_runs])  # (M, n_test); the same t per example in every run
-    train_losses = torch.stack([
-        frozen_noise_loss(m, train_sets[members[i][0]].to(device), schedule, seed=seeds.evaluation("train_loss"),
-                          batch_size=cfg.eval_batch)["per_example"] for i, m in enumerate(models)])
+    train_runs = [frozen_noise_loss(m, train_sets[members[i][0]].to(device), schedule, seed=seeds.evaluation("train_loss"),
+                                    batch_size=cfg.eval_batch) for i, m in enumerate(models)]
+    train_losses = torch.stack([r["per_example"] for r in train_runs])  # (M, n); the same t per index in every run
     per_example = test_losses.mean(0)
     record.update(test_loss=float(per_example.mean()), test_loss_sem=float(per_example.std() / len(per_example) ** 0.5),
                   test_loss_per_model=[float(v) for v in test_losses.mean(1)], train_loss=float(train_losses.mean()))
     record["test_loss_units"] = [round(float(v), 6) for v in per_example]
     record["test_loss_by_t"] = loss_by_t(per_example, test_runs[0]["t"], n_bins=10, T=schedule.T)
+    record["train_loss_by_t"] = loss_by_t(train_losses.mean(0), train_runs[0]["t"], n_bins=10, T=schedule.T)
 
     # samples from shared noise
     clip = 1.0 if cfg.scaling == "minus1to1" else None
@@ -280,6 +283,43 @@ def proximity(samples: torch.Tensor, members, train_sets, test_set, heldout_l2, 
                 nn_other_l2=float(cat(other, "l2").mean()), nn_test_l2=float(cat(test_nn, "l2").mean()),
                 f_mem=fmem["value"], f_mem_ci=fmem["ci"],
                 copy_z=float(sum(data_copying_z(o["l2"], h) for o, h in zip(own, heldout_l2)) / len(own)))
+
+
+def loss_bands(records: list[dict], n_boot: int, seed: int) -> dict:
+    """The test loss per noise band (docs/method.md §2, §12): ``tau_loss`` of each band, the train–test gap per
+    band, and the band where the gap opens first.
+
+    A band's gap ``test - train`` *opens* at the first checkpoint from which it stays above three times its own
+    checkpoint noise (:func:`biasgen.onset.noise_sd`) to the end. The gap is largest, and opens first, at
+    intermediate noise levels in diffusion models (Kaiser & Kollmann 2026): the average over t hides it.
+    Returns JSON: ``bands`` (t ranges), ``tau_loss`` (step per band), ``gap`` (per band, per checkpoint),
+    ``gap_opens`` (step per band or None), ``first_band`` (index of the band where it opens first, or None).
+    """
+    if not records or "train_loss_by_t" not in records[0]:
+        return {}
+    steps = [r["step"] for r in records]
+    means = lambda key: np.array([[np.nan if v is None else v for v in r[key]["mean"]] for r in records], dtype=float).T
+    test, train = means("test_loss_by_t"), means("train_loss_by_t")  # (bands, C)
+    ok = np.isfinite(test).all(1) & np.isfinite(train).all(1)  # a band with no example has no curve
+    gap = test - train
+    taus, opens = [], []
+    for b in range(len(test)):
+        if not ok[b]:
+            taus.append(None), opens.append(None)
+            continue
+        taus.append(checkpoint_minimum(steps, test[b], n_boot=n_boot, seed=seed)["step"])
+        level = 3 * float(noise_sd(gap[b])) if len(steps) > 4 else 0.0
+        above = gap[b] > level
+        last_below = np.flatnonzero(~above)
+        first = 0 if not len(last_below) else int(last_below[-1]) + 1
+        opens.append(int(steps[first]) if first < len(steps) else None)
+    candidates = [(step, b) for b, step in enumerate(opens) if step is not None]
+    bins = records[0]["test_loss_by_t"]
+    return {"bands": [[round(lo), round(hi)] for lo, hi in zip(bins["t_lo"], bins["t_hi"])], "tau_loss": taus,
+            "gap": [[round(float(v), 6) for v in row] for row in gap], "gap_opens": opens,
+            "first_band": min(candidates)[1] if candidates else None,
+            "rule": "a band's test-minus-train gap opens at the first checkpoint from which it stays above 3x its "
+                    "checkpoint noise"}
 
 
 def gallery_rows(run: Path, summary: dict, train_sets, members, n: int = 10):

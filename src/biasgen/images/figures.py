@@ -6,7 +6,7 @@ object API (no pyplot, no display, no backend switch) and written atomically
 (:func:`biasgen.runs.write_figure`).
 
     plot_all(run_dir, records, summary, gallery_rows)
-    # -> fig_loss_twin.png, fig_score_similarity.png, fig_memorization.png, fig_gallery.png
+    # -> fig_loss_twin.png, fig_score_similarity.png, fig_memorization.png, fig_loss_bands.png, fig_gallery.png
 
 A record looks like ``{"step": 120, "test_loss": 0.31, "test_loss_sem": 0.01,
 "twin_distance": 0.12, "twin_distance_sem": 0.01, "f_mem": 0.02, "f_mem_ci": [0.0, 0.05],
@@ -279,6 +279,32 @@ def plot_gallery(
     return _save(fig, path)
 
 
+def plot_loss_bands(records: Sequence[dict], summary: dict, path: str | Path) -> Path:
+    """Train–test gap of the frozen-noise loss per noise band over training; the band where it opens first is bold."""
+    bands = summary["loss_by_band"]
+    steps = [r["step"] for r in records]
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.add_subplot()
+    _step_axis(ax, records)
+    for b, ((lo, hi), gap) in enumerate(zip(bands["bands"], bands["gap"])):
+        first = b == bands["first_band"]
+        ax.plot(steps, gap, color=plt_color(b, len(bands["bands"])), linewidth=2.5 if first else 1,
+                label=f"t {lo}..{hi}" + (f" (gap opens first, step {bands['gap_opens'][b]})" if first else ""))
+    ax.axhline(0, color="gray", linewidth=0.8)
+    _mark_taus(ax, summary, label=False)
+    ax.set_ylabel("test loss − train loss (frozen noise)")
+    ax.set_title("Train–test gap per noise band", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def plt_color(i: int, n: int):
+    """A colour of the viridis map for item ``i`` of ``n`` (low noise dark, high noise bright)."""
+    from matplotlib import colormaps
+
+    return colormaps["viridis"](i / max(1, n - 1))
+
+
 def plot_all(
     run_dir: str | Path,
     records: Sequence[dict],
@@ -296,6 +322,8 @@ def plot_all(
         "score_similarity": plot_score_similarity(records, summary, run_dir / "fig_score_similarity.png"),
         "memorization": plot_memorization(records, run_dir / "fig_memorization.png"),
     }
+    if (summary or {}).get("loss_by_band"):
+        written["loss_bands"] = plot_loss_bands(records, summary, run_dir / "fig_loss_bands.png")
     if gallery_rows:
         written["gallery"] = plot_gallery(gallery_rows, run_dir / "fig_gallery.png", value_range)
     return written
