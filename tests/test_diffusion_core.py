@@ -209,3 +209,14 @@ def test_ema_resume_is_bit_identical(tmp_path):
     b, _ = load_tensors(checkpoint_stem(tmp_path / "b", 8))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_halve_cosine_schedule_shape():
+    from biasgen.training import lr_factor
+
+    assert lr_factor("constant", 7, 10) == 1.0
+    assert [lr_factor("halve-cosine", s, 100) for s in (1, 50, 51, 75)] == [1.0, 1.0, 0.5, 0.5]
+    assert lr_factor("halve-cosine", 76, 100) == pytest.approx(0.5, abs=0.01)
+    assert lr_factor("halve-cosine", 100, 100) == pytest.approx(0.1)
+    with pytest.raises(BiasgenError, match="schedule"):
+        lr_factor("linear", 1, 10)

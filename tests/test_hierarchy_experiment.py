@@ -121,3 +121,28 @@ def test_paper_preset_is_the_papers_setting_and_its_model_runs():
     model = build_model(*experiment.HierarchyExperiment(cfg).network(None), seed=0)
     logits = model(torch.randn(3, 16, 6), torch.tensor([1, 250, 500]))
     assert logits.shape == (3, 16, 6) and torch.isfinite(logits).all()
+
+
+def test_grammar_file_loads_the_tensor_and_bad_files_are_refused(tmp_path):
+    import numpy as np
+
+    from biasgen.hierarchy import Grammar
+
+    g = Grammar.random(q=4, depth=3, q_eff=3, seed=5)
+    np.save(tmp_path / "M.npy", g.M.numpy())
+    torch.save(g.M, tmp_path / "M.pt")
+    cfg = HierarchyConfig(**{**PRESETS["tiny"], "q": 4, "q_eff": 3})
+    for name in ("M.npy", "M.pt"):
+        data = make_data(HierarchyConfig(**{**PRESETS["tiny"], "q": 4, "q_eff": 3, "grammar_file": str(tmp_path / name)}),
+                         SeedPlan(0))
+        assert torch.equal(data.extra["grammar"].M, g.M)
+    assert not torch.equal(make_data(cfg, SeedPlan(0)).extra["grammar"].M, g.M)  # the seeded grammar differs
+    with pytest.raises(BiasgenError, match="shape"):
+        make_data(HierarchyConfig(**{**PRESETS["tiny"], "grammar_file": str(tmp_path / "M.npy")}), SeedPlan(0))  # q=6
+    with pytest.raises(BiasgenError, match="does not exist"):
+        make_data(HierarchyConfig(**{**PRESETS["tiny"], "grammar_file": str(tmp_path / "none.npy")}), SeedPlan(0))
+
+
+def test_paper_preset_trains_as_the_authors_code():
+    cfg = HierarchyConfig(**{**PRESETS["paper"], "device": "cpu"})
+    assert cfg.grad_clip is None and cfg.lr_schedule == "halve-cosine" and cfg.ema_decay is None

@@ -159,7 +159,8 @@ class TwinConfig:
     checkpoints: int = opt(12, "number of log-spaced checkpoints (the last one is the final step)")
     first_checkpoint: int = opt(20, "first checkpoint step")
     grad_clip: float | None = opt(1.0, "gradient-norm clipping (none to disable)")
-    ema_decay: float | None = opt(None, "EMA decay of the evaluated weights (none: raw weights)")
+    ema_decay: float | None = opt(None, "EMA decay of the evaluated weights, bias-corrected (none: raw weights)")
+    lr_schedule: str = opt("constant", "learning-rate schedule: constant, or halve-cosine (1x, then 0.5x, then cosine to 0.1x)")
     # evaluation
     n_samples: int = opt(128, "samples per model and checkpoint, from shared noise")
     sampler: str = opt("ddim", "ddpm (ancestral, all T steps) or ddim (deterministic)")
@@ -185,6 +186,8 @@ class TwinConfig:
         check(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}.")
         check(self.grad_clip is None or self.grad_clip > 0, "--grad-clip must be positive (or none).")
         check(self.ema_decay is None or 0 < self.ema_decay < 1, "--ema-decay must be in (0, 1) (or none).")
+        check(self.lr_schedule in ("constant", "halve-cosine"),
+              f"--lr-schedule must be constant or halve-cosine, got {self.lr_schedule!r}.")
         check(self.sampler in ("ddpm", "ddim"), f"--sampler must be ddpm or ddim, got {self.sampler!r}.")
         check(self.sample_steps <= self.T, f"--sample-steps must be in [1, {self.T}].")
         check(not self.device.startswith("cuda") or _cuda_available(),

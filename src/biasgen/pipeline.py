@@ -169,7 +169,7 @@ def run_experiment(experiment: TwinExperiment, out: str | Path, *, resume: bool 
         train_members(model_class, model_kwargs, make_loss, loss_args, data.train, members, run / "models",
                       seeds=experiment.seeds, meta=meta, workers=workers, device=cfg.device, progress=progress,
                       steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, checkpoints=steps,
-                      grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay)
+                      grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, lr_schedule=cfg.lr_schedule)
         training_s = time.time() - t0
 
         t0 = time.time()

@@ -61,13 +61,14 @@ def train(
     *,
     steps: int,  # optimisation steps in total
     batch_size: int,  # examples per step, drawn with replacement
-    lr: float,  # Adam learning rate
+    lr: float,  # Adam learning rate (the peak, with a schedule)
     checkpoints: Sequence[int],  # steps at which weights are saved (and the run can resume)
     seed: int,  # drives batches, times, noise and dropout
     out_dir: Path,  # this model's checkpoint folder
     meta: dict,  # recorded in every checkpoint's sidecar
     grad_clip: float | None = 1.0,  # max gradient norm, None for no clipping
     ema_decay: float | None = None,  # if set, checkpoints hold bias-corrected EMA weights (see below)
+    lr_schedule: str = "constant",  # "constant" or "halve-cosine" (see lr_factor)
     resume: bool = True,  # continue from the state in out_dir if there is one
     progress: bool = True,  # show a tqdm bar
     desc: str = "",  # the bar's label
@@ -105,6 +106,8 @@ def train(
                 f"Training diverged: non-finite loss at step {step} ({desc or out_dir}). Last good: {where}. "
                 "Lower --lr (or enable gradient clipping) and rerun with --force."
             )
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_factor(lr_schedule, step, steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
@@ -121,6 +124,28 @@ def train(
             last_good = step
     if bar is not None:
         bar.close()
+
+
+LR_SCHEDULES = ("constant", "halve-cosine")
+
+
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """Multiplier of the peak learning rate at ``step`` (1-based) of ``steps``.
+
+    ``constant``: 1. ``halve-cosine``: 1 for the first half of training, 0.5 for the next quarter, then a
+    cosine decay from 0.5 to 0.1 over the last quarter: the shape of the hierarchical experiments' schedule in
+    the paper's code (constant, halved, cosine decay to 0.1x); the breakpoints at 1/2 and 3/4 are biasgen's.
+    """
+    if schedule == "constant":
+        return 1.0
+    if schedule != "halve-cosine":
+        raise BiasgenError(f"Unknown learning-rate schedule {schedule!r}; use one of {', '.join(LR_SCHEDULES)}.")
+    x = step / steps
+    if x <= 0.5:
+        return 1.0
+    if x <= 0.75:
+        return 0.5
+    return 0.1 + 0.4 * 0.5 * (1 + math.cos(math.pi * (x - 0.75) / 0.25))
 
 
 class ExponentialAverage:

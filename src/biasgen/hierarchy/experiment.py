@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..config import TwinConfig, check, check_at_least, opt
+from ..errors import BiasgenError
 from ..losses import x0_cross_entropy_loss
 from ..pipeline import Curve, Data, Shared, TwinExperiment, metric_table as table, run_experiment
 from ..schedule import NoiseSchedule
@@ -51,6 +52,7 @@ class HierarchyConfig(TwinConfig):
     q_eff: int = opt(4, "child pairs owned by each parent symbol")
     sigma: float = opt(1.0, "spread of the rule log-probabilities")
     grammar_seed: int = opt(0, "seed of the random grammar")
+    grammar_file: str | None = opt(None, "load the grammar tensor M (q, q, q) from a .npy or .pt file instead of drawing it")
     pool: int = opt(20_000, "sequences in the seeded pool the splits and the test set are cut from")
     test_disjoint: bool = opt(True, "drop test sequences that also occur in a training split (content-disjoint test set)")
     # model (the paper: 8 layers, width 512, 4 heads, FFN 1024)
@@ -89,7 +91,8 @@ PRESETS: dict[str, dict] = {
     "cpu": {},
     # The paper's hierarchical setting (Garnier-Brun et al. 2026, Sec. 4) at n = 12k, for a GPU (hours).
     "paper": dict(pool=1_000_000, n=12_000, splits=3, seeds_per_split=5, n_test=10_000, layers=8, width=512, heads=4,
-                  ffn=1024, steps=100_000, batch_size=512, lr=3e-4, ema_decay=None, checkpoints=25, first_checkpoint=10,
+                  ffn=1024, steps=100_000, batch_size=512, lr=3e-4, lr_schedule="halve-cosine", grad_clip=None,
+                  ema_decay=None, checkpoints=25, first_checkpoint=10,
                   n_eval=2000, n_loss=10_000, n_samples=2048, sampler="ddpm", n_uturn=512, uturn_reps=8, device="cuda",
                   threads=0),
     # A seconds-long smoke run (used by the tests); far too small to show anything.
@@ -126,7 +129,8 @@ class Reference:
 
 def make_data(cfg: HierarchyConfig, seeds: SeedPlan) -> Data:
     """Sample the seeded pool, permute it once, and cut K disjoint splits and a test set from it."""
-    grammar = Grammar.random(q=cfg.q, depth=cfg.depth, q_eff=cfg.q_eff, sigma=cfg.sigma, seed=cfg.grammar_seed)
+    grammar = (load_grammar(cfg.grammar_file, cfg.q, cfg.depth) if cfg.grammar_file else
+               Grammar.random(q=cfg.q, depth=cfg.depth, q_eff=cfg.q_eff, sigma=cfg.sigma, seed=cfg.grammar_seed))
     pool = grammar.sample(cfg.pool, k=0, seed=seeds.pool())
     pool = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seeds.pool_permutation()))]
     used = cfg.splits * cfg.n
@@ -142,12 +146,34 @@ def make_data(cfg: HierarchyConfig, seeds: SeedPlan) -> Data:
     dropped = int(torch.nonzero(keep)[cfg.n_test - 1]) + 1 - cfg.n_test
     description = {
         "grammar": {"q": cfg.q, "depth": cfg.depth, "q_eff": cfg.q_eff, "sigma": cfg.sigma, "seed": cfg.grammar_seed,
-                    "leaf_entropy_nats": grammar.leaf_entropy()},
+                    "file": cfg.grammar_file, "leaf_entropy_nats": grammar.leaf_entropy()},
         "pool": cfg.pool, "n_per_split": cfg.n, "splits": cfg.splits, "n_test": cfg.n_test,
         "test_duplicates_dropped": dropped, "cross_split_duplicates": cross,
         "distinct_per_split": [len(torch.unique(s, dim=0)) for s in splits],
     }
     return Data(train=splits, test=test, description=description, extra={"grammar": grammar})
+
+
+def load_grammar(path: str, q: int, depth: int) -> Grammar:
+    """A grammar tensor ``M[a, b, c] = P(left=b, right=c | parent=a)`` of shape ``(q, q, q)`` from ``.npy`` or
+    ``.pt`` (read without running code: ``numpy.load(allow_pickle=False)``, ``torch.load(weights_only=True)``)."""
+    import numpy as np
+
+    file = Path(path).expanduser()
+    check(file.is_file(), f"--grammar-file {path} does not exist; give a .npy or .pt file holding M of shape (q, q, q).")
+    try:
+        if file.suffix == ".npy":
+            M = torch.from_numpy(np.load(file, allow_pickle=False))
+        elif file.suffix == ".pt":
+            M = torch.load(file, weights_only=True, map_location="cpu")
+        else:
+            raise ValueError("the file must end in .npy or .pt")
+    except (ValueError, OSError, RuntimeError) as e:
+        raise BiasgenError(f"Cannot read the grammar tensor from {file}: {e}. Save M with numpy.save or torch.save.") from e
+    check(isinstance(M, torch.Tensor) and tuple(M.shape) == (q, q, q),
+          f"--grammar-file {path} must hold a tensor of shape (q, q, q) = ({q}, {q}, {q}) matching --q; got "
+          f"{tuple(M.shape) if isinstance(M, torch.Tensor) else type(M).__name__}.")
+    return Grammar(M, depth)
 
 
 def _ids(*parts: torch.Tensor) -> list[torch.Tensor]:
