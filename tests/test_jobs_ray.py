@@ -1,7 +1,9 @@
-"""The Ray backend of the job runner, on one local Ray instance (2 CPUs) for the whole module."""
+"""The Ray backend: the job runner and the whole pipeline, on one local Ray instance (2 CPUs) for the module."""
+import math
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -10,8 +12,11 @@ import pytest
 import torch
 
 from biasgen import jobs_ray
+from biasgen.cli import main
 from biasgen.errors import BiasgenError
+from biasgen.images.audit import ImageAudit, audit
 from biasgen.jobs import check_shared_storage, run_jobs
+from biasgen.runs import read_jsonl
 from biasgen.training import completed_step, train
 
 try:
@@ -144,9 +149,73 @@ def test_the_run_folder_must_be_writable_by_every_worker(local_ray, tmp_path):
         check_shared_storage(tmp_path / "missing", backend="ray")
 
 
-def test_backend_ray_without_ray_says_how_to_install_it(monkeypatch):
+def test_backend_ray_without_ray_says_how_to_install_it(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
     with pytest.raises(BiasgenError, match=r'pip install "biasgen\[ray\]"'):
         list(run_jobs(_scaled_square, [1], workers=1, backend="ray"))
+    assert main(["audit", "--preset", "tiny", "--quiet", "--backend", "ray", "--out", str(tmp_path / "run")]) == 2
+    assert 'pip install "biasgen[ray]"' in capsys.readouterr().err
     with pytest.raises(BiasgenError, match="Unknown backend"):
         list(run_jobs(_scaled_square, [1], workers=1, backend="dask"))
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(backend="dask"), "--backend must be local or ray"),
+    (dict(ray_address="auto"), "--ray-address is used only with --backend ray"),
+    (dict(backend="ray", cpus_per_job=0), "--cpus-per-job must be positive"),
+    (dict(backend="ray", device="cuda"), "needs --gpus-per-job"),
+])
+def test_bad_backend_settings_are_refused(settings, message):
+    with pytest.raises(BiasgenError, match=message):
+        ImageAudit.from_settings("tiny", **settings)
+
+
+# -- the whole pipeline on the Ray backend ----------------------------------------------------------------------
+
+
+def _assert_close(a, b, where="record"):
+    """Equal JSON values, numbers up to float rounding."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5), f"{where}: {a} != {b}"
+    else:
+        assert a == b, where
+
+
+@pytest.fixture(scope="module")
+def local_tiny_audit(tmp_path_factory):
+    out = tmp_path_factory.mktemp("local") / "tiny"
+    audit(out, preset="tiny", progress=False)
+    return out
+
+
+@needs_ray
+def test_tiny_audit_on_ray_gives_the_local_metrics_and_resumes_on_either_backend(local_ray, local_tiny_audit, tmp_path):
+    out = tmp_path / "ray"
+    summary = audit(out, preset="tiny", progress=False, backend="ray")
+    _assert_close(read_jsonl(out / "metrics.jsonl"), read_jsonl(local_tiny_audit / "metrics.jsonl"))
+    assert summary["config"]["backend"] == "ray"
+    again = audit(out, preset="tiny", progress=False, resume=True)  # the backend does not define the run
+    assert again["tau_bias"] == summary["tau_bias"]
+
+
+@needs_ray
+def test_a_killed_ray_driver_resumes_with_resume(local_ray, local_tiny_audit, tmp_path):
+    out = tmp_path / "killed"
+    argv = ["audit", "--preset", "tiny", "--quiet", "--backend", "ray", "--out", str(out)]
+    driver = subprocess.Popen([sys.executable, "-m", "biasgen", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while driver.poll() is None and time.monotonic() < deadline and not list(out.glob("models/*/step_*.json")):
+        time.sleep(0.05)
+    driver.kill()
+    assert driver.wait() == -signal.SIGKILL, driver.stderr.read().decode()[-2000:]
+    assert list(out.glob("models/*/step_*.json")) and not (out / "summary.json").exists()
+    assert main(argv + ["--resume"]) == 0
+    _assert_close(read_jsonl(out / "metrics.jsonl"), read_jsonl(local_tiny_audit / "metrics.jsonl"))

@@ -68,9 +68,6 @@ def _call(fn: Callable, job):
     return fn(job, _SHARED)
 
 
-BACKENDS = ("local", "ray")
-
-
 def run_jobs(
     fn: Callable,  # top-level function fn(job, shared)
     jobs: Sequence,  # what differs between jobs
@@ -90,7 +87,7 @@ def run_jobs(
                                 gpus_per_job=gpus_per_job)
         return
     if backend != "local":
-        raise BiasgenError(f"Unknown backend {backend!r}: pick one of {', '.join(BACKENDS)}.")
+        raise BiasgenError(f"Unknown backend {backend!r}: pick local or ray.")
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             yield fn(job, shared)
@@ -105,6 +102,18 @@ def run_jobs(
             yield future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextmanager
+def job_session(backend: str = "local", ray_address: str | None = None):
+    """Keep the backend connected for the block: one Ray session for a whole run, not one per :func:`run_jobs`."""
+    if backend != "ray":
+        yield
+        return
+    from .jobs_ray import ray_session
+
+    with ray_session(ray_address):
+        yield
 
 
 def check_shared_storage(run_dir: Path, *, backend: str = "local", ray_address: str | None = None) -> None:
