@@ -2,6 +2,7 @@
 
     python bench/bench_backends.py                   # the default audit, both backends (about 10 minutes on 2 cores)
     python bench/bench_backends.py --preset tiny     # a quick check of the script
+    python bench/bench_backends.py --steps 300       # any other flag goes to both audits
 
 Each backend runs ``biasgen audit --quiet --backend B`` as its own process (the
 wall time includes starting Python, and for Ray starting the Ray instance), in
@@ -31,9 +32,9 @@ def numbers(value) -> list[float]:
     return [float(value)] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
 
 
-def run_audit(preset: str, backend: str, out: Path) -> dict:
+def run_audit(preset: str, flags: list[str], backend: str, out: Path) -> dict:
     """Run one audit in its own process; its wall time and the time split of its summary."""
-    command = [sys.executable, "-m", "biasgen", "audit", "--preset", preset, "--quiet", "--backend", backend,
+    command = [sys.executable, "-m", "biasgen", "audit", "--preset", preset, *flags, "--quiet", "--backend", backend,
                "--out", str(out)]
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
@@ -46,15 +47,16 @@ def run_audit(preset: str, backend: str, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="default")
-    args = parser.parse_args()
+    parser.add_argument("--order", default="local,ray", help="which backend runs first (the load of a shared machine drifts)")
+    args, flags = parser.parse_known_args()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        results = {b: run_audit(args.preset, b, Path(tmp) / b) for b in ("local", "ray")}
+        results = {b: run_audit(args.preset, flags, b, Path(tmp) / b) for b in args.order.split(",")}
         a, b = (numbers(read_jsonl(Path(tmp) / name / "metrics.jsonl")) for name in ("local", "ray"))
     assert len(a) == len(b), "the two runs wrote different metrics"
     max_diff = max(abs(x - y) / max(1.0, abs(x)) for x, y in zip(a, b))
     env = environment()
-    print(f"Command: `python bench/bench_backends.py --preset {args.preset}`. Machine: {os.cpu_count()} CPU cores, "
+    print(f"Command: `python bench/bench_backends.py {' '.join(['--preset', args.preset, '--order', args.order, *flags])}`. Machine: {os.cpu_count()} CPU cores, "
           f"{env['platform']}, Python {env['python']}, torch {env['torch']}, CUDA {env['cuda']}. "
           f"Load average (1 min) before: {load_before:.1f}, after: {os.getloadavg()[0]:.1f}.\n")
     print("| backend | wall (s) | training (s) | evaluation (s) | wall vs local |")

@@ -9,7 +9,7 @@ path every node sees (see :func:`check_shared_storage` and docs/scale-out.md)::
 
     ray start --head                          # on the first machine
     ray start --address HEAD_IP:6379          # on every other machine
-    biasgen audit --backend ray --ray-address auto --gpus-per-job 0.25 --out /shared/runs/audit
+    biasgen audit --backend ray --ray-address auto --device cuda --gpus-per-job 0.25 --out /shared/runs/audit
 
 A task whose worker process dies is run again (``MAX_RETRIES``): training
 resumes from the model's last checkpoint and every write is atomic, so a retry
