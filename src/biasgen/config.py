@@ -168,10 +168,17 @@ class TwinConfig:
     n_boot: int = opt(1000, "bootstrap resamples for the uncertainty of each tau")
     # runtime (may change when a run is resumed)
     device: str = opt("cpu", "torch device (cpu, cuda, cuda:1, mps)")
-    workers: int = opt(0, "processes that train models / evaluate checkpoints at once (0: one per CPU core on cpu, 1 on a GPU)")
+    workers: int = opt(0, "local backend: processes that train models / evaluate checkpoints at once (0: one per CPU core on cpu, 1 on a GPU)")
     threads: int = opt(0, "torch CPU threads in the main process during the run (0: torch's default)")
+    backend: str = opt("local", "where jobs run: local (worker processes here) or ray (Ray tasks on several GPUs "
+                                "or machines; docs/scale-out.md)")
+    ray_address: str | None = opt(None, "ray backend: none starts Ray on this machine for the run, auto joins the "
+                                        "cluster started here with `ray start`, HOST:PORT joins that head node")
+    cpus_per_job: float = opt(1.0, "ray backend: CPUs each job reserves (also its torch threads)")
+    gpus_per_job: float = opt(0.0, "ray backend: GPUs each job reserves (0.25: four jobs share one GPU)")
 
-    RUNTIME_KEYS = ("device", "workers", "threads")  # settings that do not define the run
+    RUNTIME_KEYS = ("device", "workers", "threads", "backend", "ray_address", "cpus_per_job",
+                    "gpus_per_job")  # settings that do not define the run
 
     def __post_init__(self) -> None:
         self.validate()
@@ -190,13 +197,26 @@ class TwinConfig:
               f"--lr-schedule must be constant or halve-cosine, got {self.lr_schedule!r}.")
         check(self.sampler in ("ddpm", "ddim"), f"--sampler must be ddpm or ddim, got {self.sampler!r}.")
         check(self.sample_steps <= self.T, f"--sample-steps must be in [1, {self.T}].")
-        check(not self.device.startswith("cuda") or _cuda_available(),
+        check(self.backend in ("local", "ray"), f"--backend must be local or ray, got {self.backend!r}.")
+        check(self.ray_address is None or self.backend == "ray", "--ray-address is used only with --backend ray: add --backend ray.")
+        check(self.cpus_per_job > 0 and self.gpus_per_job >= 0,
+              "--cpus-per-job must be positive and --gpus-per-job at least 0.")
+        check(self.backend != "ray" or not self.device.startswith("cuda") or self.gpus_per_job > 0,
+              f"--device {self.device} with --backend ray needs --gpus-per-job (e.g. 1, or 0.25 to share a GPU): "
+              "Ray hides the GPUs from jobs that reserve none.")
+        check(not self.device.startswith("cuda") or self.backend == "ray" or _cuda_available(),
               f"--device {self.device} is not available here (no CUDA GPU); pass --device cpu.")
 
     @property
     def sample_step_count(self) -> int:
         """Denoiser calls per sample: T for ddpm, sample_steps for ddim."""
         return self.T if self.sampler == "ddpm" else self.sample_steps
+
+    @property
+    def job_options(self) -> dict:
+        """The backend settings of :func:`biasgen.jobs.run_jobs` (keyword arguments)."""
+        return dict(backend=self.backend, ray_address=self.ray_address, cpus_per_job=self.cpus_per_job,
+                    gpus_per_job=self.gpus_per_job)
 
 
 def _cuda_available() -> bool:

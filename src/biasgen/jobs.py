@@ -6,6 +6,10 @@ A job function is a picklable top-level function ``fn(job, shared)``: ``job``
 is what differs between jobs (a model index, a checkpoint step), ``shared`` is
 what every job needs (training sets, evaluation references). ``shared`` is sent
 to each worker process once, when it starts, not with every job.
+
+Two backends behind :func:`run_jobs`: ``"local"`` (a process pool on this
+machine) and ``"ray"`` (Ray tasks with declared CPUs and GPUs, on this machine
+or a cluster: biasgen.jobs_ray).
 """
 from __future__ import annotations
 
@@ -15,9 +19,12 @@ import threading
 import time
 from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
+
+from .errors import BiasgenError
 
 
 def resolve_workers(requested: int, device: str) -> int:
@@ -61,8 +68,26 @@ def _call(fn: Callable, job):
     return fn(job, _SHARED)
 
 
-def run_jobs(fn: Callable, jobs: Sequence, workers: int, shared=None) -> Iterator:
-    """Yield ``fn(job, shared)`` for every job, in completion order; in-process when ``workers <= 1``."""
+def run_jobs(
+    fn: Callable,  # top-level function fn(job, shared)
+    jobs: Sequence,  # what differs between jobs
+    workers: int,  # local backend: jobs at once (worker processes); the Ray backend places jobs by resources
+    shared=None,  # what every job needs, sent once per worker process (local) or put into the object store once (Ray)
+    *,
+    backend: str = "local",  # "local" or "ray"
+    ray_address: str | None = None,  # Ray: None starts a local instance, "auto" joins this machine's cluster, else HOST:PORT
+    cpus_per_job: float = 1.0,  # Ray: CPUs each job reserves
+    gpus_per_job: float = 0.0,  # Ray: GPUs each job reserves (fractions share a GPU)
+) -> Iterator:
+    """Yield ``fn(job, shared)`` for every job, in completion order; in-process when local and ``workers <= 1``."""
+    if backend == "ray":
+        from .jobs_ray import run_ray_jobs
+
+        yield from run_ray_jobs(fn, jobs, shared, address=ray_address, cpus_per_job=cpus_per_job,
+                                gpus_per_job=gpus_per_job)
+        return
+    if backend != "local":
+        raise BiasgenError(f"Unknown backend {backend!r}: pick local or ray.")
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             yield fn(job, shared)
@@ -77,3 +102,23 @@ def run_jobs(fn: Callable, jobs: Sequence, workers: int, shared=None) -> Iterato
             yield future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextmanager
+def job_session(backend: str = "local", ray_address: str | None = None):
+    """Keep the backend connected for the block: one Ray session for a whole run, not one per :func:`run_jobs`."""
+    if backend != "ray":
+        yield
+        return
+    from .jobs_ray import ray_session
+
+    with ray_session(ray_address):
+        yield
+
+
+def check_shared_storage(run_dir: Path, *, backend: str = "local", ray_address: str | None = None) -> None:
+    """BiasgenError unless the backend's workers can write into ``run_dir`` (always true locally)."""
+    if backend == "ray":
+        from .jobs_ray import check_shared_storage as check_ray
+
+        check_ray(run_dir, address=ray_address)

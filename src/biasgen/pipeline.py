@@ -5,7 +5,8 @@ specific to it: how to load data and cut splits, the network and its loss, how
 to evaluate all models at one checkpoint, which curves locate the taus, and its
 figures. :func:`run_experiment` does everything else, the same way for all:
 the run folder (refusing to mix two runs), parallel training and parallel
-checkpoint evaluation (what every evaluation needs is sent to each worker
+checkpoint evaluation (worker processes here, or Ray tasks on several GPUs or
+machines: docs/scale-out.md; what every job needs is sent to each worker
 once), resume after a kill, atomic writes, progress bars, timing, and the
 shared part of ``summary.json`` (verdict, taus, window, advice, models, seeds,
 sampler, config, versions).
@@ -34,7 +35,7 @@ import torch
 
 from .checkpoint import save_tensors
 from .config import TwinConfig, build_config
-from .jobs import resolve_workers, run_jobs, torch_threads
+from .jobs import check_shared_storage, job_session, resolve_workers, run_jobs, torch_threads
 from .report import write_report
 from .onset import checkpoint_minimum, judge, public_tau
 from .errors import BiasgenError
@@ -153,11 +154,12 @@ def run_experiment(experiment: TwinExperiment, out: str | Path, *, resume: bool 
                    progress: bool = True) -> dict:
     """Run (or resume) ``experiment`` in the folder ``out``; returns ``summary.json`` as a dict."""
     cfg = experiment.cfg
-    with torch_threads(cfg.threads):
+    with torch_threads(cfg.threads), job_session(cfg.backend, cfg.ray_address):
         started = time.time()
         data = experiment.load()
         run = prepare_run_dir(out, dataclasses.asdict(cfg), resume=resume, force=force, kind=experiment.kind,
-                              runtime_keys=cfg.RUNTIME_KEYS)
+                              runtime_keys=cfg.RUNTIME_KEYS).resolve()  # absolute: jobs may run in other folders
+        check_shared_storage(run, backend=cfg.backend, ray_address=cfg.ray_address)
         members = make_members(cfg.splits, cfg.seeds_per_split)
         steps = checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.first_checkpoint)
         model_class, model_kwargs = experiment.network(data)
@@ -168,13 +170,14 @@ def run_experiment(experiment: TwinExperiment, out: str | Path, *, resume: bool 
         meta = {"config": dataclasses.asdict(cfg), "model": model_kwargs, "environment": environment()}
         train_members(model_class, model_kwargs, make_loss, loss_args, data.train, members, run / "models",
                       seeds=experiment.seeds, meta=meta, workers=workers, device=cfg.device, progress=progress,
+                      job_options=cfg.job_options,
                       steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, checkpoints=steps,
                       grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, lr_schedule=cfg.lr_schedule)
         training_s = time.time() - t0
 
         t0 = time.time()
         shared = Shared(experiment, run, members, model_class, model_kwargs, experiment.reference(data, members))
-        evaluate_checkpoints(shared, steps, workers, progress)
+        evaluate_checkpoints(shared, steps, workers, progress, cfg.job_options)
         evaluation_s = time.time() - t0
 
         records = sorted(read_jsonl(run / "metrics.jsonl"), key=lambda r: r["step"])
@@ -188,14 +191,16 @@ def run_experiment(experiment: TwinExperiment, out: str | Path, *, resume: bool 
     return summary
 
 
-def evaluate_checkpoints(shared: Shared, steps: list[int], workers: int, progress: bool) -> None:
-    """Evaluate every checkpoint not yet in ``metrics.jsonl``, ``workers`` at a time, appending in step order."""
+def evaluate_checkpoints(shared: Shared, steps: list[int], workers: int, progress: bool,
+                         job_options: dict | None = None) -> None:
+    """Evaluate every checkpoint not yet in ``metrics.jsonl``, ``workers`` at a time (or as Ray places them),
+    appending in step order. ``job_options``: the backend settings of :func:`biasgen.jobs.run_jobs`."""
     metrics = shared.run / "metrics.jsonl"
     done = {r["step"] for r in read_jsonl(metrics)}
     todo = [step for step in steps if step not in done]
     order, pending = list(todo), {}
-    for step, record in progress_bar(run_jobs(_evaluate_step, todo, workers, shared), progress,
-                                     "evaluating checkpoints", len(todo)):
+    results = run_jobs(_evaluate_step, todo, workers, shared, **(job_options or {}))
+    for step, record in progress_bar(results, progress, "evaluating checkpoints", len(todo)):
         pending[step] = record
         while order and order[0] in pending:  # keep metrics.jsonl in step order
             append_jsonl(metrics, {"step": order[0], **pending.pop(order.pop(0))})

@@ -16,6 +16,7 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .jobs import run_jobs
+from .runs import progress_bar
 from .seeds import SeedPlan
 from .training import checkpoint_stem, train
 
@@ -58,24 +59,34 @@ def train_members(
     *,
     seeds: SeedPlan,  # the run's seeds: model_init(m) and training(m)
     meta: dict,  # recorded in every sidecar, plus the model's split and seed index
-    workers: int,  # models trained at once (worker processes)
+    workers: int,  # models trained at once (local worker processes)
     device: str,  # torch device
     progress: bool,  # tqdm bars
+    job_options: dict | None = None,  # backend, ray_address, cpus_per_job, gpus_per_job: see biasgen.jobs.run_jobs
     **train_kwargs,  # steps, batch_size, lr, checkpoints, grad_clip, ema_decay: see biasgen.training.train
 ) -> None:
-    """Train (or resume) every model of a twin experiment, ``workers`` at a time."""
+    """Train (or resume) every model of a twin experiment, ``workers`` at a time (or as Ray places them).
+
+    The training sets go to the workers once (``shared``), not with every model's job. Locally each
+    model shows its own progress bar; Ray workers cannot draw one, so the Ray backend shows one bar
+    of finished models instead.
+    """
+    job_options = job_options or {}
+    bar_per_model = progress and job_options.get("backend", "local") == "local"
     jobs = [dict(model_cls=model_cls, model_kwargs=model_kwargs, init_seed=seeds.model_init(m),
-                 make_loss=make_loss, loss_args=loss_args, data=train_sets[split], device=device,
+                 make_loss=make_loss, loss_args=loss_args, split=split, device=device,
                  train_kwargs=dict(train_kwargs, seed=seeds.training(m), out_dir=Path(models_dir) / f"model{m}",
-                                   meta={**meta, "split": split, "split_seed": s}, resume=True, progress=progress,
+                                   meta={**meta, "split": split, "split_seed": s}, resume=True, progress=bar_per_model,
                                    desc=f"model {m + 1}/{len(members)} (split {split})",
                                    position=m % workers if workers > 1 else None))
             for m, (split, s) in enumerate(members)]
-    for _ in run_jobs(_train_member, jobs, workers):
+    trained = run_jobs(_train_member, jobs, workers, list(train_sets), **job_options)
+    for _ in progress_bar(trained, progress and not bar_per_model, "training models", len(jobs)):
         pass
 
 
-def _train_member(job: dict, shared=None) -> None:
-    """One model of :func:`train_members` (a worker-process job)."""
+def _train_member(job: dict, train_sets: list[torch.Tensor]) -> None:
+    """One model of :func:`train_members` (a worker job)."""
     model = build_model(job["model_cls"], job["model_kwargs"], job["init_seed"]).to(job["device"])
-    train(model, job["make_loss"](*job["loss_args"]), job["data"].to(job["device"]), **job["train_kwargs"])
+    data = train_sets[job["split"]].to(job["device"])
+    train(model, job["make_loss"](*job["loss_args"]), data, **job["train_kwargs"])
