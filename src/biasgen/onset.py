@@ -220,7 +220,8 @@ def checkpoint_minimum(steps: Sequence[int], curves, n_boot: int = N_BOOT, seed:
 
 def public_tau(tau: dict) -> dict:
     """A :func:`checkpoint_minimum` result without its bootstrap draws and curves (for summary.json)."""
-    return {k: v for k, v in tau.items() if k not in ("boot_steps", "curve", "fit", "steps")}
+    nan_to_none = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # JSON has no NaN
+    return {k: nan_to_none(v) for k, v in tau.items() if k not in ("boot_steps", "curve", "fit", "steps")}
 
 
 def score_crossing(steps: Sequence[int], train_sim, test_sim) -> int | None:
