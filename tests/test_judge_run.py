@@ -14,7 +14,7 @@ def test_judge_rejudges_a_run_from_its_files_alone_using_the_controls(tmp_path, 
     assert summary["evidence"].startswith("twin-vs-control contrast") and summary["control"]["balanced"]
     assert summary["n_twin_pairs"] == 4 and summary["n_control_pairs"] == 2
     assert all(len(r["same_split_distance_pairs"]) == 2 for r in read_jsonl(run / "metrics.jsonl"))
-    assert summary["negative_control"]["verdict"] in ("no-bias-detected", "inconclusive", "biased-generalization-detected")
+    assert summary["negative_controls"]["placebo_contrast"]["verdict"] in ("no-bias-detected", "inconclusive", "biased-generalization-detected")
 
     shutil.rmtree(run / "models")  # judging needs no model
     shutil.rmtree(run / "samples")
@@ -24,7 +24,7 @@ def test_judge_rejudges_a_run_from_its_files_alone_using_the_controls(tmp_path, 
     out = capsys.readouterr().out
     assert out.startswith(before["verdict"] + ":")
     after = json.loads((run / "summary.json").read_text())
-    for key in ("verdict", "reason", "p_value", "tau_bias", "tau_loss", "recommended_step", "negative_control"):
+    for key in ("verdict", "reason", "p_value", "tau_bias", "tau_loss", "recommended_step", "negative_controls"):
         assert after[key] == before[key], key
     assert "tampered" not in (run / "report.html").read_text()
 

@@ -239,17 +239,39 @@ def judge_records(experiment: TwinExperiment, records: list[dict], members: list
                                                   reduce=c.reduce))
               for i, (name, c) in enumerate(curves.items()) if name not in ("tau_bias", "tau_loss", "control")}
     window = judged.pop("window")
-    if control:  # negative control: the same-split pairs judged as if they were twins must not show bias
-        as_twins = judge(steps, control.table, controls, curves["tau_loss"].table, n_boot=cfg.n_boot, seed=seeds.bootstrap())
-        judged["negative_control"] = {"verdict": as_twins["verdict"], "p_value": as_twins["p_value"],
-                                      "drift": as_twins["drift"], "rule": "same-split control pairs judged as if they "
-                                      "were twins (no controls): a calibrated judge must not detect bias here"}
+    if control:
+        judged |= negative_controls(steps, curves, twins, controls, members, cfg.n_boot, seeds.bootstrap())
     return {
         **judged,
         **others,
         "window": [window["start"], window["end"]] if window["exists"] else None,
         "units": {name: c.units for name, c in curves.items()},
     }
+
+
+def negative_controls(steps, curves: dict[str, Curve], twins, controls, members, n_boot: int, seed: int) -> dict:
+    """Two checks on a run with same-split control pairs (docs/method.md §10, "Negative controls").
+
+    ``placebo_contrast``: the twin pairs split in two halves by whether the two models have the same seed index
+    (``(A1, B1), (A2, B2)`` vs ``(A1, B2), (A2, B1)``) and judged as twins against controls. Both halves are
+    different-split pairs, so a calibrated contrast test must not detect bias here.
+    ``controls_as_twins``: the same-split pairs judged as if they were twins (no controls); models trained on
+    the same data from different seeds also drift apart once they copy training images, so a detection here
+    says that the twin curve alone is not specific to *different* data, which is why the contrast decides.
+    """
+    def brief(result: dict) -> dict:
+        return {"verdict": result["verdict"], "p_value": result["p_value"], "drift": result["drift"]}
+
+    loss = curves["tau_loss"].table
+    out = {"controls_as_twins": brief(judge(steps, curves["control"].table, controls, loss, n_boot=n_boot, seed=seed))}
+    same = [i for i, (a, b) in enumerate(twins) if members[a][1] == members[b][1]]
+    other = [i for i in range(len(twins)) if i not in same]
+    if same and other:
+        table = curves["tau_bias"].table
+        placebo = judge(steps, table[same], [twins[i] for i in same], loss, table[other], [twins[i] for i in other],
+                        n_boot=n_boot, seed=seed)
+        out["placebo_contrast"] = brief(placebo) | {"balanced": placebo["control"]["balanced"]}
+    return {"negative_controls": out}
 
 
 def rejudge(run_dir: str | Path, *, write: bool = False, experiments: dict | None = None) -> dict:

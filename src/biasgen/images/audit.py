@@ -97,12 +97,15 @@ class AuditConfig(TwinConfig):
 
 
 PRESETS: dict[str, dict] = {
-    # The bundled 8x8 digits, 4 splits of 256; minutes on 2 CPU cores. docs/audit.md says what it shows.
-    "default": {},
+    # The bundled 8x8 digits, 2 splits x 2 seeds (4 twin pairs, 2 same-split controls) of 128 images, 3000 steps:
+    # both minima inside the run; docs/audit.md gives the measured result.
+    "default": dict(n=128, splits=2, seeds_per_split=2, steps=3000, checkpoints=14),
+    # All three phases in one run: generalization, biased generalization, memorization (docs/audit.md).
+    "phases": dict(n=32, splits=2, seeds_per_split=2, steps=4000, checkpoints=16),
     # 16x16 Fashion-MNIST (Debian's dataset-fashion-mnist, or --data-dir); about 30 minutes on 2 CPU cores.
     "fashion-mnist": dict(data="fashion-mnist", resolution=16, n=256, splits=4, n_test=1024, steps=2000,
                           checkpoints=13),
-    # The paper's image setting (Garnier-Brun et al. 2026, Sec. 3): CelebA 32x32 grayscale, 15 splits of 1024, GPU scale. Run it from the folder that holds
+    # The paper's image setting (docs/method.md §8): CelebA 32x32 grayscale, 15 splits of 1024, GPU scale. Run it from the folder that holds
     # img_align_celeba/, or pass --data PATH/TO/img_align_celeba.
     "paper": dict(data="img_align_celeba", resolution=32, grayscale=True, scaling="center", n=1024, splits=15, n_test=2048,
                   base_width=32, channel_mults=(1, 2, 4), attention_levels=(1, 2), res_blocks=2, dropout=0.1,
