@@ -26,6 +26,8 @@ def test_coercion_of_flag_strings():
     assert coerce(AuditConfig, "score_ts", "50,100") == (50, 100)
     assert coerce(AuditConfig, "ema_decay", "none") is None
     assert coerce(AuditConfig, "resolution", "16") == 16
+    cfg = build_config(AuditConfig, PRESETS, "default", None, {"sampler": "ddpm", "sample_steps": "none"})
+    assert cfg.sample_steps is None and cfg.sample_step_count == cfg.T  # none: all T steps
     with pytest.raises(BiasgenError, match="Bad value 'abc' for 'n'"):
         coerce(AuditConfig, "n", "abc")
 
@@ -35,6 +37,9 @@ def test_coercion_of_flag_strings():
     ({"lr": -1}, "--lr must be positive"),
     ({"n": 0}, "--n must be at least 1"),
     ({"sampler": "euler"}, "--sampler must be ddpm or ddim"),
+    ({"sample_steps": 1001}, "--sample-steps must be in"),
+    ({"sampler": "ddpm", "eta": 0.5}, "--eta is a DDIM setting"),
+    ({"eta": 2}, r"--eta must be in \[0, 1\]"),
     ({"score_ts": "0,5000"}, "--score-ts"),
     ({"dropout": 1.5}, "--dropout"),
     ({"nonsense": 1}, "Unknown setting"),

@@ -162,8 +162,9 @@ class TwinConfig:
     ema_decay: float | None = opt(None, "EMA decay of the evaluated weights (none: raw weights)")
     # evaluation
     n_samples: int = opt(128, "samples per model and checkpoint, from shared noise")
-    sampler: str = opt("ddim", "ddpm (ancestral, all T steps) or ddim (deterministic)")
-    sample_steps: int = opt(50, "DDIM steps (ignored by ddpm)")
+    sampler: str = opt("ddim", "ddpm (ancestral: draws of the DDPM posterior) or ddim (deterministic unless --eta > 0)")
+    sample_steps: int | None = opt(50, "sampling steps, evenly spaced from T to 1 (none: all T, the paper's DDPM)")
+    eta: float = opt(0.0, "DDIM noise in [0, 1]: 0 deterministic, 1 the DDPM posterior noise (ddim only)")
     n_boot: int = opt(1000, "bootstrap resamples for the uncertainty of each tau")
     # runtime (may change when a run is resumed)
     device: str = opt("cpu", "torch device (cpu, cuda, cuda:1, mps)")
@@ -178,7 +179,7 @@ class TwinConfig:
     def validate(self) -> None:
         check(self.splits >= 2, f"--splits must be at least 2 (twins need two disjoint splits), got {self.splits}.")
         check_at_least(self, 1, "n", "n_test", "seeds_per_split", "steps", "batch_size", "checkpoints",
-                       "first_checkpoint", "n_samples", "sample_steps")
+                       "first_checkpoint", "n_samples")
         check_at_least(self, 0, "n_boot", "workers", "threads")
         check(self.T >= 10, f"--T must be at least 10, got {self.T}.")
         check(self.lr > 0, f"--lr must be positive, got {self.lr}.")
@@ -186,14 +187,18 @@ class TwinConfig:
         check(self.grad_clip is None or self.grad_clip > 0, "--grad-clip must be positive (or none).")
         check(self.ema_decay is None or 0 < self.ema_decay < 1, "--ema-decay must be in (0, 1) (or none).")
         check(self.sampler in ("ddpm", "ddim"), f"--sampler must be ddpm or ddim, got {self.sampler!r}.")
-        check(self.sample_steps <= self.T, f"--sample-steps must be in [1, {self.T}].")
+        check(self.sample_steps is None or 1 <= self.sample_steps <= self.T,
+              f"--sample-steps must be in [1, {self.T}] (or none for all T), got {self.sample_steps}.")
+        check(0 <= self.eta <= 1, f"--eta must be in [0, 1], got {self.eta}.")
+        check(self.eta == 0 or self.sampler == "ddim",
+              f"--eta is a DDIM setting; the ddpm sampler always draws the full posterior noise (got --eta {self.eta}).")
         check(not self.device.startswith("cuda") or _cuda_available(),
               f"--device {self.device} is not available here (no CUDA GPU); pass --device cpu.")
 
     @property
     def sample_step_count(self) -> int:
-        """Denoiser calls per sample: T for ddpm, sample_steps for ddim."""
-        return self.T if self.sampler == "ddpm" else self.sample_steps
+        """Denoiser calls per sample: ``sample_steps``, or T when it is None."""
+        return self.T if self.sample_steps is None else self.sample_steps
 
 
 def _cuda_available() -> bool:

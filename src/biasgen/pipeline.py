@@ -37,6 +37,7 @@ from .config import TwinConfig, build_config
 from .jobs import resolve_workers, run_jobs, torch_threads
 from .onset import checkpoint_minimum, public_tau, recommend, verdict
 from .runs import append_jsonl, environment, prepare_run_dir, progress_bar, read_jsonl, write_json
+from .sampler import describe_sampler
 from .seeds import SeedPlan
 from .training import checkpoint_steps
 from .twins import load_model, make_members, model_pairs, train_members
@@ -202,7 +203,7 @@ def _evaluate_step(step: int, shared: Shared) -> tuple[int, dict]:
         record, keep = shared.experiment.evaluate(models, shared)
     if keep:
         save_tensors(shared.run / "samples" / f"step_{step:07d}", keep,
-                     {"step": step, "sampler": cfg.sampler, "sample_steps": cfg.sample_step_count})
+                     {"step": step, "sampler": cfg.sampler, "sample_steps": cfg.sample_step_count, "eta": cfg.eta})
     return step, record
 
 
@@ -235,7 +236,8 @@ def summarize(experiment: TwinExperiment, records: list[dict], data: Data, refer
         "models": [{"model": m, "split": s, "split_seed": k} for m, (s, k) in enumerate(members)],
         "n_twin_pairs": len(twins),
         "n_control_pairs": len(controls),
-        "sampler": {"method": cfg.sampler, "steps": cfg.sample_step_count},
+        "sampler": {"method": cfg.sampler, "steps": cfg.sample_step_count, "eta": cfg.eta,
+                    "name": describe_sampler(cfg.sampler, cfg.sample_step_count, cfg.eta, cfg.T)},
         "data": data.description,
         "config": dataclasses.asdict(cfg),
         "seeds": seeds.describe(len(members)),
