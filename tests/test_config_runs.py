@@ -107,3 +107,14 @@ def test_checkpoint_roundtrip_and_mismatch(tmp_path):
         load_checkpoint(tmp_path / "ck", torch.nn.Linear(4, 2))
     with pytest.raises(BiasgenError, match="missing"):
         load_checkpoint(tmp_path / "nothing", b)
+
+
+def test_summary_names_the_sampler_and_whether_it_was_validated():
+    from biasgen.pipeline import sampler_summary
+
+    paper = build_config(AuditConfig, PRESETS, "default", None, {"sampler": "ddpm", "sample_steps": "none"})
+    assert sampler_summary(paper, ()) == {"method": "ddpm", "steps": 1000, "eta": 0.0, "name": "ddpm-1000",
+                                          "validated": True}
+    cheap = build_config(AuditConfig, PRESETS, "default", None, {"sampler": "ddim", "sample_steps": 50, "eta": 1})
+    assert sampler_summary(cheap, ())["name"] == "ddim-50-eta1" and not sampler_summary(cheap, ())["validated"]
+    assert sampler_summary(cheap, ("ddim-50-eta1",))["validated"]
