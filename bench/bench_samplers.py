@@ -1,7 +1,7 @@
 """Which sampler gives the paper's answer? Re-evaluate a finished image audit with several samplers.
 
     python bench/bench_samplers.py RUN --out /tmp/samplers
-    python bench/bench_samplers.py RUN --out /tmp/samplers --n-samples 64 --reference-checkpoints 44,65,96,142,211,312,1500
+    python bench/bench_samplers.py RUN --out /tmp/samplers --n-samples 64 --samplers ddpm-100,ddim-100 --checkpoints 65,96,142
 
 RUN is a finished ``biasgen audit`` folder (``run.json`` and ``models/model*/step_*.safetensors``);
 nothing is written into it. Every checkpoint is evaluated with every sampler of ``SAMPLERS`` by
@@ -33,7 +33,7 @@ from biasgen.errors import BiasgenError
 from biasgen.images.audit import AuditConfig, ImageAudit, evaluate_checkpoint
 from biasgen.onset import checkpoint_minimum, verdict
 from biasgen.runs import append_jsonl, environment, read_json, read_jsonl, write_bytes
-from biasgen.sampler import describe_sampler
+from biasgen.sampler import describe_sampler, sample, x0_from_eps_model
 from biasgen.training import checkpoint_steps
 from biasgen.twins import load_model, make_members
 
@@ -85,6 +85,31 @@ def run_bench(run: Path, out: Path, configs: list[AuditConfig], steps: list[int]
                   f"copy z {record['copy_z']:.1f}, {wall:.1f} s", flush=True)
 
 
+def time_sampling(run: Path, configs: list[AuditConfig], repeats: int = 2) -> str:
+    """Seconds to draw ``n_samples`` from one model (model 0, last checkpoint) with each sampler, interleaved,
+    best of ``repeats``: a markdown table. Only the sampler runs, none of the metrics."""
+    base = configs[0]
+    experiment = ImageAudit(base)
+    data = experiment.load()
+    shape = tuple(data.test.shape[1:])
+    model = load_model(*experiment.network(data), run / "models" / "model0", base.steps, base.device)
+    schedule = experiment.schedule()
+    seeds = experiment.seeds.sample_seeds(base.n_samples)
+    best = {name_of(c): float("inf") for c in configs}
+    for _ in range(repeats):
+        for cfg in configs:
+            start = time.perf_counter()
+            sample(x0_from_eps_model(model, schedule, clip=1.0 if cfg.scaling == "minus1to1" else None), schedule,
+                   shape, seeds, method=cfg.sampler, steps=cfg.sample_steps, eta=cfg.eta,
+                   batch_size=cfg.eval_batch)
+            best[name_of(cfg)] = min(best[name_of(cfg)], time.perf_counter() - start)
+    lines = [f"| sampler | calls/sample | s for {base.n_samples} samples, one model | s per call |", "|---|---|---|---|"]
+    for cfg in configs:
+        t = best[name_of(cfg)]
+        lines.append(f"| {name_of(cfg)} | {cfg.sample_step_count} | {t:.2f} | {t / cfg.sample_step_count:.4f} |")
+    return "\n".join(lines)
+
+
 def tables(out: Path, cfg: AuditConfig, cfg_stored: AuditConfig, stored: list[dict]) -> str:
     """The markdown tables of every sampler found in ``out/records.jsonl``, beside the run's own ``stored`` records."""
     by = {}
@@ -92,7 +117,7 @@ def tables(out: Path, cfg: AuditConfig, cfg_stored: AuditConfig, stored: list[di
         by.setdefault(r["sampler"], {})[r["step"]] = r
     if REFERENCE not in by:
         raise BiasgenError(f"No {REFERENCE} records in {out}; run the bench first.")
-    all_steps = sorted({s for recs in by.values() for s in recs})
+    all_steps = checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.first_checkpoint)
     curves = ImageAudit(cfg).curves
     seeds = ImageAudit(cfg).seeds
 
@@ -111,8 +136,9 @@ def tables(out: Path, cfg: AuditConfig, cfg_stored: AuditConfig, stored: list[di
     order = sorted(by, key=lambda n: (next(iter(by[n].values()))["calls"], n))
     lines = [f"Reference: {REFERENCE} at checkpoints {ref_steps}; tau_bias {ref_tau['step']} "
              f"(68% CI {ref_tau['ci']}). Samples per model: {len(ref[ref_steps[0]]['twin_distance_samples'])}.", "",
-             "| sampler | calls/sample | tau_bias (68% CI) | Δ checkpoints vs ref | max abs(D - D_ref) / (SEM + SEM_ref) "
-             "| verdict | agrees | evaluation s per checkpoint (mean) |", "|---|---|---|---|---|---|---|---|"]
+             "| sampler | calls/sample | checkpoints | tau_bias (68% CI) | Δ checkpoints vs ref "
+             "| max abs(D - D_ref) / (SEM + SEM_ref) | verdict | agrees | evaluation s per checkpoint (mean) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name in order:
         recs = by[name]
         steps = sorted(recs)
@@ -122,9 +148,13 @@ def tables(out: Path, cfg: AuditConfig, cfg_stored: AuditConfig, stored: list[di
         dev = max(abs(recs[s]["twin_distance"] - ref[s]["twin_distance"])
                   / (recs[s]["twin_distance_sem"] + ref[s]["twin_distance_sem"]) for s in common)
         wall = sum(recs[s]["wall_s"] for s in steps) / len(steps)
+        full = steps == all_steps
         agrees = "reference" if name == REFERENCE else ("yes" if shift <= 1 and dev <= 1 else "no")
-        lines.append(f"| {name} | {recs[steps[0]]['calls']} | {tau['bias']['step']} {tau['bias']['ci']} | {shift} | "
-                     f"{dev:.2f} | {tau['verdict']} | {agrees} | {wall:.1f} |")
+        if not full and agrees != "reference":
+            agrees += f" (on {len(steps)} checkpoints)"
+        span = "all" if full else f"{len(steps)}: {steps[0]}..{steps[-1]}"
+        lines.append(f"| {name} | {recs[steps[0]]['calls']} | {span} | {tau['bias']['step']} {tau['bias']['ci']} | "
+                     f"{shift} | {dev:.2f} | {tau['verdict'] if full else '(subset)'} | {agrees} | {wall:.1f} |")
     for key, fmt, label in (("twin_distance", "{:.4f}", "twin distance (median over pairs ± SEM)"),
                             ("f_mem", "{:.3f}", "f_mem"), ("copy_z", "{:.1f}", "copy z")):
         lines += ["", f"{label}:", "", "| step | " + " | ".join(order) + f" | stored run ({stored_name}, {stored_n} samples) |",
@@ -149,8 +179,11 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=None, help="samples per model (default: the run's)")
     parser.add_argument("--samplers", default=None, help="comma-separated names, e.g. ddpm-1000,ddim-50 (default: all)")
     parser.add_argument("--reference-checkpoints", default=None, help="steps evaluated with ddpm-1000 (default: all)")
+    parser.add_argument("--checkpoints", default=None, help="steps evaluated with the other samplers (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--tables-only", action="store_true", help="only print the tables of the records so far")
+    parser.add_argument("--time-sampling", action="store_true",
+                        help="instead, time the samplers alone on one model (interleaved, best of 2)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -166,15 +199,19 @@ def main() -> None:
             raise BiasgenError(f"Unknown sampler(s) {unknown}; choose from {[name_of(c) for c in configs]}.")
         configs = sorted((c for c in configs if name_of(c) in wanted), key=lambda c: wanted.index(name_of(c)))
     steps = checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.first_checkpoint)
-    reference_steps = [int(s) for s in args.reference_checkpoints.split(",")] if args.reference_checkpoints else steps
-    if not set(reference_steps) <= set(steps):
-        raise BiasgenError(f"--reference-checkpoints must be checkpoints of the run: {steps}.")
+    chosen = {name: [int(s) for s in value.split(",")] if value else steps
+              for name, value in (("reference", args.reference_checkpoints), ("other", args.checkpoints))}
+    if not set(chosen["reference"]) | set(chosen["other"]) <= set(steps):
+        raise BiasgenError(f"--reference-checkpoints and --checkpoints must be checkpoints of the run: {steps}.")
     args.out.mkdir(parents=True, exist_ok=True)
     env = environment()
     print(f"machine: {env['platform']}, torch {env['torch']}, {os.cpu_count()} CPU cores, "
           f"{args.threads} torch thread(s), load average {os.getloadavg()[0]:.1f}", flush=True)
+    if args.time_sampling:
+        print(time_sampling(args.run, configs))
+        return
     if not args.tables_only:
-        run_bench(args.run, args.out, configs, steps, reference_steps)
+        run_bench(args.run, args.out, configs, chosen["other"], chosen["reference"])
     text = tables(args.out, cfg, stored_cfg, read_jsonl(args.run / "metrics.jsonl"))
     write_bytes(args.out / "tables.md", text.encode())
     print(text)

@@ -8,6 +8,7 @@ from biasgen.images.audit import PRESETS, AuditConfig
 from biasgen.checkpoint import load_checkpoint, save_checkpoint
 from biasgen.config import build_config, coerce
 from biasgen.errors import BiasgenError
+from biasgen.pipeline import sampler_summary
 from biasgen.runs import append_jsonl, prepare_run_dir, read_jsonl, write_json
 
 
@@ -110,11 +111,10 @@ def test_checkpoint_roundtrip_and_mismatch(tmp_path):
 
 
 def test_summary_names_the_sampler_and_whether_it_was_validated():
-    from biasgen.pipeline import sampler_summary
-
     paper = build_config(AuditConfig, PRESETS, "default", None, {"sampler": "ddpm", "sample_steps": "none"})
-    assert sampler_summary(paper, ()) == {"method": "ddpm", "steps": 1000, "eta": 0.0, "name": "ddpm-1000",
-                                          "validated": True}
+    never = lambda name: False
+    assert sampler_summary(paper, never) == {"method": "ddpm", "steps": 1000, "eta": 0.0, "name": "ddpm-1000",
+                                             "validated": True}
     cheap = build_config(AuditConfig, PRESETS, "default", None, {"sampler": "ddim", "sample_steps": 50, "eta": 1})
-    assert sampler_summary(cheap, ())["name"] == "ddim-50-eta1" and not sampler_summary(cheap, ())["validated"]
-    assert sampler_summary(cheap, ("ddim-50-eta1",))["validated"]
+    assert sampler_summary(cheap, never)["name"] == "ddim-50-eta1" and not sampler_summary(cheap, never)["validated"]
+    assert sampler_summary(cheap, lambda name: name == "ddim-50-eta1")["validated"]

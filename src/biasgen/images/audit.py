@@ -58,6 +58,9 @@ class AuditConfig(TwinConfig):
     res_blocks: int = opt(1, "residual blocks per level")
     schedule: str = opt("linear", "noise schedule: linear (the paper's) or cosine")
     # evaluation
+    sampler: str = opt("ddpm", "ddpm (ancestral: draws of the DDPM posterior) or ddim (deterministic unless --eta > 0)")
+    sample_steps: int | None = opt(50, "sampling steps, evenly spaced from T to 1 (none: all T, the paper's sampler; "
+                                       "docs/samplers.md compares the choices)")
     score_ts: tuple[int, ...] = opt((50, 100, 150, 200), "diffusion steps t for the score-level twin similarity")
     n_score_inputs: int = opt(128, "training and test inputs for the score-level similarity")
     eval_batch: int = opt(256, "batch size of evaluation passes")
@@ -88,8 +91,8 @@ PRESETS: dict[str, dict] = {
                   sampler="ddpm", sample_steps=None, eval_batch=512, device="cuda"),
     # A seconds-long smoke run (used by the tests); far too small to show anything.
     "tiny": dict(n=24, splits=2, n_test=32, steps=12, checkpoints=3, first_checkpoint=4, base_width=8,
-                 channel_mults=(1, 2), attention_levels=(), res_blocks=1, n_samples=8, sample_steps=5,
-                 score_ts=(50,), n_score_inputs=8, n_boot=50, batch_size=16, workers=1),
+                 channel_mults=(1, 2), attention_levels=(), res_blocks=1, n_samples=8, sampler="ddim",
+                 sample_steps=5, score_ts=(50,), n_score_inputs=8, n_boot=50, batch_size=16, workers=1),
 }
 
 
