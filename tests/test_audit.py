@@ -33,7 +33,8 @@ def test_tiny_audit_writes_every_output(tiny_run, capsys):
     assert summary["data"]["name"] == "digits" and "duplicates" in summary["data"]
     assert summary["config"]["n"] == 24 and summary["seeds"]["model_init"] == [1, 2]
     assert summary["environment"]["torch"] == torch.__version__
-    assert summary["sampler"] == {"method": "ddim", "steps": 5}
+    assert summary["sampler"] == {"method": "ddim", "steps": 5, "eta": 0.0, "name": "ddim-5", "validated": False}
+    assert "Note: sampled with ddim-5, which was not validated" in summary["reason"]
     r = records[-1]
     for key in ("test_loss", "train_loss", "twin_distance", "twin_distance_sem", "nn_own_sim", "nn_other_sim",
                 "nn_test_sim", "nn_own_l2", "f_mem", "f_mem_ci", "copy_z", "score_sim"):

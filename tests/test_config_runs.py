@@ -8,6 +8,7 @@ from biasgen.images.audit import PRESETS, AuditConfig
 from biasgen.checkpoint import load_checkpoint, save_checkpoint
 from biasgen.config import build_config, coerce
 from biasgen.errors import BiasgenError
+from biasgen.pipeline import sampler_summary
 from biasgen.runs import append_jsonl, prepare_run_dir, read_jsonl, write_json
 
 
@@ -26,6 +27,8 @@ def test_coercion_of_flag_strings():
     assert coerce(AuditConfig, "score_ts", "50,100") == (50, 100)
     assert coerce(AuditConfig, "ema_decay", "none") is None
     assert coerce(AuditConfig, "resolution", "16") == 16
+    cfg = build_config(AuditConfig, PRESETS, "default", None, {"sampler": "ddpm", "sample_steps": "none"})
+    assert cfg.sample_steps is None and cfg.sample_step_count == cfg.T  # none: all T steps
     with pytest.raises(BiasgenError, match="Bad value 'abc' for 'n'"):
         coerce(AuditConfig, "n", "abc")
 
@@ -35,6 +38,9 @@ def test_coercion_of_flag_strings():
     ({"lr": -1}, "--lr must be positive"),
     ({"n": 0}, "--n must be at least 1"),
     ({"sampler": "euler"}, "--sampler must be ddpm or ddim"),
+    ({"sample_steps": 1001}, "--sample-steps must be in"),
+    ({"sampler": "ddpm", "eta": 0.5}, "--eta is a DDIM setting"),
+    ({"eta": 2}, r"--eta must be in \[0, 1\]"),
     ({"score_ts": "0,5000"}, "--score-ts"),
     ({"dropout": 1.5}, "--dropout"),
     ({"nonsense": 1}, "Unknown setting"),
@@ -102,3 +108,13 @@ def test_checkpoint_roundtrip_and_mismatch(tmp_path):
         load_checkpoint(tmp_path / "ck", torch.nn.Linear(4, 2))
     with pytest.raises(BiasgenError, match="missing"):
         load_checkpoint(tmp_path / "nothing", b)
+
+
+def test_summary_names_the_sampler_and_whether_it_was_validated():
+    paper = build_config(AuditConfig, PRESETS, "default", None, {"sampler": "ddpm", "sample_steps": "none"})
+    never = lambda name: False
+    assert sampler_summary(paper, never) == {"method": "ddpm", "steps": 1000, "eta": 0.0, "name": "ddpm-1000",
+                                             "validated": True}
+    cheap = build_config(AuditConfig, PRESETS, "default", None, {"sampler": "ddim", "sample_steps": 50, "eta": 1})
+    assert sampler_summary(cheap, never)["name"] == "ddim-50-eta1" and not sampler_summary(cheap, never)["validated"]
+    assert sampler_summary(cheap, lambda name: name == "ddim-50-eta1")["validated"]

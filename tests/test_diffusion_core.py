@@ -52,6 +52,33 @@ def test_posterior_mean_is_exact_gaussian_posterior():
     assert float(s.ddpm_step(x_t, x0, 1, torch.ones(1))) == pytest.approx(0.3)
 
 
+def test_strided_posterior_is_the_exact_gaussian_conditional():
+    # q(x_s | x_t, x0) for non-adjacent s < t: prior x_s ~ N(sqrt(a_s) x0, 1 - a_s),
+    # likelihood x_t ~ N(sqrt(a_t / a_s) x_s, 1 - a_t / a_s)
+    sched = NoiseSchedule.linear(T=50)
+    x0, x_t = torch.tensor([0.3], dtype=torch.float64), torch.tensor([-0.7], dtype=torch.float64)
+    for t, s in ((40, 25), (40, 39), (12, 1)):
+        a_s, alpha = float(sched.alpha_bar[s]), float(sched.alpha_bar[t] / sched.alpha_bar[s])
+        prec = 1 / (1 - a_s) + alpha / (1 - alpha)
+        mean = (math.sqrt(a_s) * 0.3 / (1 - a_s) + math.sqrt(alpha) * -0.7 / (1 - alpha)) / prec
+        m, v = sched.posterior_mean_var(x_t, x0, t, s)
+        assert float(m) == pytest.approx(mean) and v == pytest.approx(1 / prec)
+    assert float(sched.ddpm_step(x_t, x0, 40, torch.ones(1), t_prev=0)) == pytest.approx(0.3)  # last step: no noise
+    with pytest.raises(BiasgenError, match="t_prev < t"):
+        sched.posterior_mean_var(x_t, x0, 10, 10)
+
+
+def test_ddim_with_eta_one_is_the_strided_ancestral_sampler():
+    # two formulas of one chain: DDIM's sigma = posterior std, and the DDPM posterior between visited steps
+    s = NoiseSchedule.linear(T=200)
+    den = lambda x, t: torch.tanh(x)  # any denoiser
+    ancestral = sample(den, s, (2, 3), [5, 6, 7], method="ddpm", steps=20)
+    torch.testing.assert_close(sample(den, s, (2, 3), [5, 6, 7], method="ddim", steps=20, eta=1.0), ancestral)
+    half = sample(den, s, (2, 3), [5, 6, 7], method="ddim", steps=20, eta=0.5)
+    deterministic = sample(den, s, (2, 3), [5, 6, 7], method="ddim", steps=20)
+    assert not torch.allclose(half, ancestral) and not torch.allclose(half, deterministic)
+
+
 def test_shared_noise_is_invariant_to_batch_size_and_sample_count():
     s = NoiseSchedule.linear(T=100)
     den = lambda x, t: 0.5 * x  # any deterministic denoiser
@@ -60,8 +87,9 @@ def test_shared_noise_is_invariant_to_batch_size_and_sample_count():
     assert not torch.allclose(full[0], full[1])
     torch.testing.assert_close(sample(den, s, (1, 3, 3), seeds, batch_size=2), full)
     torch.testing.assert_close(sample(den, s, (1, 3, 3), seeds[2:4], batch_size=1), full[2:4])
-    ddim = sample(den, s, (1, 3, 3), seeds, method="ddim", steps=10, batch_size=3)
-    torch.testing.assert_close(sample(den, s, (1, 3, 3), seeds[:1], method="ddim", steps=10), ddim[:1])
+    for method, eta in (("ddim", 0.0), ("ddim", 0.7), ("ddpm", 0.0)):  # strided samplers, with and without noise
+        strided = sample(den, s, (1, 3, 3), seeds, method=method, steps=10, eta=eta, batch_size=3)
+        torch.testing.assert_close(sample(den, s, (1, 3, 3), seeds[3:], method=method, steps=10, eta=eta), strided[3:])
 
 
 def test_noise_streams_are_standard_normal():
@@ -82,13 +110,19 @@ def test_sampler_recovers_a_point_mass():
 
 def test_sampler_rejects_bad_settings():
     s = NoiseSchedule.linear(T=10)
-    with pytest.raises(BiasgenError, match="ddim"):
-        timesteps(s, "ddpm", 5)
+    den = lambda x, t: x
     with pytest.raises(BiasgenError, match="Unknown sampler"):
-        timesteps(s, "euler", None)
+        sample(den, s, (2,), [0], method="euler")
+    with pytest.raises(BiasgenError, match="eta is a DDIM setting"):
+        sample(den, s, (2,), [0], method="ddpm", eta=0.5)
+    with pytest.raises(BiasgenError, match=r"eta must lie in \[0, 1\]"):
+        sample(den, s, (2,), [0], method="ddim", eta=1.5)
+    with pytest.raises(BiasgenError, match=r"steps must be in \[1, 10\]"):
+        timesteps(s, 11)
     with pytest.raises(BiasgenError, match="Unknown noise schedule"):
         NoiseSchedule.from_name("sigmoid", 10)
-    assert timesteps(s, "ddim", 3) == [10, 6, 1]
+    assert timesteps(s, 3) == [10, 6, 1]
+    assert timesteps(s) == list(range(10, 0, -1))
 
 
 def test_checkpoint_steps_are_log_spaced_and_end_at_total():

@@ -163,8 +163,9 @@ class TwinConfig:
     lr_schedule: str = opt("constant", "learning-rate schedule: constant, or halve-cosine (1x, then 0.5x, then cosine to 0.1x)")
     # evaluation
     n_samples: int = opt(128, "samples per model and checkpoint, from shared noise")
-    sampler: str = opt("ddim", "ddpm (ancestral, all T steps) or ddim (deterministic)")
-    sample_steps: int = opt(50, "DDIM steps (ignored by ddpm)")
+    sampler: str = opt("ddim", "ddpm (ancestral: draws of the DDPM posterior) or ddim (deterministic unless --eta > 0)")
+    sample_steps: int | None = opt(50, "sampling steps, evenly spaced from T to 1 (none: all T, the paper's DDPM)")
+    eta: float = opt(0.0, "DDIM noise in [0, 1]: 0 deterministic, 1 the DDPM posterior noise (ddim only)")
     n_boot: int = opt(1000, "bootstrap resamples for the uncertainty of each tau")
     # runtime (may change when a run is resumed)
     device: str = opt("cpu", "torch device (cpu, cuda, cuda:1, mps)")
@@ -186,7 +187,7 @@ class TwinConfig:
     def validate(self) -> None:
         check(self.splits >= 2, f"--splits must be at least 2 (twins need two disjoint splits), got {self.splits}.")
         check_at_least(self, 1, "n", "n_test", "seeds_per_split", "steps", "batch_size", "checkpoints",
-                       "first_checkpoint", "n_samples", "sample_steps")
+                       "first_checkpoint", "n_samples")
         check_at_least(self, 0, "n_boot", "workers", "threads")
         check(self.T >= 10, f"--T must be at least 10, got {self.T}.")
         check(self.lr > 0, f"--lr must be positive, got {self.lr}.")
@@ -196,7 +197,11 @@ class TwinConfig:
         check(self.lr_schedule in ("constant", "halve-cosine"),
               f"--lr-schedule must be constant or halve-cosine, got {self.lr_schedule!r}.")
         check(self.sampler in ("ddpm", "ddim"), f"--sampler must be ddpm or ddim, got {self.sampler!r}.")
-        check(self.sample_steps <= self.T, f"--sample-steps must be in [1, {self.T}].")
+        check(self.sample_steps is None or 1 <= self.sample_steps <= self.T,
+              f"--sample-steps must be in [1, {self.T}] (or none for all T), got {self.sample_steps}.")
+        check(0 <= self.eta <= 1, f"--eta must be in [0, 1], got {self.eta}.")
+        check(self.eta == 0 or self.sampler == "ddim",
+              f"--eta is a DDIM setting; the ddpm sampler always draws the full posterior noise (got --eta {self.eta}).")
         check(self.backend in ("local", "ray"), f"--backend must be local or ray, got {self.backend!r}.")
         check(self.ray_address is None or self.backend == "ray", "--ray-address is used only with --backend ray: add --backend ray.")
         check(self.cpus_per_job > 0 and self.gpus_per_job >= 0,
@@ -209,8 +214,8 @@ class TwinConfig:
 
     @property
     def sample_step_count(self) -> int:
-        """Denoiser calls per sample: T for ddpm, sample_steps for ddim."""
-        return self.T if self.sampler == "ddpm" else self.sample_steps
+        """Denoiser calls per sample: ``sample_steps``, or T when it is None."""
+        return self.T if self.sample_steps is None else self.sample_steps
 
     @property
     def job_options(self) -> dict:

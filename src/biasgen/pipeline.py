@@ -40,6 +40,7 @@ from .report import write_report
 from .onset import checkpoint_minimum, judge, public_tau
 from .errors import BiasgenError
 from .runs import append_jsonl, environment, prepare_run_dir, progress_bar, read_json, read_jsonl, write_json
+from .sampler import describe_sampler
 from .seeds import SeedPlan
 from .training import checkpoint_steps
 from .twins import load_model, make_members, model_pairs, train_members
@@ -149,6 +150,12 @@ class TwinExperiment:
         """Extra lines of the terminal summary."""
         return []
 
+    def sampler_validated(self, name: str) -> bool:
+        """Whether the cheaper sampler ``name`` (e.g. ``'ddpm-100'``) was measured to give the same tau_bias and
+        twin curve as the paper's all-T DDPM sampler in this experiment's setting (docs/samplers.md). A run with
+        a sampler that was not gets a note in its verdict reason."""
+        return False
+
 
 def run_experiment(experiment: TwinExperiment, out: str | Path, *, resume: bool = False, force: bool = False,
                    progress: bool = True) -> dict:
@@ -216,7 +223,7 @@ def _evaluate_step(step: int, shared: Shared) -> tuple[int, dict]:
         record, keep = shared.experiment.evaluate(models, shared)
     if keep:
         save_tensors(shared.run / "samples" / f"step_{step:07d}", keep,
-                     {"step": step, "sampler": cfg.sampler, "sample_steps": cfg.sample_step_count})
+                     {"step": step, "sampler": cfg.sampler, "sample_steps": cfg.sample_step_count, "eta": cfg.eta})
     return step, record
 
 
@@ -239,6 +246,11 @@ def judge_records(experiment: TwinExperiment, records: list[dict], members: list
                                                   reduce=c.reduce))
               for i, (name, c) in enumerate(curves.items()) if name not in ("tau_bias", "tau_loss", "control")}
     window = judged.pop("window")
+    sampler = sampler_summary(cfg, experiment.sampler_validated)
+    if not sampler["validated"]:
+        judged["reason"] += (f" Note: sampled with {sampler['name']}, which was not validated against the paper's "
+                             f"{cfg.T}-step DDPM sampler (docs/samplers.md); tau_bias may sit a checkpoint or more "
+                             "away from the paper's answer.")
     if control:
         judged |= negative_controls(steps, curves, twins, controls, members, cfg.n_boot, seeds.bootstrap())
     return {
@@ -309,6 +321,7 @@ def summarize(experiment: TwinExperiment, records: list[dict], data: Data, refer
     cfg, seeds = experiment.cfg, experiment.seeds
     judged = judge_records(experiment, records, members)
     twins, controls = model_pairs(members)
+    sampler = sampler_summary(cfg, experiment.sampler_validated)
     return {
         **judged,
         **experiment.summarize(records, data, reference, judged),
@@ -317,12 +330,20 @@ def summarize(experiment: TwinExperiment, records: list[dict], data: Data, refer
         "models": [{"model": m, "split": s, "split_seed": k} for m, (s, k) in enumerate(members)],
         "n_twin_pairs": len(twins),
         "n_control_pairs": len(controls),
-        "sampler": {"method": cfg.sampler, "steps": cfg.sample_step_count},
+        "sampler": sampler,
         "data": data.description,
         "config": dataclasses.asdict(cfg),
         "seeds": seeds.describe(len(members)),
         "environment": environment(),
     }
+
+
+def sampler_summary(cfg: TwinConfig, validated: Callable[[str], bool]) -> dict:
+    """``summary.json``'s "sampler" block; ``validated`` is true for the paper's all-T DDPM and where ``validated(name)``."""
+    name = describe_sampler(cfg.sampler, cfg.sample_step_count, cfg.eta, cfg.T)
+    paper = cfg.sampler == "ddpm" and cfg.sample_step_count == cfg.T
+    return {"method": cfg.sampler, "steps": cfg.sample_step_count, "eta": cfg.eta, "name": name,
+            "validated": paper or validated(name)}
 
 
 def terminal_summary(experiment: TwinExperiment, summary: dict, out: Path) -> str:

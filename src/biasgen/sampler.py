@@ -53,19 +53,22 @@ def x0_from_eps_model(model: Callable, schedule: NoiseSchedule, clip: float | No
     return denoise
 
 
-def timesteps(schedule: NoiseSchedule, method: str, steps: int | None) -> list[int]:
-    """Descending integer steps visited by the sampler (``T..1`` for DDPM; ``steps`` evenly spaced for DDIM)."""
-    if method == "ddpm":
-        if steps not in (None, schedule.T):
-            raise BiasgenError("The DDPM ancestral sampler always uses all T steps; use method='ddim' for fewer.")
-        return list(range(schedule.T, 0, -1))
-    if method == "ddim":
-        n = steps or schedule.T
-        if not 1 <= n <= schedule.T:
-            raise BiasgenError(f"DDIM steps must be in [1, {schedule.T}], got {n}.")
-        ts = torch.linspace(schedule.T, 1, n).round().long().unique(sorted=True).flip(0)
-        return [int(t) for t in ts]
-    raise BiasgenError(f"Unknown sampler {method!r}; choose 'ddpm' (ancestral) or 'ddim' (deterministic).")
+SAMPLERS = ("ddpm", "ddim")
+
+
+def timesteps(schedule: NoiseSchedule, steps: int | None = None) -> list[int]:
+    """The descending integer steps a sampler visits: ``steps`` evenly spaced from ``T`` to 1 (None: all ``T``)."""
+    n = schedule.T if steps is None else steps
+    if not 1 <= n <= schedule.T:
+        raise BiasgenError(f"Sampling steps must be in [1, {schedule.T}], got {n}.")
+    ts = torch.linspace(schedule.T, 1, n).round().long().unique(sorted=True).flip(0)
+    return [int(t) for t in ts]
+
+
+def describe_sampler(method: str, steps: int | None, eta: float, T: int) -> str:
+    """A short name of a sampler setting, e.g. ``'ddpm-1000'``, ``'ddpm-100'``, ``'ddim-50'``, ``'ddim-50-eta1'``."""
+    name = f"{method}-{T if steps is None else steps}"
+    return name if method == "ddpm" or eta == 0 else f"{name}-eta{eta:g}"
 
 
 @torch.no_grad()
@@ -76,20 +79,33 @@ def sample(
     seeds: Sequence[int],
     method: str = "ddpm",
     steps: int | None = None,
+    eta: float = 0.0,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> torch.Tensor:
     """Draw ``len(seeds)`` samples of per-sample shape ``shape``; returns ``(N, *shape)`` float32 on CPU.
 
-    ``method='ddpm'`` is ancestral sampling with the DDPM posterior (no noise on
-    the last step); ``'ddim'`` is deterministic (eta = 0) with ``steps`` steps.
-    Only ``x_T`` is random for DDIM, still drawn from each sample's own stream.
+    Both samplers visit the ``steps`` evenly spaced steps of :func:`timesteps` (None: all ``T``):
+
+    - ``method='ddpm'``: ancestral sampling, a draw of the DDPM posterior ``q(x_s | x_t, x0_hat)``
+      between consecutive visited steps (the original DDPM sampler when ``steps`` is None or ``T``;
+      "strided" with fewer). No noise on the last step.
+    - ``method='ddim'``: DDIM with noise ``eta`` in [0, 1]; eta = 0 is deterministic (only ``x_T`` is
+      random), eta = 1 gives the same chain as ``'ddpm'`` on the same steps.
+
+    Every random draw (``x_T``, then one per step when the sampler is stochastic) comes from the
+    sample's own stream, so a sample never depends on the batch it was drawn in.
     """
-    ts = timesteps(schedule, method, steps)
+    if method not in SAMPLERS:
+        raise BiasgenError(f"Unknown sampler {method!r}; choose 'ddpm' (ancestral) or 'ddim'.")
+    if method == "ddpm" and eta != 0:
+        raise BiasgenError("eta is a DDIM setting; the ancestral 'ddpm' sampler always draws the full posterior noise.")
+    ts = timesteps(schedule, steps)
+    stochastic = method == "ddpm" or eta > 0
     out = []
     chunks = range(0, len(seeds), batch_size)
-    chunks = progress_bar(chunks, progress, f"sampling ({method})")
+    chunks = progress_bar(chunks, progress, f"sampling ({describe_sampler(method, steps, eta, schedule.T)})")
     for start in chunks:
         batch_seeds = seeds[start : start + batch_size]
         streams = NoiseStreams(batch_seeds, shape)
@@ -97,10 +113,11 @@ def sample(
         for i, t in enumerate(ts):
             t_vec = torch.full((len(batch_seeds),), t, dtype=torch.long, device=device)
             x0_hat = denoise(x, t_vec)
+            t_prev = ts[i + 1] if i + 1 < len(ts) else 0
+            noise = streams.draw().to(device) if stochastic else None
             if method == "ddpm":
-                x = schedule.ddpm_step(x, x0_hat, t, streams.draw().to(device))
+                x = schedule.ddpm_step(x, x0_hat, t, noise, t_prev=t_prev)
             else:
-                t_prev = ts[i + 1] if i + 1 < len(ts) else 0
-                x = schedule.ddim_step(x, x0_hat, t, t_prev)
+                x = schedule.ddim_step(x, x0_hat, t, t_prev, eta=eta, noise=noise)
         out.append(x.float().cpu())
     return torch.cat(out)

@@ -104,23 +104,48 @@ class NoiseSchedule:
         return (a.sqrt() * x0 - x_t) / (1 - a)
 
     # -- reverse process --------------------------------------------------
-    def posterior_mean_var(self, x_t: torch.Tensor, x0_hat: torch.Tensor, t: int):
-        """Mean ``(B, ...)`` and variance (float) of ``q(x_{t-1} | x_t, x0_hat)`` at integer step ``t >= 1``."""
-        beta = float(self.betas[t - 1])
-        a_t, a_prev = float(self.alpha_bar[t]), float(self.alpha_bar[t - 1])
-        mean = (math.sqrt(a_prev) * beta / (1 - a_t)) * x0_hat + (
-            math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)
-        ) * x_t
-        var = beta * (1 - a_prev) / (1 - a_t)
+    def posterior_mean_var(self, x_t: torch.Tensor, x0_hat: torch.Tensor, t: int, t_prev: int | None = None):
+        """Mean ``(B, ...)`` and variance (float) of the DDPM posterior ``q(x_s | x_t, x0_hat)``.
+
+        ``s = t_prev`` (default ``t - 1``) with ``0 <= s < t``. Between non-adjacent steps the forward
+        process from ``s`` to ``t`` keeps the signal ``alpha = abar_t / abar_s`` and adds the noise
+        ``1 - alpha``; for ``s = t - 1`` this is the usual ``beta_t``.
+        """
+        s = t - 1 if t_prev is None else t_prev
+        if not 0 <= s < t <= self.T:
+            raise BiasgenError(f"The posterior needs steps 0 <= t_prev < t <= {self.T}, got t={t}, t_prev={s}.")
+        a_t, a_s = float(self.alpha_bar[t]), float(self.alpha_bar[s])
+        alpha = a_t / a_s
+        mean = (math.sqrt(a_s) * (1 - alpha) / (1 - a_t)) * x0_hat + (math.sqrt(alpha) * (1 - a_s) / (1 - a_t)) * x_t
+        var = (1 - alpha) * (1 - a_s) / (1 - a_t)
         return mean, var
 
-    def ddpm_step(self, x_t: torch.Tensor, x0_hat: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
-        """One ancestral step ``x_t -> x_{t-1}``; no noise is added on the last step (``t == 1``)."""
-        mean, var = self.posterior_mean_var(x_t, x0_hat, t)
-        return mean if t == 1 else mean + math.sqrt(var) * noise
+    def ddpm_step(self, x_t: torch.Tensor, x0_hat: torch.Tensor, t: int, noise: torch.Tensor,
+                  t_prev: int | None = None) -> torch.Tensor:
+        """One ancestral step ``x_t -> x_s`` (``s = t_prev``, default ``t - 1``): a draw of the DDPM posterior.
 
-    def ddim_step(self, x_t: torch.Tensor, x0_hat: torch.Tensor, t: int, t_prev: int) -> torch.Tensor:
-        """Deterministic DDIM step (eta = 0) from step ``t`` to ``t_prev < t`` (``t_prev = 0`` returns ``x0_hat``)."""
-        a_t, a_prev = float(self.alpha_bar[t]), float(self.alpha_bar[t_prev])
+        No noise is added on the last step (``s == 0``), which returns the posterior mean.
+        """
+        mean, var = self.posterior_mean_var(x_t, x0_hat, t, t_prev)
+        return mean if (t - 1 if t_prev is None else t_prev) == 0 else mean + math.sqrt(var) * noise
+
+    def ddim_step(self, x_t: torch.Tensor, x0_hat: torch.Tensor, t: int, t_prev: int, eta: float = 0.0,
+                  noise: torch.Tensor | None = None) -> torch.Tensor:
+        """DDIM step from step ``t`` to ``t_prev < t`` (Song et al. 2021, Eq. 12); ``t_prev = 0`` returns ``x0_hat``.
+
+        ``x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma noise`` with
+        ``sigma = eta * sqrt(var)``, ``var`` the DDPM posterior variance between ``t`` and ``s``: eta = 0
+        is deterministic and eta = 1 is a draw of the DDPM posterior (:meth:`ddpm_step`). ``noise``
+        (shaped like ``x_t``) is required when ``eta > 0``.
+        """
+        if not 0 <= eta <= 1:
+            raise BiasgenError(f"DDIM eta must lie in [0, 1], got {eta}.")
+        a_t, a_s = float(self.alpha_bar[t]), float(self.alpha_bar[t_prev])
         eps = (x_t - math.sqrt(a_t) * x0_hat) / math.sqrt(1 - a_t)
-        return math.sqrt(a_prev) * x0_hat + math.sqrt(1 - a_prev) * eps
+        sigma = eta * math.sqrt((1 - a_t / a_s) * (1 - a_s) / (1 - a_t))
+        x = math.sqrt(a_s) * x0_hat + math.sqrt(max(0.0, 1 - a_s - sigma**2)) * eps
+        if sigma == 0:
+            return x
+        if noise is None:
+            raise BiasgenError("A DDIM step with eta > 0 needs a noise tensor shaped like x_t.")
+        return x + sigma * noise

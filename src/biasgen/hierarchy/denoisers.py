@@ -87,14 +87,16 @@ def sample_sequences(
     method: str = "ddpm",
     steps: int | None = None,
     batch_size: int = 256,
+    eta: float = 0.0,
 ) -> torch.Tensor:
     """Reverse diffusion of one-hot sequences driven by ``denoise``; LongTensor ``(len(seeds), n_leaves)``.
 
-    ``schedule`` defaults to the one-hot schedule of docs/method.md §1 (T = 500);
-    ``method`` is ``'ddpm'`` (ancestral) or ``'ddim'`` (deterministic, ``steps``).
+    ``schedule`` defaults to the one-hot schedule of docs/method.md §1 (T = 500); ``method``, ``steps``
+    (None: all T) and ``eta`` are those of :func:`biasgen.sampler.sample`.
     """
     schedule = schedule or NoiseSchedule.onehot()
-    x = sample(denoise, schedule, (n_leaves, q), list(seeds), method=method, steps=steps, batch_size=batch_size)
+    x = sample(denoise, schedule, (n_leaves, q), list(seeds), method=method, steps=steps, eta=eta,
+               batch_size=batch_size)
     return x.argmax(-1)
 
 

@@ -72,6 +72,9 @@ class AuditConfig(TwinConfig):
     scheduler_config: str | None = opt(None, "a diffusers scheduler_config.json as the noise schedule, instead of "
                                              "--schedule (its num_train_timesteps must equal --T)")
     # evaluation
+    sampler: str = opt("ddpm", "ddpm (ancestral: draws of the DDPM posterior) or ddim (deterministic unless --eta > 0)")
+    sample_steps: int | None = opt(50, "sampling steps, evenly spaced from T to 1 (none: all T, the paper's sampler; "
+                                       "docs/samplers.md compares the choices)")
     score_ts: tuple[int, ...] = opt((50, 100, 150, 200), "diffusion steps t for the score-level twin similarity")
     n_score_inputs: int = opt(128, "training and test inputs for the score-level similarity")
     eval_batch: int = opt(256, "batch size of evaluation passes")
@@ -110,11 +113,11 @@ PRESETS: dict[str, dict] = {
     "paper": dict(data="img_align_celeba", resolution=32, grayscale=True, scaling="center", n=1024, splits=15, n_test=2048,
                   base_width=32, channel_mults=(1, 2, 4), attention_levels=(1, 2), res_blocks=2, dropout=0.1,
                   lr=1e-4, batch_size=512, steps=10_000, checkpoints=50, first_checkpoint=10, n_samples=512,
-                  sampler="ddpm", eval_batch=512, device="cuda"),
+                  sampler="ddpm", sample_steps=None, eval_batch=512, device="cuda"),
     # A seconds-long smoke run (used by the tests); far too small to show anything.
     "tiny": dict(n=24, splits=2, n_test=32, steps=12, checkpoints=3, first_checkpoint=4, base_width=8,
-                 channel_mults=(1, 2), attention_levels=(), res_blocks=1, n_samples=8, sample_steps=5,
-                 score_ts=(50,), n_score_inputs=8, n_boot=50, batch_size=16, workers=1),
+                 channel_mults=(1, 2), attention_levels=(), res_blocks=1, n_samples=8, sampler="ddim",
+                 sample_steps=5, score_ts=(50,), n_score_inputs=8, n_boot=50, batch_size=16, workers=1),
 }
 
 
@@ -245,7 +248,7 @@ def evaluate_checkpoint(models, members, ref: dict, cfg: AuditConfig, seeds) -> 
     clip = 1.0 if cfg.scaling == "minus1to1" else None
     samples = torch.stack([
         sample(x0_from_eps_model(m, schedule, clip=clip), schedule, shape, seeds.sample_seeds(cfg.n_samples),
-               method=cfg.sampler, steps=None if cfg.sampler == "ddpm" else cfg.sample_steps,
+               method=cfg.sampler, steps=cfg.sample_steps, eta=cfg.eta,
                batch_size=cfg.eval_batch, device=device)
         for m in models])
 
