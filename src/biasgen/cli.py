@@ -4,6 +4,7 @@
     biasgen audit --preset fashion-mnist --out runs/fm
     biasgen audit --data ./faces --resolution 32 --grayscale --n 1024 --splits 4
     biasgen hierarchy --preset cpu        # twins on the hierarchical data model
+    biasgen sweep --sizes 16,32,64,128    # one audit per training-set size: the phase diagram
 
 Every twin experiment (a :class:`biasgen.pipeline.TwinExperiment`) is a
 subcommand; every setting of its config is also a flag (``biasgen audit
@@ -45,10 +46,17 @@ def build_parser(table: dict[str, type[TwinExperiment]]) -> argparse.ArgumentPar
         p.add_argument("--force", action="store_true", help="delete whatever is in --out and start over")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         add_config_flags(p, exp.config_class)
+    sub.add_parser("sweep", add_help=False, help="one twin experiment per training-set size: the phase diagram "
+                   "and how long a data set of size N can be trained (biasgen sweep --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sweep"]:  # its flags depend on --kind: parsed by biasgen.sweep
+        from .sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
     table = experiments()
     args = build_parser(table).parse_args(argv)
     exp_class = table[args.command]
