@@ -18,8 +18,10 @@ per-model dropout masks (vmap draws them from one generator).
 For each architecture (the default sweep's U-Net on 8x8 digits; the cpu
 preset's transformer on grammar sequences) it times, side by side, ``--steps``
 steps of M models: (a) ``train_members`` with one worker process per core,
-(b) batched in one process with torch's default threads, and compares the
-final weights. Prints a markdown table.
+(b) batched in one process with torch's default threads, (c) ``train_members``
+sequentially in one process with torch's default threads, and compares the
+final raw weights: (c) vs (a) differ only by float rounding (other thread
+counts), the yardstick for (b) vs (a). Prints a markdown table.
 """
 from __future__ import annotations
 
@@ -104,30 +106,43 @@ def batched_train(model_cls, kwargs, inits, train_sets, seeds, *, steps, batch_s
     return [{k: v[m].detach() for k, v in params.items()} for m in range(len(inits))]
 
 
-def measure(name, experiment, make_loss, loss_args, make_inputs, steps: int, workers: int) -> dict:
+def per_model(experiment, data, members, make_loss, loss_args, steps: int, workers: int) -> tuple[float, list[dict]]:
+    """Today's path: ``train_members`` (``workers`` processes, one model each); ``(seconds, final raw weights)``."""
     cfg = experiment.cfg
-    data = experiment.load()
-    members = make_members(cfg.splits, cfg.seeds_per_split)
     model_cls, kwargs = experiment.network(data)
-    train_sets = [data.train[s] for s, _ in members]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         train_members(model_cls, kwargs, make_loss, loss_args, data.train, members, Path(tmp), seeds=experiment.seeds,
                       meta={}, workers=workers, device="cpu", progress=False, steps=steps, batch_size=cfg.batch_size,
                       lr=cfg.lr, checkpoints=[steps], grad_clip=cfg.grad_clip, ema_decay=None)
-        per_process_s = time.perf_counter() - t0
-        reference = [{k[6:]: v for k, v in load_tensors(Path(tmp) / f"model{m}" / "state")[0].items()
-                      if k.startswith("model.")} for m in range(len(members))]
+        seconds = time.perf_counter() - t0
+        weights = [{k[6:]: v for k, v in load_tensors(Path(tmp) / f"model{m}" / "state")[0].items()
+                    if k.startswith("model.")} for m in range(len(members))]
+    return seconds, weights
+
+
+def max_diff(a: list[dict], b: list[dict]) -> float:
+    return max(float((x[k] - y[k]).abs().max()) for x, y in zip(a, b) for k in x)
+
+
+def measure(name, experiment, make_loss, loss_args, make_inputs, steps: int, workers: int) -> dict:
+    """Time both paths on the same models; the in-process per-model run (torch's threads) is the rounding yardstick."""
+    cfg = experiment.cfg
+    data = experiment.load()
+    members = make_members(cfg.splits, cfg.seeds_per_split)
+    model_cls, kwargs = experiment.network(data)
+    per_process_s, reference = per_model(experiment, data, members, make_loss, loss_args, steps, workers)
     t0 = time.perf_counter()
     batched = batched_train(model_cls, kwargs, [experiment.seeds.model_init(m) for m in range(len(members))],
-                            train_sets, [experiment.seeds.training(m) for m in range(len(members))], steps=steps,
+                            [data.train[s] for s, _ in members],
+                            [experiment.seeds.training(m) for m in range(len(members))], steps=steps,
                             batch_size=cfg.batch_size, lr=cfg.lr, grad_clip=cfg.grad_clip, make_inputs=make_inputs,
                             dropout=cfg.dropout > 0)
     batched_s = time.perf_counter() - t0
-    diff = max(float((reference[m][k] - batched[m][k]).abs().max()) for m in range(len(members)) for k in batched[m])
-    scale = max(float(v.abs().max()) for v in reference[0].values())
+    in_process_s, in_process = per_model(experiment, data, members, make_loss, loss_args, steps, 1)
     return {"name": name, "models": len(members), "steps": steps, "dropout": cfg.dropout, "per_process_s": per_process_s,
-            "batched_s": batched_s, "ratio": per_process_s / batched_s, "max_weight_diff": diff, "weight_scale": scale}
+            "batched_s": batched_s, "in_process_s": in_process_s, "diff": max_diff(reference, batched),
+            "yardstick": max_diff(reference, in_process), "scale": max(float(v.abs().max()) for v in reference[0].values())}
 
 
 def main() -> None:
@@ -139,19 +154,19 @@ def main() -> None:
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads in the batched "
           f"process, {args.workers} worker processes (1 thread each) in the per-process path\n")
     print("| model | dropout | models x steps | one process per model (s) | batched, one process (s) | ratio | "
-          "max abs weight diff (weights up to) |")
-    print("|---|---|---|---|---|---|---|")
+          "sequential, one process (s) | max abs weight diff batched vs per-process | same, sequential vs per-process "
+          "(rounding yardstick) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for dropout in (0.0, 0.1):
         for name, (experiment, make_loss, loss_args, make_inputs) in setups(dropout).items():
             if dropout and experiment.cfg.dropout == 0:
                 continue  # the transformer preset trains without dropout
             runs = [measure(name, experiment, make_loss, loss_args, make_inputs, args.steps, args.workers)
                     for _ in range(args.repeats)]
-            r = runs[0] | {"per_process_s": min(x["per_process_s"] for x in runs),
-                           "batched_s": min(x["batched_s"] for x in runs)}
+            r = runs[0] | {k: min(x[k] for x in runs) for k in ("per_process_s", "batched_s", "in_process_s")}
             print(f"| {name} | {r['dropout']} | {r['models']} x {r['steps']} | {r['per_process_s']:.1f} | "
-                  f"{r['batched_s']:.1f} | {r['per_process_s'] / r['batched_s']:.2f}x | "
-                  f"{r['max_weight_diff']:.1e} ({r['weight_scale']:.2f}) |", flush=True)
+                  f"{r['batched_s']:.1f} | {r['per_process_s'] / r['batched_s']:.2f}x | {r['in_process_s']:.1f} | "
+                  f"{r['diff']:.1e} | {r['yardstick']:.1e} (weights up to {r['scale']:.2f}) |", flush=True)
 
 
 if __name__ == "__main__":
