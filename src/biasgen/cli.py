@@ -6,6 +6,7 @@
     biasgen hierarchy --preset cpu        # twins on the hierarchical data model
     biasgen report runs/audit             # (re)build runs/audit/report.html from the run folder
     biasgen monitor --checkpoints ddpm-run --train ./train --heldout ./val   # one run's saved checkpoints
+    biasgen sweep --sizes 16,32,64,128    # one audit per training-set size: the phase diagram
 
 Every twin experiment (a :class:`biasgen.pipeline.TwinExperiment`) is a
 subcommand; every setting of its config is also a flag (``biasgen audit
@@ -50,6 +51,8 @@ def build_parser(table: dict[str, type[TwinExperiment]]) -> argparse.ArgumentPar
         add_config_flags(p, exp.config_class)
     for name, (add_arguments, _, help_text) in TOOLS.items():
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    sub.add_parser("sweep", add_help=False, help="one twin experiment per training-set size: the phase diagram "
+                   "and how long a data set of size N can be trained (biasgen sweep --help)")
     return parser
 
 
@@ -94,6 +97,11 @@ TOOLS = {  # name -> (add its arguments, run it (returns the exit code), help)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sweep"]:  # its flags depend on --kind: parsed by biasgen.sweep
+        from .sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
     table = experiments()
     args = build_parser(table).parse_args(argv)
     if args.command in TOOLS:

@@ -1,0 +1,173 @@
+"""Batched training of several models of one architecture vs one process per model (today's job runner).
+
+    python bench/bench_batched_training.py                   # digits U-Net and hierarchy transformer, 4 models
+    python bench/bench_batched_training.py --steps 300 --repeats 2
+
+A sweep trains many small models. Today each model is one job of
+``biasgen.jobs.run_jobs`` (one worker process per CPU core, one thread each).
+The alternative is PyTorch's model-ensembling recipe: stack the weights of the
+M models (``torch.func.stack_module_state``), run one ``vmap`` of
+``functional_call`` over them, and step one Adam over the stacked weights
+(Adam is elementwise, so that is M independent Adams). Every model draws its
+batches, diffusion times and noise from its own per-step generator exactly as
+``biasgen.training.train`` does, and its gradient is clipped by its own norm,
+so with dropout off the batched models must match the per-process ones up to
+float rounding; with dropout on, the batched path cannot reproduce the
+per-model dropout masks (vmap draws them from one generator).
+
+For each architecture (the default sweep's U-Net on 8x8 digits; the cpu
+preset's transformer on grammar sequences) it times, side by side, ``--steps``
+steps of M models: (a) ``train_members`` with one worker process per core,
+(b) batched in one process with torch's default threads, (c) ``train_members``
+sequentially in one process with torch's default threads, and compares the
+final raw weights: (c) vs (a) differ only by float rounding (other thread
+counts), the yardstick for (b) vs (a). Prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state, vmap
+
+from biasgen.checkpoint import load_tensors
+from biasgen.hierarchy.experiment import HierarchyExperiment
+from biasgen.images.audit import ImageAudit
+from biasgen.losses import eps_mse_loss, x0_cross_entropy_loss
+from biasgen.schedule import NoiseSchedule
+from biasgen.training import step_generator
+from biasgen.twins import build_model, make_members, train_members
+
+
+def setups(dropout: float) -> dict:
+    """Per architecture: the experiment (at the default sweep's size 64), its loss and the batch inputs maker."""
+    audit = ImageAudit.from_settings("default", n=64, splits=2, seeds_per_split=2, dropout=dropout, ema_decay=None)
+    hier = HierarchyExperiment.from_settings("cpu", n=64, splits=2, seeds_per_split=2, ema_decay=None)
+    images = NoiseSchedule.from_name("linear", audit.cfg.T)
+    onehot = NoiseSchedule.onehot(hier.cfg.T)
+    return {
+        "digits U-Net": (audit, eps_mse_loss, (images,), lambda x0, gen: image_inputs(x0, gen, images)),
+        "hierarchy transformer": (hier, x0_cross_entropy_loss, (onehot, hier.cfg.q),
+                                  lambda x0, gen: sequence_inputs(x0, gen, onehot, hier.cfg.q)),
+    }
+
+
+def image_inputs(x0, gen, schedule):
+    """The draws of ``eps_mse_loss``: ``(x_t, t, target eps)``."""
+    t = torch.randint(1, schedule.T, (len(x0),), generator=gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    return schedule.add_noise(x0, eps, t), t, eps
+
+
+def sequence_inputs(x0, gen, schedule, q):
+    """The draws of ``x0_cross_entropy_loss``: ``(x_t, t, target tokens)``."""
+    t = torch.randint(1, schedule.T, (len(x0),), generator=gen)
+    onehot = F.one_hot(x0, q).float()
+    eps = torch.randn(onehot.shape, generator=gen)
+    return schedule.add_noise(onehot, eps, t), t, x0
+
+
+def batched_train(model_cls, kwargs, inits, train_sets, seeds, *, steps, batch_size, lr, grad_clip, make_inputs,
+                  dropout: bool) -> list[dict]:
+    """Train ``len(inits)`` models as one vmapped computation; returns each model's final state dict."""
+    models = [build_model(model_cls, kwargs, s) for s in inits]
+    params, buffers = stack_module_state(models)
+    base = model_cls(**kwargs).to("meta")
+    base.train()
+    forward = vmap(lambda p, b, x, t: functional_call(base, (p, b), (x, t)), randomness="different" if dropout else "error")
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    for step in range(1, steps + 1):
+        xs, ts, targets = [], [], []
+        for data, seed in zip(train_sets, seeds):
+            gen = step_generator(seed, step)
+            idx = torch.randint(len(data), (batch_size,), generator=gen)
+            torch.randint(2**62, (1,), generator=gen)  # the dropout seed of the per-model loop
+            x, t, target = make_inputs(data[idx], gen)
+            xs.append(x), ts.append(t), targets.append(target)
+        out = forward(params, buffers, torch.stack(xs), torch.stack(ts))
+        target = torch.stack(targets)
+        if target.dtype == torch.long:  # cross-entropy per model, summed over models
+            loss = F.cross_entropy(out.flatten(0, 2), target.flatten(), reduction="none").view(len(xs), -1).mean(1).sum()
+        else:
+            loss = ((out - target) ** 2).flatten(1).mean(1).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:  # each model by its own gradient norm, as clip_grad_norm_ does per model
+            norms = torch.stack([p.grad.flatten(1).norm(dim=1) for p in params.values()], 1).norm(dim=1)
+            scale = (grad_clip / (norms + 1e-6)).clamp(max=1.0)
+            for p in params.values():
+                p.grad.mul_(scale.view(-1, *[1] * (p.ndim - 1)))
+        opt.step()
+    return [{k: v[m].detach() for k, v in params.items()} for m in range(len(inits))]
+
+
+def per_model(experiment, data, members, make_loss, loss_args, steps: int, workers: int) -> tuple[float, list[dict]]:
+    """Today's path: ``train_members`` (``workers`` processes, one model each); ``(seconds, final raw weights)``."""
+    cfg = experiment.cfg
+    model_cls, kwargs = experiment.network(data)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        train_members(model_cls, kwargs, make_loss, loss_args, data.train, members, Path(tmp), seeds=experiment.seeds,
+                      meta={}, workers=workers, device="cpu", progress=False, steps=steps, batch_size=cfg.batch_size,
+                      lr=cfg.lr, checkpoints=[steps], grad_clip=cfg.grad_clip, ema_decay=None)
+        seconds = time.perf_counter() - t0
+        weights = [{k[6:]: v for k, v in load_tensors(Path(tmp) / f"model{m}" / "state")[0].items()
+                    if k.startswith("model.")} for m in range(len(members))]
+    return seconds, weights
+
+
+def max_diff(a: list[dict], b: list[dict]) -> float:
+    return max(float((x[k] - y[k]).abs().max()) for x, y in zip(a, b) for k in x)
+
+
+def measure(name, experiment, make_loss, loss_args, make_inputs, steps: int, workers: int) -> dict:
+    """Time both paths on the same models; the in-process per-model run (torch's threads) is the rounding yardstick."""
+    cfg = experiment.cfg
+    data = experiment.load()
+    members = make_members(cfg.splits, cfg.seeds_per_split)
+    model_cls, kwargs = experiment.network(data)
+    per_process_s, reference = per_model(experiment, data, members, make_loss, loss_args, steps, workers)
+    t0 = time.perf_counter()
+    batched = batched_train(model_cls, kwargs, [experiment.seeds.model_init(m) for m in range(len(members))],
+                            [data.train[s] for s, _ in members],
+                            [experiment.seeds.training(m) for m in range(len(members))], steps=steps,
+                            batch_size=cfg.batch_size, lr=cfg.lr, grad_clip=cfg.grad_clip, make_inputs=make_inputs,
+                            dropout=cfg.dropout > 0)
+    batched_s = time.perf_counter() - t0
+    in_process_s, in_process = per_model(experiment, data, members, make_loss, loss_args, steps, 1)
+    return {"name": name, "models": len(members), "steps": steps, "dropout": cfg.dropout, "per_process_s": per_process_s,
+            "batched_s": batched_s, "in_process_s": in_process_s, "diff": max_diff(reference, batched),
+            "yardstick": max_diff(reference, in_process), "scale": max(float(v.abs().max()) for v in reference[0].values())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=200, help="training steps of every model")
+    ap.add_argument("--repeats", type=int, default=1, help="alternate the two paths this many times (best time kept)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes of the per-process path")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads in the batched "
+          f"process, {args.workers} worker processes (1 thread each) in the per-process path\n")
+    print("| model | dropout | models x steps | one process per model (s) | batched, one process (s) | ratio | "
+          "sequential, one process (s) | max abs weight diff batched vs per-process | same, sequential vs per-process "
+          "(rounding yardstick) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for dropout in (0.0, 0.1):
+        for name, (experiment, make_loss, loss_args, make_inputs) in setups(dropout).items():
+            if dropout and experiment.cfg.dropout == 0:
+                continue  # the transformer preset trains without dropout
+            runs = [measure(name, experiment, make_loss, loss_args, make_inputs, args.steps, args.workers)
+                    for _ in range(args.repeats)]
+            r = runs[0] | {k: min(x[k] for x in runs) for k in ("per_process_s", "batched_s", "in_process_s")}
+            print(f"| {name} | {r['dropout']} | {r['models']} x {r['steps']} | {r['per_process_s']:.1f} | "
+                  f"{r['batched_s']:.1f} | {r['per_process_s'] / r['batched_s']:.2f}x | {r['in_process_s']:.1f} | "
+                  f"{r['diff']:.1e} | {r['yardstick']:.1e} (weights up to {r['scale']:.2f}) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,357 @@
+"""``biasgen sweep``: one twin experiment per training-set size, the phase diagram, and advice for a size N.
+
+    from biasgen.sweep import sweep
+    result = sweep("runs/sweep")                                     # the 'default' preset: digits, 4 sizes
+    result = sweep("runs/sweep-h", preset="hierarchy-cpu", target_n=5000)
+    result = sweep("runs/mine", kind="audit", sizes=[32, 64, 128], steps_per_image=20, data="./faces")
+
+or from the shell: ``biasgen sweep --sizes 16,32,64,128 --out runs/sweep``. The
+sweep folder holds ``run.json`` (kind ``sweep``: the sweep's settings and
+versions), one ordinary run folder per size (``n000016/``, ...), each its own
+resumable run of the shared twin pipeline, and the results: ``sweep.json``
+(per-size rows, power-law fits, the advice for ``--target-n``), ``sweep.jsonl``
+(one row per size) and ``fig_phase_diagram.png``. ``--resume`` continues an
+interrupted sweep; sizes whose run is complete are not recomputed. The
+definitions (tau_mem, the censored fits, the advice): docs/sweep.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from .config import add_config_flags, flags_given
+from .errors import BiasgenError
+from .pipeline import TwinExperiment, run_experiment
+from .runs import environment, prepare_run_dir, read_json, read_jsonl, write_bytes, write_json
+from .sweep_fit import extrapolate, fit_power_law
+
+TAUS = ("tau_bias", "tau_loss", "tau_mem")
+MEM_Z = 1.959964  # the memorized share's intervals are 95% (bootstrap on images, Wilson on sequences)
+
+PRESETS: dict[str, dict] = {
+    # Bundled 8x8 digits, 2 splits x 2 seeds per size, steps growing with n so that the small sizes memorize.
+    "default": dict(kind="audit", experiment_preset="default", sizes=(16, 32, 64, 128), steps_per_image=25.0,
+                    settings=dict(splits=2, seeds_per_split=2, n_test=512, checkpoints=14, first_checkpoint=20)),
+    # The grammar lab at CPU sizes (the experiment's 'cpu' network and evaluation).
+    "hierarchy-cpu": dict(kind="hierarchy", experiment_preset="cpu", sizes=(16, 32, 64, 128), steps_per_image=25.0,
+                          settings=dict(splits=2, seeds_per_split=2, checkpoints=14, first_checkpoint=20)),
+    # The paper's hierarchical sizes (Garnier-Brun et al. 2026, Sec. 4: n = 5k, 12k, 70k), for a GPU.
+    "paper": dict(kind="hierarchy", experiment_preset="paper", sizes=(5_000, 12_000, 70_000), steps_per_image=None,
+                  settings={}),
+    # Seconds-long smoke sweeps (used by the tests); far too small to show anything.
+    "tiny": dict(kind="audit", experiment_preset="tiny", sizes=(8, 12, 16), steps_per_image=1.0,
+                 settings=dict(threads=1, n_boot=30)),
+    "tiny-hierarchy": dict(kind="hierarchy", experiment_preset="tiny", sizes=(8, 16, 24), steps_per_image=0.5,
+                           settings=dict(threads=1, n_boot=30)),
+}
+DEFAULT_PRESET = {"audit": "default", "hierarchy": "hierarchy-cpu"}
+RUNTIME_KEYS = ("preset", "sizes", "target_n", "max_exponent_ci_width", "runtime")  # may change on --resume
+
+
+def experiment_classes() -> dict[str, type[TwinExperiment]]:
+    from .hierarchy.experiment import HierarchyExperiment
+    from .images.audit import ImageAudit
+
+    return {"audit": ImageAudit, "hierarchy": HierarchyExperiment}
+
+
+@dataclasses.dataclass
+class Plan:
+    """A resolved sweep: the experiment of each size and the settings that define the sweep."""
+
+    kind: str
+    sizes: list[int]
+    experiments: list[TwinExperiment]
+    config: dict  # run.json's config
+    target_n: int | None
+    mem_level: float
+    max_exponent_ci_width: float
+
+
+def plan_sweep(kind: str | None = None, sizes=None, preset: str | None = None, config: str | Path | None = None,
+               steps_per_image: float | None = None, target_n: int | None = None, mem_level: float = 0.0,
+               max_exponent_ci_width: float = 1.0, **settings) -> Plan:
+    """Resolve a sweep's settings and check them all before anything runs (see :func:`sweep`)."""
+    if preset is None:
+        preset = DEFAULT_PRESET.get(kind or "audit")
+    if preset not in PRESETS:
+        raise BiasgenError(f"Unknown sweep preset {preset!r}. Available: {', '.join(PRESETS)}.")
+    p = PRESETS[preset]
+    if kind not in (None, p["kind"]):
+        raise BiasgenError(f"Preset {preset!r} is a {p['kind']} sweep but --kind {kind} was given; drop one of them.")
+    kind = p["kind"]
+    exp_class = experiment_classes()[kind]
+    sizes = check_sizes(p["sizes"] if sizes is None else sizes)
+    if "n" in settings:
+        raise BiasgenError("--n is set per size by --sizes in a sweep; drop --n.")
+    if steps_per_image is not None and "steps" in settings:
+        raise BiasgenError("Give either --steps (the same budget for every size) or --steps-per-image, not both.")
+    spi = steps_per_image if steps_per_image is not None else (None if "steps" in settings else p["steps_per_image"])
+    if spi is not None and not spi > 0:
+        raise BiasgenError(f"--steps-per-image must be positive, got {spi}.")
+    merged = {**p["settings"], **settings}
+    base = exp_class.from_settings(p["experiment_preset"], config, **merged, n=1).cfg
+    largest = largest_size(kind, base)
+    if sizes[-1] > largest:
+        raise BiasgenError(f"Size {sizes[-1]} is too large for the data: with {base.splits} splits and "
+                           f"{base.n_test} test examples the largest size that fits is {largest}.")
+    if target_n is not None and target_n < sizes[-1]:
+        raise BiasgenError(f"--target-n {target_n} is smaller than the largest size measured ({sizes[-1]}); "
+                           "the advice extrapolates to a training set at least as large as the sweep's sizes.")
+    steps = {n: max(1, math.ceil(spi * n)) if spi is not None else base.steps for n in sizes}
+    experiments = [exp_class.from_settings(p["experiment_preset"], config, **merged, n=n, steps=steps[n]) for n in sizes]
+    stored = json.loads(json.dumps(dataclasses.asdict(base)))
+    runtime = {k: stored.pop(k) for k in base.RUNTIME_KEYS}
+    for k in ("n", "steps"):
+        stored.pop(k)
+    sweep_config = {"experiment": kind, "preset": preset, "sizes": sizes, "steps_per_image": spi,
+                    "steps": None if spi is not None else base.steps, "mem_level": mem_level,
+                    "target_n": target_n, "max_exponent_ci_width": max_exponent_ci_width,
+                    "settings": stored, "runtime": runtime}
+    return Plan(kind, sizes, experiments, sweep_config, target_n, mem_level, max_exponent_ci_width)
+
+
+def check_sizes(sizes) -> list[int]:
+    """``sizes`` as a strictly increasing list of positive ints (a clear error otherwise)."""
+    if isinstance(sizes, str):
+        sizes = [s for s in sizes.replace(" ", "").split(",") if s]
+    try:
+        sizes = [int(s) for s in sizes]
+    except (TypeError, ValueError) as e:
+        raise BiasgenError(f"--sizes must be comma-separated integers, e.g. 16,32,64; got {sizes!r}.") from e
+    if not sizes or min(sizes) < 1:
+        raise BiasgenError(f"--sizes must hold at least one positive size, got {sizes}.")
+    if len(set(sizes)) != len(sizes):
+        raise BiasgenError(f"--sizes holds a size twice: {sizes}. Give each size once, increasing.")
+    if sizes != sorted(sizes):
+        raise BiasgenError(f"--sizes must increase: got {sizes}; give them as {sorted(sizes)}.")
+    return sizes
+
+
+def largest_size(kind: str, cfg) -> int:
+    """The largest training-set size per split that the data holds: ``(pool - n_test) // splits``."""
+    if kind == "hierarchy":
+        return (cfg.pool - cfg.n_test) // cfg.splits
+    from .images.data import load_images
+
+    pool = load_images(cfg.data, data_dir=cfg.data_dir, resolution=cfg.resolution, grayscale=cfg.grayscale,
+                       center_crop=cfg.center_crop).images
+    return (len(pool) - cfg.n_test) // cfg.splits
+
+
+def sweep(out: str | Path = "runs/sweep", kind: str | None = None, sizes=None, preset: str | None = None,
+          config: str | Path | None = None, *, steps_per_image: float | None = None, target_n: int | None = None,
+          mem_level: float = 0.0, max_exponent_ci_width: float = 1.0, resume: bool = False, force: bool = False,
+          progress: bool = True, **settings) -> dict:
+    """Run (or resume) a sweep in ``out`` and return ``sweep.json`` as a dict.
+
+    ``kind``: ``'audit'`` or ``'hierarchy'`` (default: the preset's); ``sizes``: increasing
+    training-set sizes per split; ``preset``: a sweep preset (``PRESETS``); ``steps_per_image``:
+    each size trains ``ceil(steps_per_image * n)`` steps (``None`` with ``steps=...``: the same
+    budget for all); ``target_n``: the user's training-set size for the advice; ``mem_level``:
+    tau_mem is the first checkpoint whose 95% lower bound of the memorized share exceeds it;
+    ``settings``: the experiment's config (``AuditConfig`` / ``HierarchyConfig`` fields).
+    """
+    started = time.time()
+    plan = plan_sweep(kind, sizes, preset, config, steps_per_image, target_n, mem_level, max_exponent_ci_width,
+                      **settings)
+    out = prepare_run_dir(out, plan.config, resume=resume, force=force, kind="sweep", runtime_keys=RUNTIME_KEYS)
+    rows, timing = [], {}
+    for n, experiment in zip(plan.sizes, plan.experiments):
+        folder = out / f"n{n:06d}"
+        summary = completed_summary(folder, experiment)
+        if summary is None:
+            t0 = time.time()
+            summary = run_experiment(experiment, folder, resume=True, progress=progress)
+            timing[str(n)] = round(time.time() - t0, 1)
+        rows.append(size_row(n, folder, summary, read_jsonl(folder / "metrics.jsonl"), plan))
+        write_bytes(out / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    result = assemble(plan, rows)
+    result["timing"] = {"wall_s_this_invocation": round(time.time() - started, 1), "wall_s_per_size_run": timing}
+    write_json(out / "sweep.json", result)
+    from .sweep_figure import plot_phase_diagram
+
+    plot_phase_diagram(out / "fig_phase_diagram.png", result)
+    return result
+
+
+def completed_summary(folder: Path, experiment: TwinExperiment) -> dict | None:
+    """The size's ``summary.json`` when its run is complete and has this size's config, else ``None``."""
+    if not (folder / "summary.json").exists():
+        return None
+    summary = read_json(folder / "summary.json")
+    want = json.loads(json.dumps(dataclasses.asdict(experiment.cfg)))
+    runtime = experiment.cfg.RUNTIME_KEYS
+    same = all(summary.get("config", {}).get(k) == v for k, v in want.items() if k not in runtime)
+    return summary if summary.get("complete") is True and same else None
+
+
+def located_tau(tau: dict, checkpoints: list[int]) -> dict:
+    """A summary tau as a sweep entry: the step when located inside the run, else a bound.
+
+    A minimum at the last checkpoint (the curve still falling) means tau lies at or after it:
+    a lower bound; a minimum at the first checkpoint means tau lies at or before it: an upper bound.
+    """
+    entry = {"step": tau["step"], "ci": tau["ci"], "ci95": tau.get("ci95"), "located": True, "bound": None,
+             "value": tau["step"]}
+    if tau["index"] == len(checkpoints) - 1:
+        entry.update(step=None, located=False, bound="lower", value=checkpoints[-1])
+    elif tau["index"] == 0:
+        entry.update(step=None, located=False, bound="upper", value=checkpoints[0])
+    return entry
+
+
+def memorized_share(kind: str, records: list[dict], cfg: dict) -> list[dict]:
+    """Per checkpoint ``{step, share, ci}``: the share of generated samples that copy a training example.
+
+    Images: ``f_mem`` (d1/d2 < 1/3 to the own split) with its bootstrap 95% interval.
+    Sequences: ``gen_copy_share`` (exact copies of a training sequence), pooled over models,
+    with the Wilson 95% interval over the ``n_samples x models`` sequences.
+    """
+    if kind == "audit":
+        return [{"step": r["step"], "share": r["f_mem"], "ci": r["f_mem_ci"]} for r in records]
+    out = []
+    for r in records:
+        total = cfg["n_samples"] * len(r["gen_copy_share"])
+        copies = round(sum(r["gen_copy_share"]) * cfg["n_samples"])
+        out.append({"step": r["step"], "share": copies / total, "ci": wilson(copies, total)})
+    return out
+
+
+def wilson(k: int, n: int, z: float = MEM_Z) -> list[float]:
+    """Wilson score interval of a binomial proportion ``k / n``."""
+    p, z2 = k / n, z * z
+    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def memorization_onset(series: list[dict], level: float) -> dict:
+    """tau_mem: the first checkpoint whose 95% lower bound of the memorized share exceeds ``level``.
+
+    ``ci`` runs from the first checkpoint whose share itself exceeds ``level`` (the first sign) to
+    tau_mem; with no such checkpoint tau_mem is a lower bound (after the last step), and an onset
+    at the first checkpoint an upper bound.
+    """
+    steps = [s["step"] for s in series]
+    onset = next((s for s in series if s["ci"][0] > level), None)
+    if onset is None:
+        return {"step": None, "ci": None, "located": False, "bound": "lower", "value": steps[-1],
+                "share_last": series[-1]["share"], "share_last_ci": series[-1]["ci"]}
+    first = next(s["step"] for s in series if s["share"] > level)
+    bound = "upper" if onset["step"] == steps[0] else None
+    return {"step": onset["step"] if bound is None else None, "ci": [first, onset["step"]], "located": bound is None,
+            "bound": bound, "value": onset["step"], "share_at_onset": onset["share"], "share_at_onset_ci": onset["ci"]}
+
+
+def size_row(n: int, folder: Path, summary: dict, records: list[dict], plan: Plan) -> dict:
+    """One row of ``sweep.jsonl``: the taus of size ``n`` (each a step or a bound), its verdict and advice."""
+    steps = summary["checkpoints"]
+    mem = memorization_onset(memorized_share(plan.kind, records, summary["config"]), plan.mem_level)
+    return {"n": n, "steps": steps[-1], "folder": folder.name, "verdict": summary["verdict"],
+            "reason": summary["reason"], "recommended_step": summary["recommended_step"],
+            "tau_bias": located_tau(summary["tau_bias"], steps), "tau_loss": located_tau(summary["tau_loss"], steps),
+            "tau_mem": mem, "tau_loss_open": summary["tau_loss_open"], "checkpoints": steps,
+            "complete": summary["complete"]}
+
+
+def assemble(plan: Plan, rows: list[dict]) -> dict:
+    """``sweep.json``: the rows, a censored power-law fit per tau, and the advice for ``target_n``."""
+    done = [r for r in rows if r["complete"]]
+    # the scatter floor: the resolution of a log-spaced checkpoint grid (a uniform error over one log step)
+    grid = [math.log(r["checkpoints"][-1] / r["checkpoints"][0]) / max(1, len(r["checkpoints"]) - 1) for r in done]
+    floor = max(0.02, (sum(grid) / len(grid)) / math.sqrt(12)) if grid else 0.05
+    fits = {name: fit_power_law([r["n"] for r in done], [r[name]["value"] for r in done],
+                                [r[name]["bound"] or "value" for r in done], sigma_floor=floor)
+            if len(done) >= 1 else {"fit": False, "reason": "no size measured"} for name in TAUS}
+    target = None
+    if plan.target_n is not None:
+        target = extrapolate(fits, [r["n"] for r in done], plan.target_n, max_ci_width=plan.max_exponent_ci_width)
+    return {"kind": "sweep", "experiment": plan.kind, "sizes": plan.sizes, "complete": len(done) == len(plan.sizes),
+            "rows": rows, "fits": fits, "target": target,
+            "definitions": {
+                "tau_bias": "checkpoint of the twin-distance minimum (each size's summary.json)",
+                "tau_loss": "checkpoint of the test-loss minimum (each size's summary.json)",
+                "tau_mem": f"first checkpoint whose 95% lower bound of the memorized share exceeds {plan.mem_level}",
+                "bounds": "lower: the tau lies after the last checkpoint; upper: at or before the first",
+                "fit": "log tau = log c + a log n + sigma z, bounds censored (Tobit), docs/sweep.md"},
+            "config": plan.config, "environment": environment()}
+
+
+def describe_tau(t: dict) -> str:
+    """``'211 [142, 211]'``, ``'> 1500'`` or ``'<= 20'``."""
+    if t["bound"] == "lower":
+        return f"> {t['value']}"
+    if t["bound"] == "upper":
+        return f"<= {t['value']}"
+    return f"{t['step']} [{t['ci'][0]}, {t['ci'][1]}]"
+
+
+def terminal_summary(result: dict, out: Path) -> str:
+    """The per-size table, the exponents and the advice, for the terminal."""
+    lines = [f"biasgen sweep ({result['experiment']}): {len(result['rows'])} sizes",
+             f"  {'n':>7} {'steps':>7}  {'tau_bias':<20}{'tau_loss':<20}{'tau_mem':<20}verdict"]
+    for r in result["rows"]:
+        lines.append(f"  {r['n']:>7} {r['steps']:>7}  " + "".join(f"{describe_tau(r[t]):<20}" for t in TAUS)
+                     + r["verdict"])
+    for name, fit in result["fits"].items():
+        if fit["fit"]:
+            lo, hi = (f"{v:.2f}" if v is not None else "unbounded" for v in fit["exponent_ci"])
+            lines.append(f"  {name} ~ {fit['prefactor']:.3g} n^{fit['exponent']:.2f}  (95% interval of the exponent "
+                         f"{lo}..{hi}; {fit['n_lower_bounds'] + fit['n_upper_bounds']} bound(s) censored)")
+        else:
+            lines.append(f"  {name}: no fit ({fit['reason']})")
+    if result["target"]:
+        lines.append(f"  advice for N = {result['target']['target_n']}: {result['target']['recommendation']}")
+    lines.append(f"  results in {out}: sweep.json, sweep.jsonl, fig_phase_diagram.png, one run folder per size")
+    return "\n".join(lines)
+
+
+def build_parser(kind: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="biasgen sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kind", choices=("audit", "hierarchy"), help="image audit or hierarchical lab (default: the preset's)")
+    parser.add_argument("--preset", choices=tuple(PRESETS), help="sweep preset (default: 'default' for audit, "
+                                                                 "'hierarchy-cpu' for hierarchy)")
+    parser.add_argument("--sizes", help="increasing training-set sizes per split, e.g. 16,32,64,128")
+    parser.add_argument("--steps-per-image", type=float, help="each size trains ceil(X * n) steps")
+    parser.add_argument("--target-n", type=int, help="your training-set size: extrapolate the taus to it")
+    parser.add_argument("--mem-level", type=float, default=0.0, help="tau_mem: first checkpoint whose 95%% lower "
+                                                                     "bound of the memorized share exceeds this")
+    parser.add_argument("--max-exponent-ci-width", type=float, default=1.0,
+                        help="refuse to extrapolate a tau whose exponent interval is wider than this")
+    parser.add_argument("--config", metavar="FILE.toml", help="TOML file of the experiment's settings")
+    parser.add_argument("--out", default="runs/sweep", help="sweep folder (default: runs/sweep)")
+    parser.add_argument("--resume", action="store_true", help="continue the sweep in --out")
+    parser.add_argument("--force", action="store_true", help="delete whatever is in --out and start over")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flags(parser, experiment_classes()[kind or "audit"].config_class)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """``biasgen sweep ...``: the experiment's flags depend on the kind, so ``--kind``/``--preset`` are read first."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--kind", choices=("audit", "hierarchy"))
+    first.add_argument("--preset")
+    known, _ = first.parse_known_args(argv)
+    kind = known.kind or PRESETS.get(known.preset or "", {}).get("kind")
+    args = build_parser(kind).parse_args(argv)
+    try:
+        if args.resume and args.force:
+            raise BiasgenError("--resume and --force contradict each other: pick one.")
+        settings = flags_given(args, experiment_classes()[kind or "audit"].config_class)
+        result = sweep(args.out, args.kind, args.sizes, args.preset, args.config, steps_per_image=args.steps_per_image,
+                       target_n=args.target_n, mem_level=args.mem_level, max_exponent_ci_width=args.max_exponent_ci_width,
+                       resume=args.resume, force=args.force, progress=not args.quiet, **settings)
+    except BiasgenError as e:
+        print(f"biasgen sweep: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nbiasgen sweep: interrupted; continue with --resume --out {args.out}", file=sys.stderr)
+        return 130
+    print(terminal_summary(result, Path(args.out)))
+    return 0
