@@ -172,6 +172,8 @@ KINDS = {
             "fig_loss_twin.png": "Test loss and twin distance over training, with tau_bias, tau_loss and the biased window.",
             "fig_score_similarity.png": "Score-level twin similarity on training inputs versus test inputs, per noise level.",
             "fig_memorization.png": "Memorized fraction and nearest-neighbour proximity of the samples to each split.",
+            "fig_loss_bands.png": "Test-minus-train loss per noise band over training; the band where the gap "
+                                  "opens first is drawn bold.",
             "fig_gallery.png": "Twin samples from the same noise and their nearest training images in each twin's split, "
                                "at tau_bias and at the last checkpoint.",
         },
