@@ -30,7 +30,7 @@ import torch
 from biasgen.config import build_config
 from biasgen.errors import BiasgenError
 from biasgen.images.audit import AuditConfig, ImageAudit, evaluate_checkpoint
-from biasgen.onset import checkpoint_minimum, verdict
+from biasgen.pipeline import judge_records
 from biasgen.runs import append_jsonl, environment, read_json, read_jsonl, write_bytes
 from biasgen.sampler import describe_sampler, sample, x0_from_eps_model
 from biasgen.training import checkpoint_steps
@@ -117,16 +117,11 @@ def tables(out: Path, cfg: AuditConfig, cfg_stored: AuditConfig, stored: list[di
     if REFERENCE not in by:
         raise BiasgenError(f"No {REFERENCE} records in {out}; run the bench first.")
     all_steps = checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.first_checkpoint)
-    curves = ImageAudit(cfg).curves
-    seeds = ImageAudit(cfg).seeds
+    experiment, members = ImageAudit(cfg), make_members(cfg.splits, cfg.seeds_per_split)
 
     def locate(recs: dict, steps: list[int]) -> dict:
-        rows = [recs[s] for s in steps]
-        c = curves(rows)
-        loss = checkpoint_minimum(steps, c["tau_loss"].table, n_boot=cfg.n_boot, seed=seeds.bootstrap(0), reduce="mean")
-        bias = checkpoint_minimum(steps, c["tau_bias"].table, n_boot=cfg.n_boot, seed=seeds.bootstrap(1),
-                                  reduce=c["tau_bias"].reduce)
-        return {"bias": bias, "verdict": verdict(bias, loss)["verdict"]}
+        judged = judge_records(experiment, [recs[s] for s in steps], members)  # the audit's own judge
+        return {"bias": judged["tau_bias"], "verdict": judged["verdict"]}
 
     stored_name, stored_n = name_of(cfg_stored), cfg_stored.n_samples
     ref = by[REFERENCE]

@@ -19,7 +19,8 @@ import time
 import numpy as np
 from scipy.stats import beta
 
-from biasgen.onset import drift_test, end_rise, judge
+from biasgen.drift import drift_test, end_rise
+from biasgen.onset import judge
 from biasgen.runs import environment
 from biasgen.twins import model_pairs
 

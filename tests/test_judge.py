@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from biasgen.errors import BiasgenError
-from biasgen.onset import VERDICTS, checkpoint_minimum, drift_test, judge, noise_sd, valley_fit
+from biasgen.drift import drift_test, noise_sd, valley_fit
+from biasgen.onset import VERDICTS, checkpoint_minimum, judge
 
 N_CKPT = 14
 STEPS = np.unique(np.geomspace(20, 4000, N_CKPT).round().astype(int)).tolist()

@@ -24,7 +24,8 @@ from ..checkpoint import load_tensors
 from ..config import TwinConfig, check, check_at_least, opt
 from ..errors import BiasgenError
 from ..losses import eps_mse_loss
-from ..onset import checkpoint_minimum, noise_sd, score_crossing
+from ..drift import noise_sd
+from ..onset import checkpoint_minimum, score_crossing
 from ..pipeline import Curve, Data, Shared, TwinExperiment, metric_table, run_experiment
 from ..runs import read_json
 from ..sampler import sample, x0_from_eps_model
@@ -296,7 +297,7 @@ def loss_bands(records: list[dict], n_boot: int, seed: int) -> dict:
     band, and the band where the gap opens first.
 
     A band's gap ``test - train`` *opens* at the first checkpoint from which it stays above its level at the
-    first three checkpoints by more than three times its own checkpoint noise (:func:`biasgen.onset.noise_sd`). The gap is largest, and opens first, at
+    first three checkpoints by more than three times its own checkpoint noise (:func:`biasgen.drift.noise_sd`). The gap is largest, and opens first, at
     intermediate noise levels in diffusion models (Kaiser & Kollmann 2026): the average over t hides it.
     Returns JSON: ``bands`` (t ranges), ``tau_loss`` (step per band), ``gap`` (per band, per checkpoint),
     ``gap_opens`` (step per band or None), ``first_band`` (index of the band where it opens first, or None).
