@@ -53,13 +53,6 @@ DEFAULT_PRESET = {"audit": "default", "hierarchy": "hierarchy-cpu"}
 RUNTIME_KEYS = ("preset", "sizes", "target_n", "max_exponent_ci_width", "runtime")  # may change on --resume
 
 
-def experiment_classes() -> dict[str, type[TwinExperiment]]:
-    from .hierarchy.experiment import HierarchyExperiment
-    from .images.audit import ImageAudit
-
-    return {"audit": ImageAudit, "hierarchy": HierarchyExperiment}
-
-
 @dataclasses.dataclass
 class Plan:
     """A resolved sweep: the experiment of each size and the settings that define the sweep."""
@@ -71,6 +64,13 @@ class Plan:
     target_n: int | None
     mem_level: float
     max_exponent_ci_width: float
+
+
+def experiments() -> dict[str, type[TwinExperiment]]:
+    """The twin experiments a sweep can run, by kind (those of the command line)."""
+    from .cli import experiments as table
+
+    return table()
 
 
 def plan_sweep(kind: str | None = None, sizes=None, preset: str | None = None, config: str | Path | None = None,
@@ -85,7 +85,7 @@ def plan_sweep(kind: str | None = None, sizes=None, preset: str | None = None, c
     if kind not in (None, p["kind"]):
         raise BiasgenError(f"Preset {preset!r} is a {p['kind']} sweep but --kind {kind} was given; drop one of them.")
     kind = p["kind"]
-    exp_class = experiment_classes()[kind]
+    exp_class = experiments()[kind]
     sizes = check_sizes(p["sizes"] if sizes is None else sizes)
     if "n" in settings:
         raise BiasgenError("--n is set per size by --sizes in a sweep; drop --n.")
@@ -104,7 +104,7 @@ def plan_sweep(kind: str | None = None, sizes=None, preset: str | None = None, c
         raise BiasgenError(f"--target-n {target_n} is smaller than the largest size measured ({sizes[-1]}); "
                            "the advice extrapolates to a training set at least as large as the sweep's sizes.")
     steps = {n: max(1, math.ceil(spi * n)) if spi is not None else base.steps for n in sizes}
-    experiments = [exp_class.from_settings(p["experiment_preset"], config, **merged, n=n, steps=steps[n]) for n in sizes]
+    per_size = [exp_class.from_settings(p["experiment_preset"], config, **merged, n=n, steps=steps[n]) for n in sizes]
     stored = json.loads(json.dumps(dataclasses.asdict(base)))
     runtime = {k: stored.pop(k) for k in base.RUNTIME_KEYS}
     for k in ("n", "steps"):
@@ -113,7 +113,7 @@ def plan_sweep(kind: str | None = None, sizes=None, preset: str | None = None, c
                     "steps": None if spi is not None else base.steps, "mem_level": mem_level,
                     "target_n": target_n, "max_exponent_ci_width": max_exponent_ci_width,
                     "settings": stored, "runtime": runtime}
-    return Plan(kind, sizes, experiments, sweep_config, target_n, mem_level, max_exponent_ci_width)
+    return Plan(kind, sizes, per_size, sweep_config, target_n, mem_level, max_exponent_ci_width)
 
 
 def check_sizes(sizes) -> list[int]:
@@ -328,7 +328,7 @@ def build_parser(kind: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue the sweep in --out")
     parser.add_argument("--force", action="store_true", help="delete whatever is in --out and start over")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_flags(parser, experiment_classes()[kind or "audit"].config_class)
+    add_config_flags(parser, experiments()[kind or "audit"].config_class)
     return parser
 
 
@@ -343,7 +343,7 @@ def main(argv: list[str]) -> int:
     try:
         if args.resume and args.force:
             raise BiasgenError("--resume and --force contradict each other: pick one.")
-        settings = flags_given(args, experiment_classes()[kind or "audit"].config_class)
+        settings = flags_given(args, experiments()[kind or "audit"].config_class)
         result = sweep(args.out, args.kind, args.sizes, args.preset, args.config, steps_per_image=args.steps_per_image,
                        target_n=args.target_n, mem_level=args.mem_level, max_exponent_ci_width=args.max_exponent_ci_width,
                        resume=args.resume, force=args.force, progress=not args.quiet, **settings)
