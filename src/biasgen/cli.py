@@ -20,16 +20,9 @@ from pathlib import Path
 
 from . import monitor
 from .config import add_config_flags, build_config, flags_given
-from .errors import BiasgenError
+from .errors import BiasgenError, run_command
+from .experiments import experiments
 from .pipeline import TwinExperiment, run_experiment, terminal_summary
-
-
-def experiments() -> dict[str, type[TwinExperiment]]:
-    """The twin experiments offered as subcommands, by name."""
-    from .hierarchy.experiment import HierarchyExperiment
-    from .images.audit import ImageAudit
-
-    return {e.kind: e for e in (ImageAudit, HierarchyExperiment)}
 
 
 def build_parser(table: dict[str, type[TwinExperiment]]) -> argparse.ArgumentParser:
@@ -80,7 +73,7 @@ def _judge(args: argparse.Namespace) -> int:
 
     from .pipeline import rejudge
 
-    judged = rejudge(args.run_dir, write=args.write)
+    judged = rejudge(args.run_dir, experiments(), write=args.write)
     if args.json:
         print(json.dumps(judged, indent=2))
     else:
@@ -105,13 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     table = experiments()
     args = build_parser(table).parse_args(argv)
     if args.command in TOOLS:
-        try:
-            return TOOLS[args.command][1](args)
-        except BiasgenError as e:
-            print(f"biasgen {args.command}: error: {e}", file=sys.stderr)
-            return 2
+        return run_command(args.command, lambda: TOOLS[args.command][1](args))
     exp_class = table[args.command]
-    try:
+
+    def run() -> int:
         if args.resume and args.force:
             raise BiasgenError("--resume and --force contradict each other: pick one.")
         cfg = build_config(exp_class.config_class, exp_class.presets, args.preset, args.config,
@@ -119,15 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         experiment = exp_class(cfg)
         summary = run_experiment(experiment, Path(args.out), resume=args.resume, force=args.force,
                                  progress=not args.quiet)
-    except BiasgenError as e:
-        print(f"biasgen {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\nbiasgen {args.command}: interrupted; continue with --resume --out {args.out}", file=sys.stderr)
-        return 130
-    print(terminal_summary(experiment, summary, Path(args.out)))
-    return 0
+        print(terminal_summary(experiment, summary, Path(args.out)))
+        return 0
 
+    return run_command(args.command, run, out=args.out)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -211,6 +211,8 @@ class Monitor:
     def check(self, step: int, model) -> dict:
         """Measure ``model`` at training step ``step``; returns the record appended to ``metrics.jsonl``.
 
+        (Long on purpose: one measurement per block, in the order of the record it writes.)
+
         ``model``: a ``torch.nn.Module`` or callable ``(x_t (B, C, H, W), t (B,) long in 1..T) -> eps_hat``,
         or a diffusers ``UNet2DModel`` (its timesteps ``0..T-1`` are handled). A step already recorded is
         not measured again: its stored record is returned.

@@ -151,6 +151,9 @@ def judge(
 ) -> dict:
     """Decide whether the twins drift apart before the test loss bottoms out (method: docs/method.md §10).
 
+    (Long on purpose: it checks the inputs and assembles one JSON record in the order it is read; the
+    statistics live in :mod:`biasgen.drift`, the rules in ``_verdict`` and ``_recommend``.)
+
     ``steps``: ``(C,)`` increasing checkpoint steps. ``twin_distance``:
     ``(n_twin_pairs, C)`` each twin pair's mean divergence (cosine distance of
     shared-noise samples, sample-split KL, ...; larger = more different);

@@ -286,20 +286,18 @@ def negative_controls(steps, curves: dict[str, Curve], twins, controls, members,
     return {"negative_controls": out}
 
 
-def rejudge(run_dir: str | Path, *, write: bool = False, experiments: dict | None = None) -> dict:
+def rejudge(run_dir: str | Path, experiments: dict[str, type[TwinExperiment]], *, write: bool = False) -> dict:
     """Judge a run again from its ``run.json`` and ``metrics.jsonl`` alone (no models, no data).
 
     With ``write``, the verdict part of ``summary.json`` is replaced (and ``report.html`` rebuilt);
     a run without ``summary.json`` (killed mid-way) is judged on the checkpoints evaluated so far.
-    ``experiments``: kind -> TwinExperiment class (default: the built-in ones).
+    ``experiments``: kind -> TwinExperiment class (the built-in ones: :func:`biasgen.experiments.experiments`).
     """
-    from .cli import experiments as builtin
-
     run = Path(run_dir)
     if not (run / "run.json").exists():
         raise BiasgenError(f"{run} holds no biasgen run (no run.json); pass the --out folder of a run.")
     info = read_json(run / "run.json")
-    table = experiments or builtin()
+    table = experiments
     if info.get("kind") not in table:
         raise BiasgenError(f"{run} holds a {info.get('kind')!r} run; biasgen judge knows {', '.join(table)}.")
     exp_class = table[info["kind"]]

@@ -20,12 +20,12 @@ import argparse
 import dataclasses
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 from .config import add_config_flags, flags_given
-from .errors import BiasgenError
+from .errors import BiasgenError, run_command
+from .experiments import experiments
 from .pipeline import TwinExperiment, run_experiment
 from .runs import environment, prepare_run_dir, read_json, read_jsonl, write_bytes, write_json
 from .sweep_fit import extrapolate, fit_power_law
@@ -66,13 +66,6 @@ class Plan:
     target_n: int | None
     mem_level: float
     max_exponent_ci_width: float
-
-
-def experiments() -> dict[str, type[TwinExperiment]]:
-    """The twin experiments a sweep can run, by kind (those of the command line)."""
-    from .cli import experiments as table
-
-    return table()
 
 
 def plan_sweep(kind: str | None = None, sizes=None, preset: str | None = None, config: str | Path | None = None,
@@ -342,18 +335,15 @@ def main(argv: list[str]) -> int:
     known, _ = first.parse_known_args(argv)
     kind = known.kind or PRESETS.get(known.preset or "", {}).get("kind")
     args = build_parser(kind).parse_args(argv)
-    try:
+
+    def run() -> int:
         if args.resume and args.force:
             raise BiasgenError("--resume and --force contradict each other: pick one.")
         settings = flags_given(args, experiments()[kind or "audit"].config_class)
         result = sweep(args.out, args.kind, args.sizes, args.preset, args.config, steps_per_image=args.steps_per_image,
                        target_n=args.target_n, mem_level=args.mem_level, max_exponent_ci_width=args.max_exponent_ci_width,
                        resume=args.resume, force=args.force, progress=not args.quiet, **settings)
-    except BiasgenError as e:
-        print(f"biasgen sweep: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\nbiasgen sweep: interrupted; continue with --resume --out {args.out}", file=sys.stderr)
-        return 130
-    print(terminal_summary(result, Path(args.out)))
-    return 0
+        print(terminal_summary(result, Path(args.out)))
+        return 0
+
+    return run_command("sweep", run, out=args.out)

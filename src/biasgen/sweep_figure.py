@@ -38,7 +38,10 @@ def _curve(result: dict, name: str, x: np.ndarray) -> np.ndarray:
 
 
 def plot_phase_diagram(path: str | Path, result: dict) -> Path:
-    """Write the phase diagram of ``result`` (a ``sweep.json`` dict) to ``path`` as PNG."""
+    """Write the phase diagram of ``result`` (a ``sweep.json`` dict) to ``path`` as PNG.
+
+    (One figure drawn layer by layer: regions, then each tau with its interval and bounds, then the fits.)
+    """
     rows, target = result["rows"], result.get("target")
     sizes = np.array([r["n"] for r in rows], dtype=float)
     right = max(sizes.max(), target["target_n"] if target else 0) * 1.4

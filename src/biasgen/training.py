@@ -76,6 +76,8 @@ def train(
 ) -> None:
     """Train ``model`` in place and write its checkpoints to ``out_dir``.
 
+    (One loop, readable top to bottom; resume and saving are the helpers ``_resume`` and ``_save``.)
+
     Raises :class:`BiasgenError` on a non-finite loss; the last good checkpoint
     stays on disk and the message names it.
     """

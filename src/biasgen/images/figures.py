@@ -202,6 +202,21 @@ def plot_score_similarity(records: Sequence[dict], summary: dict | None, path: s
     return _save(fig, path)
 
 
+def _plot_f_mem(ax: Axes, records: Sequence[dict]) -> None:
+    """f_mem over training with its bootstrap CI band on ``ax``."""
+    steps, f_mem = _series(records, _key("f_mem"))
+    if len(steps):
+        ax.plot(steps, f_mem, marker="o", markersize=3, color="tab:purple", label="$f_{mem}$")
+        s, ci = _series(records, lambda r: _pair(r.get("f_mem_ci")))
+        if len(s):
+            ax.fill_between(s, ci[:, 0], ci[:, 1], color="tab:purple", alpha=0.2, linewidth=0, label="bootstrap CI")
+        ax.legend(fontsize=8)
+    else:
+        _empty(ax, "f_mem")
+    ax.set_ylabel("memorized fraction ($d_1/d_2 < 1/3$)")
+    ax.set_ylim(-0.02, 1.02)
+
+
 def plot_memorization(records: Sequence[dict], path: str | Path) -> Path:
     """f_mem with its bootstrap CI, and nearest-neighbour similarity / L2 to own split, other split and test."""
     fig = Figure(figsize=(13, 3.8))
@@ -210,17 +225,7 @@ def plot_memorization(records: Sequence[dict], path: str | Path) -> Path:
         _step_axis(ax, records)
         ax.grid(alpha=0.3)
 
-    steps, f_mem = _series(records, _key("f_mem"))
-    if len(steps):
-        ax_mem.plot(steps, f_mem, marker="o", markersize=3, color="tab:purple", label="$f_{mem}$")
-        s, ci = _series(records, lambda r: _pair(r.get("f_mem_ci")))
-        if len(s):
-            ax_mem.fill_between(s, ci[:, 0], ci[:, 1], color="tab:purple", alpha=0.2, linewidth=0, label="bootstrap CI")
-        ax_mem.legend(fontsize=8)
-    else:
-        _empty(ax_mem, "f_mem")
-    ax_mem.set_ylabel("memorized fraction ($d_1/d_2 < 1/3$)")
-    ax_mem.set_ylim(-0.02, 1.02)
+    _plot_f_mem(ax_mem, records)
 
     for ax, suffix, ylabel in ((ax_sim, "sim", "NN cosine similarity"), (ax_l2, "l2", "NN L2 distance")):
         drew = False
@@ -356,7 +361,9 @@ def _gap(k: int):
 
 def plot_monitor(records: Sequence[dict], path: str | Path, z_threshold: float = 2.0) -> Path:
     """The single-run monitor over training: losses, the train-validation gap per noise band, nearest-neighbour
-    proximity to training vs held-out images, the data-copying z and f_mem, with the flagged steps marked."""
+    proximity to training vs held-out images, the data-copying z and f_mem, with the flagged steps marked.
+    (One figure of four panels, drawn panel by panel.)
+    """
     fig = Figure(figsize=(13, 7))
     axes = fig.subplots(2, 3).ravel()
     for ax in axes:
@@ -407,17 +414,7 @@ def plot_monitor(records: Sequence[dict], path: str | Path, z_threshold: float =
             _empty(ax, ylabel)
         ax.set_ylabel(ylabel)
 
-    s, f = _series(records, _key("f_mem"))
-    if len(s):
-        ax_mem.plot(s, f, marker="o", markersize=3, color="tab:purple", label="$f_{mem}$")
-        s, ci = _series(records, lambda r: _pair(r.get("f_mem_ci")))
-        if len(s):
-            ax_mem.fill_between(s, ci[:, 0], ci[:, 1], color="tab:purple", alpha=0.2, linewidth=0, label="bootstrap CI")
-        ax_mem.legend(fontsize=8)
-    else:
-        _empty(ax_mem, "f_mem")
-    ax_mem.set_ylabel("memorized fraction ($d_1/d_2 < 1/3$)")
-    ax_mem.set_ylim(-0.02, 1.02)
+    _plot_f_mem(ax_mem, records)
 
     for i, ax in enumerate(axes):
         for step, color, text in _monitor_events(records):
