@@ -2,9 +2,13 @@
 import json
 import shutil
 
+import numpy as np
+
 from biasgen.cli import main
-from biasgen.images.audit import audit
+from biasgen.images.audit import ImageAudit, audit
+from biasgen.pipeline import judge_records, placebo_gate
 from biasgen.runs import read_jsonl
+from biasgen.twins import make_members
 
 
 def test_judge_rejudges_a_run_from_its_files_alone_using_the_controls(tmp_path, capsys):
@@ -32,3 +36,39 @@ def test_judge_rejudges_a_run_from_its_files_alone_using_the_controls(tmp_path, 
 def test_judge_refuses_a_folder_without_a_run(tmp_path, capsys):
     assert main(["judge", str(tmp_path)]) == 2
     assert "holds no biasgen run" in capsys.readouterr().err
+
+
+def synthetic_records(transient: float, seed: int = 0) -> list[dict]:
+    """18 checkpoints of a 2 splits x 2 seeds audit: twins converge, then drift apart (by 0.1) while same-split
+    controls stay at their floor; the cross-seed twin pairs get an extra early transient of size ``transient``."""
+    rng = np.random.default_rng(seed)
+    steps = np.unique(np.geomspace(10, 3000, 18).astype(int))
+    x = np.arange(len(steps))
+    base = 0.05 + 0.3 * np.exp(-x / 2)
+    rise = 0.1 * np.clip((x - 7) / 6, 0, 1)
+    loss = 0.1 + 0.002 * (x - 12) ** 2
+    records = []
+    for i, step in enumerate(steps):
+        early = transient * np.exp(-i / 1.5)
+        twins = [base[i] + rise[i] + (early if cross else 0.0) + 0.003 * rng.standard_normal()
+                 for cross in (False, True, True, False)]  # pairs (0,2), (0,3), (1,2), (1,3)
+        controls = [base[i] + 0.003 * rng.standard_normal() for _ in range(2)]
+        records.append({"step": int(step), "twin_distance_pairs": twins, "same_split_distance_pairs": controls,
+                        "test_loss_units": (loss[i] + 0.01 * rng.standard_normal(64)).tolist(),
+                        "f_mem": 0.0, "f_mem_ci": [0.0, 0.0]})
+    return records
+
+
+def test_a_failing_placebo_turns_a_detection_into_inconclusive():
+    experiment = ImageAudit.from_settings("tiny", None, seeds_per_split=2, n_boot=200)
+    members = make_members(2, 2)
+    clean = judge_records(experiment, synthetic_records(0.0), members)
+    assert clean["verdict"] == "biased-generalization-detected"
+    assert clean["negative_controls"]["placebo_contrast"]["verdict"] != "biased-generalization-detected"
+    assert clean["tau_mem"]["bound"] == "lower"  # no copies: memorization not reached
+
+    judged = judge_records(experiment, synthetic_records(0.6), members)
+    assert judged["negative_controls"]["placebo_contrast"]["verdict"] == "biased-generalization-detected"
+    assert judged["verdict"] == "inconclusive" and "negative control fails" in judged["reason"]
+    assert judged["recommendation_basis"] == "tau_loss"
+    assert placebo_gate(clean) == {}

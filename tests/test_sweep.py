@@ -11,7 +11,10 @@ import biasgen.sweep as sweep_module
 from biasgen.cli import main
 from biasgen.errors import BiasgenError
 from biasgen.runs import read_jsonl
-from biasgen.sweep import located_tau, memorization_onset, memorized_share, sweep, wilson
+from biasgen.hierarchy.experiment import HierarchyExperiment
+from biasgen.images.audit import ImageAudit
+from biasgen.memorization import memorization_onset, wilson
+from biasgen.sweep import located_tau, sweep
 from biasgen.sweep_fit import censored_mle, extrapolate, fit_power_law, predict
 
 TINY = ["sweep", "--preset", "tiny", "--quiet", "--target-n", "100"]
@@ -22,6 +25,11 @@ def tiny_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweeps") / "tiny"
     assert main(TINY + ["--out", str(out)]) == 0
     return out
+
+
+def experiment_of(cls, summary: dict):
+    """The experiment of a finished run, rebuilt from its summary's config."""
+    return cls.from_settings(None, None, **{**summary["config"], "device": "cpu"})
 
 
 def without_timing(result: dict) -> dict:
@@ -45,8 +53,9 @@ def test_tiny_sweep_writes_rows_fits_and_the_diagram(tiny_sweep, capsys):
                 assert tau["step"] is None and tau["bound"] == "lower" and tau["value"] == summary["checkpoints"][-1]
             elif summary[name]["index"] > 0:
                 assert tau["located"] and tau["step"] == tau["value"] == summary[name]["step"]
-        share = memorized_share("audit", read_jsonl(tiny_sweep / row["folder"] / "metrics.jsonl"), summary["config"])
-        assert row["tau_mem"] == memorization_onset(share, 0.0)
+        share = experiment_of(ImageAudit, summary).memorized_share(read_jsonl(tiny_sweep / row["folder"] / "metrics.jsonl"))
+        assert [s["share"] for s in share] == [r["f_mem"] for r in read_jsonl(tiny_sweep / row["folder"] / "metrics.jsonl")]
+        assert row["tau_mem"] == memorization_onset(share, 0.0) == summary["tau_mem"]  # the run's own tau_mem (level 0)
     for name in ("tau_bias", "tau_loss", "tau_mem"):
         fit = result["fits"][name]
         assert fit["n_points"] == 3 and fit["censoring"] == [r[name]["bound"] or "value" for r in rows]
@@ -83,7 +92,7 @@ def test_hierarchy_sweep_counts_exact_copies(tmp_path):
     for row in result["rows"]:
         records = read_jsonl(out / row["folder"] / "metrics.jsonl")
         config = json.loads((out / row["folder"] / "summary.json").read_text())["config"]
-        share = memorized_share("hierarchy", records, config)
+        share = experiment_of(HierarchyExperiment, {"config": config}).memorized_share(records)
         total = config["n_samples"] * len(records[0]["gen_copy_share"])
         assert [s["share"] for s in share] == pytest.approx([sum(r["gen_copy_share"]) / 2 for r in records])
         assert all(s["ci"] == pytest.approx(wilson(round(s["share"] * total), total)) for s in share)
@@ -139,7 +148,8 @@ def test_taus_at_the_edges_of_the_run_are_bounds():
     assert onset["step"] == 40 and onset["ci"] == [20, 40] and onset["located"]
     assert memorization_onset(series, 0.05)["step"] == 80  # a higher level: later
     assert memorization_onset(series, 0.5) | {"share_last": 0, "share_last_ci": 0} == {
-        "step": None, "ci": None, "located": False, "bound": "lower", "value": 80, "share_last": 0, "share_last_ci": 0}
+        "step": None, "ci": None, "located": False, "bound": "lower", "value": 80, "level": 0.5, "share_last": 0,
+        "share_last_ci": 0}
     assert memorization_onset([s | {"ci": [0.1, 0.2], "share": 0.1} for s in series], 0.0)["bound"] == "upper"
 
 

@@ -152,7 +152,7 @@ def judge(
     """Decide whether the twins drift apart before the test loss bottoms out (method: docs/method.md §10).
 
     (Long on purpose: it checks the inputs and assembles one JSON record in the order it is read; the
-    statistics live in :mod:`biasgen.drift`, the rules in ``_verdict`` and ``_recommend``.)
+    statistics live in :mod:`biasgen.drift`, the rules in ``_verdict`` and ``recommend``.)
 
     ``steps``: ``(C,)`` increasing checkpoint steps. ``twin_distance``:
     ``(n_twin_pairs, C)`` each twin pair's mean divergence (cosine distance of
@@ -238,13 +238,13 @@ def judge(
             f"level of {persist} checkpoints each, and enough checkpoints to estimate their noise); save more "
             "checkpoints.")
         out |= {"p_value": None, "drift": None, "detectable_drift": None, "decision_noise_sd": None}
-        return out | {"verdict": verdict, "reason": reason} | _recommend(out, verdict)
+        return out | {"verdict": verdict, "reason": reason} | recommend(out, verdict)
     test = drift_test(steps, decision_curve, level=level, persist=persist, n_boot=n_boot, seed=seed + 2)
     out |= {"p_value": test["p_value"], "drift": test["drift"], "detectable_drift": test["detectable_drift"],
             "decision_noise_sd": test["noise_sd"]}
     verdict, reason = _verdict(out, test, level, order_p, control)
     reason = f"Evidence: {evidence}. {reason[0].upper()}{reason[1:]}"
-    return out | {"verdict": verdict, "reason": reason} | _recommend(out, verdict)
+    return out | {"verdict": verdict, "reason": reason} | recommend(out, verdict)
 
 
 def _verdict(out: dict, test: dict, level: float, order_p: float, control: dict | None) -> tuple[str, str]:
@@ -289,8 +289,10 @@ def _verdict(out: dict, test: dict, level: float, order_p: float, control: dict 
         f"probability, so a smaller one may go unseen.{more}")
 
 
-def _recommend(out: dict, verdict: str) -> dict:
-    """The checkpoint to stop at: ``{recommended_step, recommendation, recommendation_basis}``."""
+def recommend(out: dict, verdict: str) -> dict:
+    """The checkpoint to stop at for ``verdict``: ``{recommended_step, recommendation, recommendation_basis}``.
+
+    ``out``: :func:`judge`'s result (``tau_bias``, ``tau_loss``, ``tau_loss_open``)."""
     bias, loss = out["tau_bias"], out["tau_loss"]
     if verdict == "biased-generalization-detected":
         return {

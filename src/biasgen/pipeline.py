@@ -36,8 +36,9 @@ import torch
 from .checkpoint import save_tensors
 from .config import TwinConfig, build_config
 from .jobs import check_shared_storage, job_session, resolve_workers, run_jobs, torch_threads
+from .memorization import memorization_onset
 from .report import write_report
-from .onset import checkpoint_minimum, judge, public_tau
+from .onset import checkpoint_minimum, judge, public_tau, recommend
 from .errors import BiasgenError
 from .runs import append_jsonl, environment, prepare_run_dir, progress_bar, read_json, read_jsonl, write_json
 from .sampler import describe_sampler
@@ -150,6 +151,11 @@ class TwinExperiment:
         """Extra lines of the terminal summary."""
         return []
 
+    def memorized_share(self, records: list[dict]) -> list[dict] | None:
+        """Per checkpoint ``{"step", "share", "ci": [lo, hi]}``: the share of generated samples that copy a training
+        example, with its 95% interval; it locates tau_mem (:mod:`biasgen.memorization`). Default: not measured."""
+        return None
+
     def sampler_validated(self, name: str) -> bool:
         """Whether the cheaper sampler ``name`` (e.g. ``'ddpm-100'``) was measured to give the same tau_bias and
         twin curve as the paper's all-T DDPM sampler in this experiment's setting (docs/samplers.md). A run with
@@ -246,13 +252,17 @@ def judge_records(experiment: TwinExperiment, records: list[dict], members: list
                                                   reduce=c.reduce))
               for i, (name, c) in enumerate(curves.items()) if name not in ("tau_bias", "tau_loss", "control")}
     window = judged.pop("window")
+    if control:
+        judged |= negative_controls(steps, curves, twins, controls, members, cfg.n_boot, seeds.bootstrap())
+        judged |= placebo_gate(judged)
     sampler = sampler_summary(cfg, experiment.sampler_validated)
     if not sampler["validated"]:
         judged["reason"] += (f" Note: sampled with {sampler['name']}, which was not validated against the paper's "
                              f"{cfg.T}-step DDPM sampler (docs/samplers.md); tau_bias may sit a checkpoint or more "
                              "away from the paper's answer.")
-    if control:
-        judged |= negative_controls(steps, curves, twins, controls, members, cfg.n_boot, seeds.bootstrap())
+    share = experiment.memorized_share(records)
+    if share is not None:
+        judged["tau_mem"] = memorization_onset(share)
     return {
         **judged,
         **others,
@@ -284,6 +294,25 @@ def negative_controls(steps, curves: dict[str, Curve], twins, controls, members,
                         n_boot=n_boot, seed=seed)
         out["placebo_contrast"] = brief(placebo) | {"balanced": placebo["control"]["balanced"]}
     return {"negative_controls": out}
+
+
+def placebo_gate(judged: dict) -> dict:
+    """A detection stands only if the placebo contrast does not fire (docs/method.md §10, "Negative controls").
+
+    The placebo compares twin pairs with twin pairs, so its drift can only come from pair-to-pair differences that
+    outlast checkpoint noise (e.g. in an early transient), which the drift test does not model; when it fires,
+    the real contrast cannot be told from such differences and the verdict becomes ``inconclusive``.
+    """
+    placebo = judged["negative_controls"].get("placebo_contrast")
+    if judged["verdict"] != "biased-generalization-detected" or not placebo or placebo["verdict"] != judged["verdict"]:
+        return {}
+    reason = (f"{judged['reason']} But the negative control fails: the placebo contrast (twin pairs against other "
+              f"twin pairs, which share no more data) also rises, by {placebo['drift']['value']:.3g} "
+              f"(p = {placebo['p_value']:.3f}; steps {placebo['drift']['end_steps'][0]}..{placebo['drift']['end_steps'][1]} "
+              f"vs {placebo['drift']['floor_steps'][0]}..{placebo['drift']['floor_steps'][1]}): pairs differ beyond "
+              "checkpoint noise, so the contrast cannot be credited to different data. More seeds per split "
+              "(--seeds-per-split 3) average such pair differences out.")
+    return {"verdict": "inconclusive", "reason": reason, **recommend(judged, "inconclusive")}
 
 
 def rejudge(run_dir: str | Path, experiments: dict[str, type[TwinExperiment]], *, write: bool = False) -> dict:
@@ -359,9 +388,20 @@ def terminal_summary(experiment: TwinExperiment, summary: dict, out: Path) -> st
         f"biasgen {experiment.kind}: {summary['verdict']}",
         f"  tau_bias (twins agree most)  = {tau('tau_bias')}",
         f"  tau_loss (test-loss minimum) = {tau('tau_loss')}",
+        *([f"  tau_mem (copies appear)     = {describe_tau_mem(summary['tau_mem'])}"] if "tau_mem" in summary else []),
         *[f"  {line}" for line in experiment.terminal_lines(summary)],
         f"  biased window: {window}",
         f"  recommended stopping checkpoint: step {summary['recommended_step']} — {summary['recommendation']}",
         f"  why: {summary['reason']}",
         f"  results in {out}: summary.json, metrics.jsonl, fig_*.png",
     ])
+
+
+def describe_tau_mem(tau: dict) -> str:
+    """tau_mem for people: the onset step with its first sign, or the bound when copies never clearly appear."""
+    if tau["bound"] == "lower":
+        return f"not reached: no clear copies up to step {tau['value']} (share {tau['share_last']:.3f} at the end)"
+    share = f"share {tau['share_at_onset']:.3f}, 95% CI {tau['share_at_onset_ci'][0]:.3f}..{tau['share_at_onset_ci'][1]:.3f}"
+    if tau["bound"] == "upper":
+        return f"at or before the first checkpoint, step {tau['value']} ({share})"
+    return f"step {tau['step']:>6}  (first copies at step {tau['ci'][0]}; {share})"

@@ -22,6 +22,8 @@ TERMS = {  # plain meaning of each onset time, said where it first appears
     "tau_bias": "the checkpoint where the twins (the same network trained on disjoint splits of the data) agree "
                 "most; after it they drift apart because each leans on its own training split",
     "tau_loss": "the checkpoint with the lowest test loss, where ordinary early stopping would stop",
+    "tau_mem": "the first checkpoint at which generated samples clearly copy training examples (the 95% lower bound "
+               "of the share of copies is above zero): memorization proper",
     "tau_nn": "the checkpoint where generated sequences are closest to held-out data by the nearest-neighbour "
               "divergence D_NN",
     "tau_oracle": "the checkpoint where the model is closest to the exact (belief-propagation) denoiser",
@@ -85,6 +87,14 @@ def _evidence(s: dict, taus: list[str]) -> str:
             steps = "; ".join(f"{escape(str(k))} → " + (f"step {escape(_num(v))}" if v is not None else "none")
                               for k, v in tau.items())
             rows.append(f"<tr><th scope=\"row\">{escape(name)}</th><td colspan=\"5\">{steps}</td></tr>")
+            continue
+        if "located" in tau:  # tau_mem: an onset with its first sign, or a bound
+            where = (f"step {_num(tau['step'])}" if tau["located"] else
+                     f"not reached (after step {_num(tau['value'])})" if tau["bound"] == "lower" else
+                     f"at or before step {_num(tau['value'])}")
+            first = f"first copies at step {_num(tau['ci'][0])}" if tau.get("ci") else "no copies"
+            rows.append(f"<tr><th scope=\"row\">{escape(name)}</th><td>{escape(where)}</td>"
+                        f"<td colspan=\"4\">{escape(first)}</td></tr>")
             continue
         level = tau.get("ci_level", 0.68)
         over = units.get(name) or (f"{tau['n_units']} units ({tau.get('reduce', '')})" if "n_units" in tau else "")

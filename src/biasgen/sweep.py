@@ -28,10 +28,10 @@ from .errors import BiasgenError, run_command
 from .experiments import experiments
 from .pipeline import TwinExperiment, run_experiment
 from .runs import environment, prepare_run_dir, read_json, read_jsonl, write_bytes, write_json
+from .memorization import memorization_onset
 from .sweep_fit import extrapolate, fit_power_law
 
 TAUS = ("tau_bias", "tau_loss", "tau_mem")
-MEM_Z = 1.959964  # the memorized share's intervals are 95% (bootstrap on images, Wilson on sequences)
 
 PRESETS: dict[str, dict] = {
     # Bundled 8x8 digits, 2 splits x 2 seeds per size, 25 steps per image (the same epochs at every size): every
@@ -164,7 +164,7 @@ def sweep(out: str | Path = "runs/sweep", kind: str | None = None, sizes=None, p
             t0 = time.time()
             summary = run_experiment(experiment, folder, resume=True, progress=progress)
             timing[str(n)] = round(time.time() - t0, 1)
-        rows.append(size_row(n, folder, summary, read_jsonl(folder / "metrics.jsonl"), plan))
+        rows.append(size_row(n, folder, summary, read_jsonl(folder / "metrics.jsonl"), plan, experiment))
         write_bytes(out / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     result = assemble(plan, rows)
     result["timing"] = {"wall_s_this_invocation": round(time.time() - started, 1), "wall_s_per_size_run": timing}
@@ -201,52 +201,18 @@ def located_tau(tau: dict, checkpoints: list[int]) -> dict:
     return entry
 
 
-def memorized_share(kind: str, records: list[dict], cfg: dict) -> list[dict]:
-    """Per checkpoint ``{step, share, ci}``: the share of generated samples that copy a training example.
-
-    Images: ``f_mem`` (d1/d2 < 1/3 to the own split) with its bootstrap 95% interval.
-    Sequences: ``gen_copy_share`` (exact copies of a training sequence), pooled over models,
-    with the Wilson 95% interval over the ``n_samples x models`` sequences.
-    """
-    if kind == "audit":
-        return [{"step": r["step"], "share": r["f_mem"], "ci": r["f_mem_ci"]} for r in records]
-    out = []
-    for r in records:
-        total = cfg["n_samples"] * len(r["gen_copy_share"])
-        copies = round(sum(r["gen_copy_share"]) * cfg["n_samples"])
-        out.append({"step": r["step"], "share": copies / total, "ci": wilson(copies, total)})
-    return out
 
 
-def wilson(k: int, n: int, z: float = MEM_Z) -> list[float]:
-    """Wilson score interval of a binomial proportion ``k / n``."""
-    p, z2 = k / n, z * z
-    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
-def memorization_onset(series: list[dict], level: float) -> dict:
-    """tau_mem: the first checkpoint whose 95% lower bound of the memorized share exceeds ``level``.
-
-    ``ci`` runs from the first checkpoint whose share itself exceeds ``level`` (the first sign) to
-    tau_mem; with no such checkpoint tau_mem is a lower bound (after the last step), and an onset
-    at the first checkpoint an upper bound.
-    """
-    steps = [s["step"] for s in series]
-    onset = next((s for s in series if s["ci"][0] > level), None)
-    if onset is None:
-        return {"step": None, "ci": None, "located": False, "bound": "lower", "value": steps[-1],
-                "share_last": series[-1]["share"], "share_last_ci": series[-1]["ci"]}
-    first = next(s["step"] for s in series if s["share"] > level)
-    bound = "upper" if onset["step"] == steps[0] else None
-    return {"step": onset["step"] if bound is None else None, "ci": [first, onset["step"]], "located": bound is None,
-            "bound": bound, "value": onset["step"], "share_at_onset": onset["share"], "share_at_onset_ci": onset["ci"]}
 
 
-def size_row(n: int, folder: Path, summary: dict, records: list[dict], plan: Plan) -> dict:
-    """One row of ``sweep.jsonl``: the taus of size ``n`` (each a step or a bound), its verdict and advice."""
+def size_row(n: int, folder: Path, summary: dict, records: list[dict], plan: Plan, experiment: TwinExperiment) -> dict:
+    """One row of ``sweep.jsonl``: the taus of size ``n`` (each a step or a bound), its verdict and advice.
+
+    tau_mem is located at the sweep's own ``mem_level`` (the run's summary uses level 0)."""
     steps = summary["checkpoints"]
-    mem = memorization_onset(memorized_share(plan.kind, records, summary["config"]), plan.mem_level)
+    mem = memorization_onset(experiment.memorized_share(records), plan.mem_level)
     return {"n": n, "steps": steps[-1], "folder": folder.name, "verdict": summary["verdict"],
             "reason": summary["reason"], "recommended_step": summary["recommended_step"],
             "tau_bias": located_tau(summary["tau_bias"], steps), "tau_loss": located_tau(summary["tau_loss"], steps),

@@ -21,6 +21,7 @@ import torch
 from ..config import TwinConfig, check, check_at_least, opt
 from ..errors import BiasgenError
 from ..losses import x0_cross_entropy_loss
+from ..memorization import wilson
 from ..pipeline import Curve, Data, Shared, TwinExperiment, metric_table as table, run_experiment
 from ..schedule import NoiseSchedule
 from ..seeds import SeedPlan
@@ -222,6 +223,16 @@ class HierarchyExperiment(TwinExperiment):
             "tau_oracle": Curve(table(records, "oracle_kl", 0), "mean", "models"),
             "tau_loss": Curve(table(records, "test_l"), "mean", "models"),
         }
+
+    def memorized_share(self, records: list[dict]) -> list[dict]:
+        """``gen_copy_share`` (exact copies of a training sequence) pooled over models, with the Wilson 95% interval
+        over the ``n_samples x models`` generated sequences."""
+        out = []
+        for r in records:
+            total = self.cfg.n_samples * len(r["gen_copy_share"])
+            copies = round(sum(r["gen_copy_share"]) * self.cfg.n_samples)
+            out.append({"step": r["step"], "share": copies / total, "ci": wilson(copies, total)})
+        return out
 
     def summarize(self, records, data, ref: Reference, judged) -> dict:
         return {"coarse_to_fine": coarse_to_fine(records, self.cfg, self.seeds), "bp_reference": {

@@ -174,6 +174,10 @@ class ImageAudit(TwinExperiment):
             curves["control"] = Curve(metric_table(records, "same_split_distance_pairs"), "mean", "control pairs")
         return curves
 
+    def memorized_share(self, records: list[dict]) -> list[dict]:
+        """``f_mem`` (d1/d2 < 1/3 to the own split, pooled over models) with its bootstrap 95% interval."""
+        return [{"step": r["step"], "share": r["f_mem"], "ci": r["f_mem_ci"]} for r in records]
+
     def summarize(self, records, data, reference, judged) -> dict:
         steps = [r["step"] for r in records]
         tau_score = {t: score_crossing(steps, [r["score_sim"][t]["train"] for r in records],

@@ -35,7 +35,8 @@ NN_STYLE = [  # (record key part, colour, line style, legend) of the nearest-nei
     ("other", "tab:orange", "--", "other split"),
     ("test", "tab:green", ":", "test set"),
 ]
-TAU_STYLE = {"tau_bias": ("tab:red", "$\\tau_{bias}$"), "tau_loss": ("tab:blue", "$\\tau_{loss}$")}
+TAU_STYLE = {"tau_bias": ("tab:red", "$\\tau_{bias}$"), "tau_loss": ("tab:blue", "$\\tau_{loss}$"),
+             "tau_mem": ("tab:purple", "$\\tau_{mem}$")}
 
 
 # -- helpers ---------------------------------------------------------------
@@ -118,7 +119,7 @@ def _step_axis(ax: Axes, records: Sequence[dict]) -> None:
 
 
 def _mark_taus(ax: Axes, summary: dict | None, label: bool = True) -> None:
-    """Vertical lines at tau_bias and tau_loss with their CIs, and the biased window shaded."""
+    """Vertical lines at tau_bias, tau_loss and tau_mem (when located) with their intervals, and the biased window shaded."""
     summary = summary or {}
     window = _pair(summary.get("window"))
     if window:
