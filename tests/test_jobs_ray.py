@@ -219,3 +219,15 @@ def test_a_killed_ray_driver_resumes_with_resume(local_ray, local_tiny_audit, tm
     assert list(out.glob("models/*/step_*.json")) and not (out / "summary.json").exists()
     assert main(argv + ["--resume"]) == 0
     _assert_close(read_jsonl(out / "metrics.jsonl"), read_jsonl(local_tiny_audit / "metrics.jsonl"))
+
+
+@needs_ray
+def test_a_local_ray_instance_runs_its_workers_at_the_callers_priority():
+    # Ray's own default is niceness 15: on a busy machine the workers would yield the cores to every other job
+    probe = ("import os, ray\nfrom biasgen.jobs_ray import ray_session\n"
+             "with ray_session(None) as r:\n    print(r.get(ray.remote(lambda: os.nice(0)).remote()))\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_worker_niceness"}
+    out = subprocess.run(["nice", "-n", "3", sys.executable, "-c", probe], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) == os.nice(0) + 3

@@ -74,6 +74,10 @@ def ray_session(address: str | None = None):
         return
     try:
         if address is None:
+            # Ray raises its workers' niceness by 15, so on a busy machine they would yield the cores to every other
+            # job; a local instance's workers keep the caller's priority instead, as the local backend's do
+            # (a RAY_worker_niceness the user set wins). docs/scale-out.md
+            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
         else:
             ray.init(address=address, logging_level="ERROR")
