@@ -45,6 +45,8 @@ class HierarchyConfig(TwinConfig):
     dropout: float = opt(0.0, "dropout rate")
     batch_size: int = opt(128, "batch size")
     ema_decay: float | None = opt(0.99, "EMA decay of the evaluated weights (none: raw weights; EMA smooths Adam noise but lags)")
+    sampler: str = opt("ddpm", "ddpm (ancestral: draws of the posterior, as the paper) or ddim (deterministic unless "
+                               "--eta > 0; it collapses an undertrained model's samples onto the most likely symbols)")
     sample_steps: int | None = opt(25, "sampling steps, evenly spaced from T to 1 (none: all T, the paper's DDPM)")
     threads: int = opt(1, "torch CPU threads in the main process (0: torch's default); small models run fastest on 1")
     # grammar
@@ -88,8 +90,9 @@ class HierarchyConfig(TwinConfig):
 
 
 PRESETS: dict[str, dict] = {
-    # n = 64 per split, 2 x 2 models, 1500 steps: minutes on 2 CPU cores; docs/hierarchy-experiments.md gives what it shows.
-    "cpu": {},
+    # n = 64 per split, 2 splits x 3 seeds, 1500 steps, checkpoints from step 2 (the twins first converge within ~15
+    # steps): about 3 minutes on 2 CPU cores; docs/hierarchy-experiments.md gives what it shows and why 3 seeds.
+    "cpu": dict(seeds_per_split=3, first_checkpoint=2, checkpoints=18),
     # A depth-3 grammar the 2-layer model learns nearly to the exact test cross-entropy on CPU (n = 1000 per split,
     # 3000 steps, 2 x 2 models); docs/hierarchy-experiments.md gives what it shows.
     "cpu-depth3": dict(depth=3, n=1000, steps=3000, checkpoints=14),
@@ -100,7 +103,7 @@ PRESETS: dict[str, dict] = {
                   n_eval=2000, n_loss=10_000, n_samples=2048, sampler="ddpm", sample_steps=None, n_uturn=512,
                   uturn_reps=8, device="cuda", threads=0),
     # A seconds-long smoke run (used by the tests); far too small to show anything.
-    "tiny": dict(pool=400, n=48, splits=2, seeds_per_split=1, n_test=64, depth=3, layers=1, width=16, heads=2, ffn=32,
+    "tiny": dict(sampler="ddim", pool=400, n=48, splits=2, seeds_per_split=1, n_test=64, depth=3, layers=1, width=16, heads=2, ffn=32,
                  steps=12, batch_size=16, checkpoints=3, first_checkpoint=4, n_eval=32, n_loss=32, n_samples=16,
                  sample_steps=5, uturn_fracs=(0.04,), n_uturn=8, uturn_reps=1, kl_t_fracs=(0.1, 0.5), n_boot=50,
                  workers=1),
