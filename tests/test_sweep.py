@@ -11,7 +11,7 @@ import biasgen.sweep as sweep_module
 from biasgen.cli import main
 from biasgen.errors import BiasgenError
 from biasgen.runs import read_jsonl
-from biasgen.sweep import located_tau, memorization_onset, memorized_share, sweep, wilson
+from biasgen.sweep import located_tau, mem_share_key, memorization_onset, memorized_share, sweep, wilson
 from biasgen.sweep_fit import censored_mle, extrapolate, fit_power_law, predict
 
 TINY = ["sweep", "--preset", "tiny", "--quiet", "--target-n", "100"]
@@ -77,19 +77,31 @@ def test_resume_after_a_kill_mid_sweep_gives_the_same_sweep(tiny_sweep, tmp_path
     assert len(calls) == 4 and again["target"]["target_n"] == 200 and again["rows"] == resumed["rows"]
 
 
-def test_hierarchy_sweep_counts_exact_copies(tmp_path):
+def test_hierarchy_sweep_counts_near_copies(tmp_path):
     out = tmp_path / "h"
     result = sweep(out, kind="hierarchy", sizes=[8, 16], preset="tiny-hierarchy", progress=False)
     for row in result["rows"]:
         records = read_jsonl(out / row["folder"] / "metrics.jsonl")
         config = json.loads((out / row["folder"] / "summary.json").read_text())["config"]
         share = memorized_share("hierarchy", records, config)
-        total = config["n_samples"] * len(records[0]["gen_copy_share"])
-        assert [s["share"] for s in share] == pytest.approx([sum(r["gen_copy_share"]) / 2 for r in records])
+        total = config["n_samples"] * len(records[0]["gen_mem_share"])
+        assert [s["share"] for s in share] == pytest.approx([sum(r["gen_mem_share"]) / 2 for r in records])
         assert all(s["ci"] == pytest.approx(wilson(round(s["share"] * total), total)) for s in share)
-        assert row["tau_mem"] == memorization_onset(share, 0.0)
+        assert all(m >= c for r in records for m, c in zip(r["gen_mem_share"], r["gen_copy_share"]))
+        assert row["tau_mem"] == memorization_onset(share, 0.0) and row["mem_share"] == "gen_mem_share"
+    assert "Hamming" in result["definitions"]["memorized share"]
     assert not result["fits"]["tau_bias"]["fit"]  # two sizes: no power law
     assert (out / "fig_phase_diagram.png").exists()
+
+
+def test_memorized_share_of_sequences_pools_models_and_reads_older_runs():
+    records = [{"step": 10, "gen_mem_share": [0.0, 0.25], "gen_copy_share": [0.0, 0.0]},
+               {"step": 20, "gen_mem_share": [0.5, 0.25], "gen_copy_share": [0.25, 0.0]}]
+    share = memorized_share("hierarchy", records, {"n_samples": 4})
+    assert [s["share"] for s in share] == [1 / 8, 3 / 8] and share[1]["ci"] == wilson(3, 8)
+    older = [{k: v for k, v in r.items() if k != "gen_mem_share"} for r in records]  # recorded before near-copies
+    assert mem_share_key("hierarchy", older) == "gen_copy_share"
+    assert [s["share"] for s in memorized_share("hierarchy", older, {"n_samples": 4})] == [0.0, 1 / 8]
 
 
 # -- bad input ----------------------------------------------------------------------------------------------

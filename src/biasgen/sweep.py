@@ -32,6 +32,12 @@ from .sweep_fit import extrapolate, fit_power_law
 
 TAUS = ("tau_bias", "tau_loss", "tau_mem")
 MEM_Z = 1.959964  # the memorized share's intervals are 95% (bootstrap on images, Wilson on sequences)
+MEM_RULES = {  # what counts as a memorized sample (row "mem_share": the metrics.jsonl key it was read from)
+    "audit": "f_mem: samples whose L2 distances to the nearest and second-nearest image of their own split have "
+             "d1/d2 < 1/3; bootstrap 95% interval",
+    "hierarchy": "gen_mem_share: generated sequences whose Hamming distances to the nearest and second-nearest "
+                 "distinct sequence of their own split have d1/d2 < 1/3 (exact copies included); Wilson 95% interval",
+}
 
 PRESETS: dict[str, dict] = {
     # Bundled 8x8 digits, 2 splits x 2 seeds per size, 25 steps per image (the same epochs at every size): every
@@ -204,18 +210,27 @@ def located_tau(tau: dict, checkpoints: list[int]) -> dict:
 def memorized_share(kind: str, records: list[dict], cfg: dict) -> list[dict]:
     """Per checkpoint ``{step, share, ci}``: the share of generated samples that copy a training example.
 
-    Images: ``f_mem`` (d1/d2 < 1/3 to the own split) with its bootstrap 95% interval.
-    Sequences: ``gen_copy_share`` (exact copies of a training sequence), pooled over models,
-    with the Wilson 95% interval over the ``n_samples x models`` sequences.
+    Images: ``f_mem`` (L2 distances d1/d2 < 1/3 to the own split) with its bootstrap 95% interval.
+    Sequences: ``gen_mem_share`` (near-copies: Hamming distances d1/d2 < 1/3 to the own split's
+    distinct sequences, exact copies included), pooled over models, with the Wilson 95% interval
+    over the ``n_samples x models`` sequences. Runs recorded before ``gen_mem_share`` existed fall
+    back to exact copies (``gen_copy_share``); :func:`mem_share_key` says which.
     """
     if kind == "audit":
         return [{"step": r["step"], "share": r["f_mem"], "ci": r["f_mem_ci"]} for r in records]
-    out = []
+    key, out = mem_share_key(kind, records), []
     for r in records:
-        total = cfg["n_samples"] * len(r["gen_copy_share"])
-        copies = round(sum(r["gen_copy_share"]) * cfg["n_samples"])
+        total = cfg["n_samples"] * len(r[key])
+        copies = round(sum(r[key]) * cfg["n_samples"])
         out.append({"step": r["step"], "share": copies / total, "ci": wilson(copies, total)})
     return out
+
+
+def mem_share_key(kind: str, records: list[dict]) -> str:
+    """The metrics.jsonl key of the memorized share: ``f_mem``, ``gen_mem_share``, or ``gen_copy_share`` (older runs)."""
+    if kind == "audit":
+        return "f_mem"
+    return "gen_mem_share" if all("gen_mem_share" in r for r in records) else "gen_copy_share"
 
 
 def wilson(k: int, n: int, z: float = MEM_Z) -> list[float]:
@@ -250,8 +265,8 @@ def size_row(n: int, folder: Path, summary: dict, records: list[dict], plan: Pla
     return {"n": n, "steps": steps[-1], "folder": folder.name, "verdict": summary["verdict"],
             "reason": summary["reason"], "recommended_step": summary["recommended_step"],
             "tau_bias": located_tau(summary["tau_bias"], steps), "tau_loss": located_tau(summary["tau_loss"], steps),
-            "tau_mem": mem, "tau_loss_open": summary["tau_loss_open"], "checkpoints": steps,
-            "complete": summary["complete"]}
+            "tau_mem": mem, "mem_share": mem_share_key(plan.kind, records), "tau_loss_open": summary["tau_loss_open"],
+            "checkpoints": steps, "complete": summary["complete"]}
 
 
 def assemble(plan: Plan, rows: list[dict]) -> dict:
@@ -272,6 +287,7 @@ def assemble(plan: Plan, rows: list[dict]) -> dict:
                 "tau_bias": "checkpoint of the twin-distance minimum (each size's summary.json)",
                 "tau_loss": "checkpoint of the test-loss minimum (each size's summary.json)",
                 "tau_mem": f"first checkpoint whose 95% lower bound of the memorized share exceeds {plan.mem_level}",
+                "memorized share": MEM_RULES[plan.kind],
                 "bounds": "lower: the tau lies after the last checkpoint; upper: at or before the first",
                 "fit": "log tau = log c + a log n + sigma z, bounds censored (Tobit), docs/sweep.md"},
             "config": plan.config, "environment": environment()}

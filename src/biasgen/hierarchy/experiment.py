@@ -28,8 +28,8 @@ from ..twins import model_pairs
 from . import figures
 from .denoisers import bp_denoise_fn, sample_sequences
 from .grammar import Grammar
-from .metrics import (kl_along_t, loss_decomposition, nearest_hamming, nn_divergence, noised_inputs,
-                      oracle_kls, symmetric_kl, uturn_overlap)
+from .metrics import (kl_along_t, loss_decomposition, near_copies, nearest_hamming, nn_divergence,
+                      noised_inputs, oracle_kls, symmetric_kl, uturn_overlap)
 from .model import SequenceDenoiser, as_denoiser
 
 
@@ -153,6 +153,8 @@ def make_data(cfg: HierarchyConfig, seeds: SeedPlan) -> Data:
         "pool": cfg.pool, "n_per_split": cfg.n, "splits": cfg.splits, "n_test": cfg.n_test,
         "test_duplicates_dropped": dropped, "cross_split_duplicates": cross,
         "distinct_per_split": [len(torch.unique(s, dim=0)) for s in splits],
+        # what a model sampling the grammar exactly would score on gen_mem_share: held-out sequences that are near-copies
+        "test_near_copy_share": [float(near_copies(test, s).double().mean()) for s in splits],
     }
     return Data(train=splits, test=test, description=description, extra={"grammar": grammar})
 
@@ -313,6 +315,7 @@ def evaluate_checkpoint(models, members, ref: Reference, cfg: HierarchyConfig, s
     rec["d_nn"] = [nn_divergence(x, ref.test, ref.train[s]) for x, (s, _) in zip(gen, members)]
     rec["gen_nn_mean"] = [float(d.double().mean()) for d in nearest]
     rec["gen_copy_share"] = [float((d == 0).double().mean()) for d in nearest]
+    rec["gen_mem_share"] = [float(near_copies(x, ref.train[s]).double().mean()) for x, (s, _) in zip(gen, members)]
     logp = [ref.grammar.log_prob(x) for x in gen]
     rec["gen_grammatical"] = [float(lp.isfinite().double().mean()) for lp in logp]
     rec["gen_logprob"] = [float(lp[lp.isfinite()].mean()) if lp.isfinite().any() else None for lp in logp]
