@@ -17,6 +17,7 @@ from biasgen.errors import BiasgenError
 from biasgen.images.audit import ImageAudit, audit
 from biasgen.jobs import check_shared_storage, run_jobs
 from biasgen.runs import read_jsonl
+from biasgen.sweep import sweep
 from biasgen.training import completed_step, train
 
 try:
@@ -219,3 +220,15 @@ def test_a_killed_ray_driver_resumes_with_resume(local_ray, local_tiny_audit, tm
     assert list(out.glob("models/*/step_*.json")) and not (out / "summary.json").exists()
     assert main(argv + ["--resume"]) == 0
     _assert_close(read_jsonl(out / "metrics.jsonl"), read_jsonl(local_tiny_audit / "metrics.jsonl"))
+
+
+@needs_ray
+def test_tiny_sweep_on_ray_gives_the_local_results(local_ray, tmp_path):
+    local = sweep(tmp_path / "local", preset="tiny", target_n=100, progress=False)
+    on_ray = sweep(tmp_path / "ray", preset="tiny", target_n=100, progress=False, backend="ray")
+    assert on_ray["config"]["runtime"]["backend"] == "ray" and local["config"]["runtime"]["backend"] == "local"
+    _assert_close(read_jsonl(tmp_path / "ray" / "sweep.jsonl"), read_jsonl(tmp_path / "local" / "sweep.jsonl"))
+    _assert_close(on_ray["fits"], local["fits"], "fits")
+    for row in local["rows"]:
+        _assert_close(read_jsonl(tmp_path / "ray" / row["folder"] / "metrics.jsonl"),
+                      read_jsonl(tmp_path / "local" / row["folder"] / "metrics.jsonl"), row["folder"])
