@@ -1,7 +1,8 @@
 """Reading a run folder for the report, and what differs between kinds of run (see :mod:`biasgen.report`).
 
 A kind is one :class:`Kind` entry in ``KINDS``: main figure, captions, table
-columns, gallery, an extra section. An unknown kind gets ``GENERIC``.
+columns, gallery, the file of its results. An unknown kind gets ``GENERIC``; a sweep's page
+has its own sections (:mod:`biasgen.report_sweep`).
 """
 from __future__ import annotations
 
