@@ -12,7 +12,10 @@ from biasgen.hierarchy.metrics import (
     kl_per_input,
     loss_decomposition,
     loss_terms,
+    NEAR_COPY_RATIO,
+    near_copies,
     nearest_hamming,
+    nearest_two_hamming,
     nn_divergence,
     nn_histograms,
     noised_inputs,
@@ -117,6 +120,42 @@ def test_nearest_hamming_and_nn_divergence():
     train = torch.randint(0, 3, (50, 6), generator=torch.Generator().manual_seed(0))
     test = torch.randint(0, 3, (80, 6), generator=torch.Generator().manual_seed(1))
     assert nn_divergence(test, test, train) == pytest.approx(0, abs=1e-12)
+
+
+def _at_distances(d1: int, d2: int, length: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sequence ``x (1, length)`` and two training sequences ``(2, length)`` at Hamming distances d1 and d2 from it."""
+    a = torch.zeros(length, dtype=torch.long)
+    b = a.clone()
+    b[: d2 - d1] = 1  # b differs from a on d2 - d1 positions
+    x = a.clone()
+    x[length - d1:] = 2  # x differs from both on d1 further positions
+    return x[None], torch.stack([a, b])
+
+
+@pytest.mark.parametrize("d1, d2, copied", [
+    (0, 1, True), (0, 12, True),  # exact copies
+    (1, 3, False), (1, 4, True),  # one symbol off: a near-copy only when the next training sequence is >= 4 away
+    (2, 6, False), (2, 7, True),  # d1 / d2 = 1/3 exactly is not below 1/3
+    (3, 9, False), (3, 10, True),
+    (4, 8, False),  # closer to one training sequence, but not by the factor 3
+])
+def test_near_copies_follow_the_one_third_rule_on_hamming_distances(d1, d2, copied):
+    x, train = _at_distances(d1, d2)
+    assert nearest_two_hamming(x, train).tolist() == [[d1, d2]]
+    assert near_copies(x, train).tolist() == [copied]
+
+
+def test_near_copies_count_a_repeated_training_sequence_once():
+    x, train = _at_distances(1, 5)
+    repeated = torch.cat([train[:1], train])  # the nearest training sequence twice: d2 is still 5, not 1
+    assert nearest_two_hamming(x, repeated).tolist() == [[1, 5]] and near_copies(x, repeated).tolist() == [True]
+    assert NEAR_COPY_RATIO == 1 / 3
+    with pytest.raises(BiasgenError, match="second-nearest"):
+        near_copies(x, train[:1].repeat(3, 1))
+    ref = torch.randint(0, 3, (30, 6), generator=torch.Generator().manual_seed(3))
+    x = torch.cat([ref[:5], torch.randint(0, 3, (200, 6), generator=torch.Generator().manual_seed(2))])
+    exact = nearest_hamming(x, ref) == 0
+    assert exact[:5].all() and near_copies(x, ref)[exact].all()  # every exact copy is a near-copy
 
 
 def test_bad_inputs_raise_clear_errors(data):

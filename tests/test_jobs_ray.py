@@ -17,6 +17,7 @@ from biasgen.errors import BiasgenError
 from biasgen.images.audit import ImageAudit, audit
 from biasgen.jobs import check_shared_storage, run_jobs
 from biasgen.runs import read_jsonl
+from biasgen.sweep import sweep
 from biasgen.training import completed_step, train
 
 try:
@@ -231,3 +232,15 @@ def test_a_local_ray_instance_runs_its_workers_at_the_callers_priority():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split()[-1]) == os.nice(0) + 3
+
+
+@needs_ray
+def test_tiny_sweep_on_ray_gives_the_local_results(local_ray, tmp_path):
+    local = sweep(tmp_path / "local", preset="tiny", target_n=100, progress=False)
+    on_ray = sweep(tmp_path / "ray", preset="tiny", target_n=100, progress=False, backend="ray")
+    assert on_ray["config"]["runtime"]["backend"] == "ray" and local["config"]["runtime"]["backend"] == "local"
+    _assert_close(read_jsonl(tmp_path / "ray" / "sweep.jsonl"), read_jsonl(tmp_path / "local" / "sweep.jsonl"))
+    _assert_close(on_ray["fits"], local["fits"], "fits")
+    for row in local["rows"]:
+        _assert_close(read_jsonl(tmp_path / "ray" / row["folder"] / "metrics.jsonl"),
+                      read_jsonl(tmp_path / "local" / row["folder"] / "metrics.jsonl"), row["folder"])

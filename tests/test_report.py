@@ -19,6 +19,8 @@ from biasgen.cli import main
 from biasgen.images.audit import audit
 from biasgen.report import write_report
 from biasgen.report_sections import VERDICTS
+from biasgen.sweep import sweep
+from biasgen.sweep_fit import extrapolate, fit_power_law
 from biasgen.training import checkpoint_steps
 
 
@@ -29,17 +31,25 @@ def tiny_audit(tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "sweep"
+    sweep(out, preset="tiny", target_n=100, progress=False)
+    return out
+
+
 class Page(HTMLParser):
-    """Tags and text of an HTML page: ``imgs`` (attribute dicts), ``scripts`` (count), ``text``."""
+    """Tags and text of an HTML page: ``imgs`` (attribute dicts), ``links`` (hrefs), ``scripts`` (count), ``text``."""
 
     def __init__(self, html: str):
         super().__init__()
-        self.imgs, self.scripts, self.chunks = [], 0, []
+        self.imgs, self.links, self.scripts, self.chunks = [], [], 0, []
         self.feed(html)
         self.text = re.sub(r"\s+", " ", "".join(self.chunks))
 
     def handle_starttag(self, tag, attrs):
         self.imgs += [dict(attrs)] if tag == "img" else []
+        self.links += [dict(attrs).get("href")] if tag == "a" else []
         self.scripts += tag == "script"
 
     def handle_data(self, data):
@@ -137,6 +147,108 @@ def test_hierarchy_report_renders_generated_sequences_as_symbols(tmp_path):
     assert 'data-v="2.0">2<' in html and 'data-v="4.0">4<' in html  # median over pairs, mean over models
     assert "same-block control" not in page.text  # an empty metric gets no column
     assert "Inconclusive: stop training at step 20." in page.text
+
+
+# -- the page of a sweep over training-set sizes --------------------------------------------------
+
+def test_sweep_report_holds_advice_sizes_fits_and_links(tiny_sweep, capsys):
+    result = json.loads((tiny_sweep / "sweep.json").read_text())
+    written = (tiny_sweep / "report.html").read_text()  # biasgen sweep wrote it
+    (tiny_sweep / "report.html").unlink()
+    assert main(["report", str(tiny_sweep)]) == 0  # biasgen report rebuilds it, identical
+    assert capsys.readouterr().out.strip() == str(tiny_sweep / "report.html")
+    html = (tiny_sweep / "report.html").read_text()
+    assert html == written
+    page = Page(html)
+    assert f"No advice for N = 100: {result['target']['refused']}" in page.text  # the tiny preset fits too little
+    assert [base64.b64decode(i["src"].removeprefix("data:image/png;base64,")) for i in page.imgs] == [
+        (tiny_sweep / "fig_phase_diagram.png").read_bytes()]
+    assert page.links == [f"{r['folder']}/report.html" for r in result["rows"]]
+    assert all((tiny_sweep / link).is_file() for link in page.links)
+    for r in result["rows"]:
+        cells = [f"≥ {r[name]['value']} (not reached)" if r[name]["bound"] == "lower" else
+                 f"≤ {r[name]['value']} (at the first checkpoint)" if r[name]["bound"] == "upper" else
+                 f"{r[name]['step']} [{r[name]['ci'][0]}, {r[name]['ci'][1]}] "
+                 + ("first sign → onset" if name == "tau_mem" else "68%") for name in ("tau_bias", "tau_loss", "tau_mem")]
+        row = f"{r['n']}{r['steps']}" + "".join(cells)
+        assert row.replace(" ", "") in page.text.replace(" ", ""), row  # table cells, spaces dropped
+    for name, fit in result["fits"].items():
+        shown = f"{name} no fit: {fit['reason']}" if not fit["fit"] else f"{name} {fit['prefactor']:.4g} · n"
+        assert shown.replace(" ", "") in page.text.replace(" ", "")
+    assert result["environment"]["torch"] in page.text and "steps_per_image" in page.text
+
+
+def _synthetic_sweep(folder, rows, target_n=2000, config=None):
+    """A finished sweep folder from hand-made rows (fits and advice by the sweep's own functions)."""
+    folder.mkdir(parents=True)
+    taus = ("tau_bias", "tau_loss", "tau_mem")
+    fits = {t: fit_power_law([r["n"] for r in rows], [r[t]["value"] for r in rows], [r[t]["bound"] or "value" for r in rows])
+            for t in taus}
+    target = extrapolate(fits, [r["n"] for r in rows], target_n, max_ci_width=3.0)
+    config = config or {"experiment": "audit", "sizes": [r["n"] for r in rows], "settings": {"seed": 7}}
+    (folder / "run.json").write_text(json.dumps({"kind": "sweep", "config": config, "environment": {"torch": "x"}}))
+    (folder / "sweep.json").write_text(json.dumps({"kind": "sweep", "rows": rows, "fits": fits, "target": target,
+                                                   "complete": True, "definitions": {"fit": "Tobit"}}))
+    return target
+
+
+def _row(n, bias, loss, mem, folder=None):
+    tau = lambda v, bound=None: {"step": None if bound else v, "ci": None if bound else [v // 2, v], "located": not bound,
+                                 "bound": bound, "value": v}
+    return {"n": n, "steps": 25 * n, "folder": folder or f"n{n:06d}", "verdict": "biased-generalization-detected",
+            "reason": "why", "tau_bias": tau(bias), "tau_loss": tau(*loss), "tau_mem": tau(*mem)}
+
+
+def test_sweep_report_shows_the_advice_bounds_and_exponent_intervals(tmp_path):
+    rows = [_row(16, 100, (100,), (252,)), _row(32, 110, (194,), (602,)), _row(64, 151, (415,), (1600,)),
+            _row(128, 141, (992,), (3200, "lower"))]
+    target = _synthetic_sweep(tmp_path / "s", rows)
+    (tmp_path / "s" / "n000016").mkdir()
+    (tmp_path / "s" / "n000016" / "report.html").write_text("size page")
+    page = Page(write_report(tmp_path / "s").read_text())
+    assert f"Advice for N = 2000: stop training at or before step {target['recommended_step']}." in page.text
+    assert target["recommendation"] in page.text
+    cells = page.text.replace(" ", "")
+    assert "1283200141[70,141]68%992[496,992]68%≥3200(notreached)" in cells
+    assert "32800110[55,110]68%194[97,194]68%602[301,602]firstsign→onset" in cells
+    assert page.links == ["n000016/report.html"]  # only sizes whose page exists are linked
+    mem = json.loads((tmp_path / "s" / "sweep.json").read_text())["fits"]["tau_mem"]
+    lo, hi = (f"{v:.4g}" if v is not None else "unbounded" for v in mem["exponent_ci"])
+    assert f"{mem['exponent']:.4g} [{lo}, {hi}]" in page.text and "3 located, 1 lower and 0 upper bound(s)" in page.text
+    assert "Seedsseed7" in cells  # the seeds card
+
+
+def test_sweep_report_of_a_sweep_still_running(tiny_sweep, tmp_path):
+    run = tmp_path / "running"
+    run.mkdir()
+    shutil.copy(tiny_sweep / "run.json", run)
+    first, second = (tiny_sweep / "sweep.jsonl").read_text().splitlines()[:2]
+    (run / "sweep.jsonl").write_text(first + "\n" + second[: len(second) // 2])  # the second row half-written
+    page = Page(write_report(run).read_text())
+    assert "In progress: 1 of 3 sizes finished (last: n = 8)." in page.text
+    assert f"biasgen sweep --resume --out {run}" in page.text and page.imgs == []
+    assert "The power laws are fitted when the last size is finished." in page.text
+
+
+def test_sweep_report_escapes_every_string(tmp_path):
+    rows = [_row(16, 100, (100,), (252,), folder="javascript:alert(1)"), _row(32, 110, (194,), (602,), folder=CRAFTED),
+            _row(64, 151, (415,), (1600,), folder="../../etc")]
+    rows[0]["verdict"] = rows[1]["reason"] = CRAFTED
+    config = {"experiment": CRAFTED, "sizes": [CRAFTED], "settings": {CRAFTED: CRAFTED, "grammar_seed": CRAFTED}}
+    _synthetic_sweep(tmp_path / "s", rows, config=config)
+    data = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    data["target"]["recommendation"] = data["target"]["statement"] = data["fits"]["tau_loss"]["reason"] = CRAFTED
+    data["target"]["recommended_step"] = data["rows"][1]["n"] = CRAFTED
+    data["fits"]["tau_loss"]["fit"] = False
+    data["definitions"] = {CRAFTED: CRAFTED}
+    (tmp_path / "s" / "sweep.json").write_text(json.dumps(data))
+    for folder in ("javascript:alert(1)", "../../etc"):
+        (tmp_path / "s" / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "s" / folder / "report.html").write_text("")
+    html = write_report(tmp_path / "s").read_text()
+    assert html.count("<script") == 1 and "<script>alert" not in html and "href=\"javascript" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert Page(html).links == []  # neither a URL scheme nor a path outside the sweep folder is linked
 
 
 # -- headless Chromium over the DevTools protocol (messages on a pipe, no extra package) --------
@@ -272,3 +384,16 @@ def test_report_renders_in_headless_chromium(tiny_audit, chromium, tmp_path):
                                          preferCSSPageSize=True)["data"])  # A4
     (tmp_path / "report.pdf").write_bytes(pdf)
     assert pdf.startswith(b"%PDF") and 2 <= len(re.findall(rb"/Type\s*/Page\b", pdf)) <= 12
+
+
+def test_sweep_report_renders_in_headless_chromium(tiny_sweep, chromium):
+    path = write_report(tiny_sweep)
+    assert problems(chromium.load(path.as_uri())) == []
+    assert chromium.js("document.querySelector('.headline').textContent").startswith("No advice for N = 100")
+    assert chromium.js("[...document.images].map(i => i.naturalWidth)")[0] > 300  # the phase diagram
+    chromium.js("document.querySelector('table.metrics th').click(); document.querySelector('table.metrics th').click()")
+    sizes = chromium.js("[...document.querySelectorAll('table.metrics tbody tr')].map(r => +r.cells[0].textContent)")
+    assert sizes == [16, 12, 8]
+    links = chromium.js("[...document.links].map(a => a.href)")
+    assert links == [(tiny_sweep / f"n{n:06d}" / "report.html").as_uri() for n in (16, 12, 8)]
+    assert problems(chromium.load(links[0])) == []  # a size's own page opens from the link

@@ -86,19 +86,33 @@ def test_resume_after_a_kill_mid_sweep_gives_the_same_sweep(tiny_sweep, tmp_path
     assert len(calls) == 4 and again["target"]["target_n"] == 200 and again["rows"] == resumed["rows"]
 
 
-def test_hierarchy_sweep_counts_exact_copies(tmp_path):
+def test_hierarchy_sweep_counts_near_copies(tmp_path):
     out = tmp_path / "h"
     result = sweep(out, kind="hierarchy", sizes=[8, 16], preset="tiny-hierarchy", progress=False)
     for row in result["rows"]:
         records = read_jsonl(out / row["folder"] / "metrics.jsonl")
         config = json.loads((out / row["folder"] / "summary.json").read_text())["config"]
-        share = experiment_of(HierarchyExperiment, {"config": config}).memorized_share(records)
-        total = config["n_samples"] * len(records[0]["gen_copy_share"])
-        assert [s["share"] for s in share] == pytest.approx([sum(r["gen_copy_share"]) / 2 for r in records])
+        hierarchy = experiment_of(HierarchyExperiment, {"config": config})
+        share = hierarchy.memorized_share(records)
+        total = config["n_samples"] * len(records[0]["gen_mem_share"])
+        assert [s["share"] for s in share] == pytest.approx([sum(r["gen_mem_share"]) / 2 for r in records])
         assert all(s["ci"] == pytest.approx(wilson(round(s["share"] * total), total)) for s in share)
-        assert row["tau_mem"] == memorization_onset(share, 0.0)
+        assert all(m >= c for r in records for m, c in zip(r["gen_mem_share"], r["gen_copy_share"]))
+        assert row["tau_mem"] == memorization_onset(share, 0.0) and row["mem_share"] == "gen_mem_share"
+    assert "Hamming" in result["definitions"]["memorized share"]
     assert not result["fits"]["tau_bias"]["fit"]  # two sizes: no power law
     assert (out / "fig_phase_diagram.png").exists()
+
+
+def test_memorized_share_of_sequences_pools_models_and_reads_older_runs():
+    records = [{"step": 10, "gen_mem_share": [0.0, 0.25], "gen_copy_share": [0.0, 0.0]},
+               {"step": 20, "gen_mem_share": [0.5, 0.25], "gen_copy_share": [0.25, 0.0]}]
+    hierarchy = HierarchyExperiment.from_settings("tiny", None, n_samples=4)
+    share = hierarchy.memorized_share(records)
+    assert [s["share"] for s in share] == [1 / 8, 3 / 8] and share[1]["ci"] == wilson(3, 8)
+    older = [{k: v for k, v in r.items() if k != "gen_mem_share"} for r in records]  # recorded before near-copies
+    assert hierarchy.memorized_share_key(older) == "gen_copy_share"
+    assert [s["share"] for s in hierarchy.memorized_share(older)] == [0.0, 1 / 8]
 
 
 # -- bad input ----------------------------------------------------------------------------------------------

@@ -97,6 +97,7 @@ class TwinExperiment:
     default_preset: ClassVar[str] = "default"
     default_out: ClassVar[str] = "runs/experiment"
     help: ClassVar[str] = ""
+    memorization_rule: ClassVar[str] = "not measured"  # what counts as a memorized sample, for people
 
     def __init__(self, cfg: TwinConfig):
         self.cfg = cfg
@@ -154,6 +155,10 @@ class TwinExperiment:
     def memorized_share(self, records: list[dict]) -> list[dict] | None:
         """Per checkpoint ``{"step", "share", "ci": [lo, hi]}``: the share of generated samples that copy a training
         example, with its 95% interval; it locates tau_mem (:mod:`biasgen.memorization`). Default: not measured."""
+        return None
+
+    def memorized_share_key(self, records: list[dict]) -> str | None:
+        """The ``metrics.jsonl`` key :meth:`memorized_share` reads (``memorization_rule`` says what it counts)."""
         return None
 
     def sampler_validated(self, name: str) -> bool:

@@ -18,7 +18,8 @@ the small table-sorting script are inline and the only ones a
 Content-Security-Policy allows. Every string from the run is HTML-escaped.
 
 The sections, and what differs between kinds of run, live in
-:mod:`biasgen.report_sections`.
+:mod:`biasgen.report_sections` and :mod:`biasgen.report_kinds`; a sweep's page
+(per-size table, fits, advice) in :mod:`biasgen.report_sweep`.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from typing import Callable
 from .report_kinds import GENERIC, KINDS, Kind, Run, read_run
 from .report_sections import (figures_section, gallery_section, others_section, settings_section, table_section,
                               verdict_section)
+from .report_sweep import SWEEP_PAGE
 from .runs import write_bytes
 
 REPORT_NAME = "report.html"
@@ -115,20 +117,22 @@ def _guarded(draw: Callable[[Run, Kind], str], run: Run, kind: Kind) -> str:
         return f"<p class=\"notes\">This section could not be drawn from the run's files: {escape(repr(e))}</p>"
 
 
+TWIN_PAGE = (  # (title, section) top to bottom; an empty title: the section has none
+    ("Verdict", verdict_section),
+    ("Figures", figures_section),
+    ("Gallery", gallery_section),
+    ("Per-checkpoint metrics", table_section),
+    ("Data, config, seeds and versions", settings_section),
+    ("", others_section),
+)
+PAGES = {"sweep": SWEEP_PAGE}  # kinds of run whose page is not a twin run's
+
+
 def render(run: Run) -> str:
     """The whole page for ``run`` as one HTML string."""
     kind = KINDS.get(run.kind, GENERIC)
-    sections = [
-        ("Verdict", verdict_section),
-        ("Figures", figures_section),
-        ("Gallery", gallery_section),
-        ("", lambda r, k: k.section(r) if k.section else ""),  # e.g. a sweep's phase diagram and fits
-        ("Per-checkpoint metrics", table_section),
-        ("Data, config, seeds and versions", settings_section),
-        ("", others_section),
-    ]
     body = []
-    for title, draw in sections:
+    for title, draw in PAGES.get(run.kind, TWIN_PAGE):
         html = _guarded(draw, run, kind)
         if html:
             body.append(f"<section><h2>{title}</h2>{html}</section>" if title else html)

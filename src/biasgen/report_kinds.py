@@ -1,7 +1,8 @@
 """Reading a run folder for the report, and what differs between kinds of run (see :mod:`biasgen.report`).
 
 A kind is one :class:`Kind` entry in ``KINDS``: main figure, captions, table
-columns, gallery, an extra section. An unknown kind gets ``GENERIC``.
+columns, gallery, the file of its results. An unknown kind gets ``GENERIC``; a sweep's page
+has its own sections (:mod:`biasgen.report_sweep`).
 """
 from __future__ import annotations
 
@@ -51,19 +52,20 @@ def read_run(folder: Path | str) -> Run:
     folder = Path(folder)
     if not (folder / "run.json").is_file():
         raise BiasgenError(
-            f"{folder} holds no biasgen run (no run.json). Give the folder that `biasgen audit` or "
-            "`biasgen hierarchy` wrote (its --out)."
+            f"{folder} holds no biasgen run (no run.json). Give the folder that `biasgen audit`, "
+            "`biasgen hierarchy` or `biasgen sweep` wrote (its --out)."
         )
     meta = read_json(folder / "run.json")
     if not isinstance(meta, dict):
         raise BiasgenError(f"{folder / 'run.json'} is not a biasgen run description. Give another folder.")
     notes: list[str] = []
     summary = None
-    if (folder / "summary.json").exists():
+    summary_file = KINDS.get(str(meta.get("kind")), GENERIC).summary_file
+    if (folder / summary_file).exists():
         try:
-            summary = json.loads((folder / "summary.json").read_text())
+            summary = json.loads((folder / summary_file).read_text())
         except (OSError, ValueError) as e:
-            notes.append(f"summary.json could not be read ({e}).")
+            notes.append(f"{summary_file} could not be read ({e}).")
     records: dict[int, dict] = {}
     lines = []
     if (folder / "metrics.jsonl").exists():
@@ -112,7 +114,7 @@ class Kind:
     columns: tuple  # of Column; metrics absent from the run are left out
     gallery_figures: tuple = ()  # figures shown in the gallery section, not among the others
     gallery: Callable[[Run], str] | None = None  # HTML of a gallery built from samples/
-    section: Callable[[Run], str] | None = None  # a kind-specific section with its own <h2> (e.g. a sweep's fits)
+    summary_file: str = "summary.json"  # the run's results (a sweep's: sweep.json)
 
 
 def _summary(run: Run) -> dict:
@@ -218,6 +220,19 @@ KINDS = {
             Column("gen_grammatical", "grammatical share"),
         ),
         gallery=_sequence_gallery,
+    ),
+    "sweep": Kind(  # its page has its own sections (biasgen.report_sweep)
+        title="training-set-size sweep",
+        main_figure="fig_phase_diagram.png",
+        captions={
+            "fig_phase_diagram.png": "Phase diagram: training step against training-set size (both logarithmic). "
+                                     "tau_bias, tau_loss and tau_mem per size with their intervals; arrows: not "
+                                     "reached within the run; lines: fitted power laws, dashed where extrapolated; "
+                                     "open markers: predictions at the target size. Shaded: generalization, biased "
+                                     "generalization, memorization; hatched: beyond each size's training budget.",
+        },
+        columns=(),
+        summary_file="sweep.json",
     ),
 }
 GENERIC = Kind(title="run", main_figure="", captions={}, columns=())

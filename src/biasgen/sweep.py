@@ -10,7 +10,8 @@ sweep folder holds ``run.json`` (kind ``sweep``: the sweep's settings and
 versions), one ordinary run folder per size (``n000016/``, ...), each its own
 resumable run of the shared twin pipeline, and the results: ``sweep.json``
 (per-size rows, power-law fits, the advice for ``--target-n``), ``sweep.jsonl``
-(one row per size) and ``fig_phase_diagram.png``. ``--resume`` continues an
+(one row per size), ``fig_phase_diagram.png`` and ``report.html`` (the page a
+person reads, rebuilt after each size; ``biasgen report OUT``). ``--resume`` continues an
 interrupted sweep; sizes whose run is complete are not recomputed. The
 definitions (tau_mem, the censored fits, the advice): docs/sweep.md.
 """
@@ -27,6 +28,7 @@ from .config import add_config_flags, flags_given
 from .errors import BiasgenError, run_command
 from .experiments import experiments
 from .pipeline import TwinExperiment, run_experiment
+from .report import write_report
 from .runs import environment, prepare_run_dir, read_json, read_jsonl, write_bytes, write_json
 from .memorization import memorization_onset
 from .sweep_fit import extrapolate, fit_power_law
@@ -166,12 +168,14 @@ def sweep(out: str | Path = "runs/sweep", kind: str | None = None, sizes=None, p
             timing[str(n)] = round(time.time() - t0, 1)
         rows.append(size_row(n, folder, summary, read_jsonl(folder / "metrics.jsonl"), plan, experiment))
         write_bytes(out / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+        write_report(out)  # "in progress: k of K sizes" until sweep.json exists
     result = assemble(plan, rows)
     result["timing"] = {"wall_s_this_invocation": round(time.time() - started, 1), "wall_s_per_size_run": timing}
-    write_json(out / "sweep.json", result)
     from .sweep_figure import plot_phase_diagram
 
     plot_phase_diagram(out / "fig_phase_diagram.png", result)
+    write_json(out / "sweep.json", result)
+    write_report(out)
     return result
 
 
@@ -201,12 +205,6 @@ def located_tau(tau: dict, checkpoints: list[int]) -> dict:
     return entry
 
 
-
-
-
-
-
-
 def size_row(n: int, folder: Path, summary: dict, records: list[dict], plan: Plan, experiment: TwinExperiment) -> dict:
     """One row of ``sweep.jsonl``: the taus of size ``n`` (each a step or a bound), its verdict and advice.
 
@@ -216,8 +214,8 @@ def size_row(n: int, folder: Path, summary: dict, records: list[dict], plan: Pla
     return {"n": n, "steps": steps[-1], "folder": folder.name, "verdict": summary["verdict"],
             "reason": summary["reason"], "recommended_step": summary["recommended_step"],
             "tau_bias": located_tau(summary["tau_bias"], steps), "tau_loss": located_tau(summary["tau_loss"], steps),
-            "tau_mem": mem, "tau_loss_open": summary["tau_loss_open"], "checkpoints": steps,
-            "complete": summary["complete"]}
+            "tau_mem": mem, "mem_share": experiment.memorized_share_key(records), "tau_loss_open": summary["tau_loss_open"],
+            "checkpoints": steps, "complete": summary["complete"]}
 
 
 def assemble(plan: Plan, rows: list[dict]) -> dict:
@@ -238,15 +236,16 @@ def assemble(plan: Plan, rows: list[dict]) -> dict:
                 "tau_bias": "checkpoint of the twin-distance minimum (each size's summary.json)",
                 "tau_loss": "checkpoint of the test-loss minimum (each size's summary.json)",
                 "tau_mem": f"first checkpoint whose 95% lower bound of the memorized share exceeds {plan.mem_level}",
+                "memorized share": plan.experiments[0].memorization_rule,
                 "bounds": "lower: the tau lies after the last checkpoint; upper: at or before the first",
                 "fit": "log tau = log c + a log n + sigma z, bounds censored (Tobit), docs/sweep.md"},
             "config": plan.config, "environment": environment()}
 
 
 def describe_tau(t: dict) -> str:
-    """``'211 [142, 211]'``, ``'> 1500'`` or ``'<= 20'``."""
+    """``'211 [142, 211]'``, ``'>= 1500'`` (not reached by the last step) or ``'<= 20'``."""
     if t["bound"] == "lower":
-        return f"> {t['value']}"
+        return f">= {t['value']}"
     if t["bound"] == "upper":
         return f"<= {t['value']}"
     return f"{t['step']} [{t['ci'][0]}, {t['ci'][1]}]"
@@ -268,7 +267,7 @@ def terminal_summary(result: dict, out: Path) -> str:
             lines.append(f"  {name}: no fit ({fit['reason']})")
     if result["target"]:
         lines.append(f"  advice for N = {result['target']['target_n']}: {result['target']['recommendation']}")
-    lines.append(f"  results in {out}: sweep.json, sweep.jsonl, fig_phase_diagram.png, one run folder per size")
+    lines.append(f"  results in {out}: report.html, sweep.json, sweep.jsonl, fig_phase_diagram.png, one run folder per size")
     return "\n".join(lines)
 
 

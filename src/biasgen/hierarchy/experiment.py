@@ -29,8 +29,8 @@ from ..twins import model_pairs
 from . import figures
 from .denoisers import bp_denoise_fn, sample_sequences
 from .grammar import Grammar
-from .metrics import (kl_along_t, loss_decomposition, nearest_hamming, nn_divergence, noised_inputs,
-                      oracle_kls, symmetric_kl, uturn_overlap)
+from .metrics import (kl_along_t, loss_decomposition, near_copies, nearest_hamming, nn_divergence,
+                      noised_inputs, oracle_kls, symmetric_kl, uturn_overlap)
 from .model import SequenceDenoiser, as_denoiser
 
 
@@ -157,6 +157,8 @@ def make_data(cfg: HierarchyConfig, seeds: SeedPlan) -> Data:
         "pool": cfg.pool, "n_per_split": cfg.n, "splits": cfg.splits, "n_test": cfg.n_test,
         "test_duplicates_dropped": dropped, "cross_split_duplicates": cross,
         "distinct_per_split": [len(torch.unique(s, dim=0)) for s in splits],
+        # what a model sampling the grammar exactly would score on gen_mem_share: held-out sequences that are near-copies
+        "test_near_copy_share": [float(near_copies(test, s).double().mean()) for s in splits],
     }
     return Data(train=splits, test=test, description=description, extra={"grammar": grammar})
 
@@ -196,6 +198,8 @@ class HierarchyExperiment(TwinExperiment):
     config_class = HierarchyConfig
     presets = PRESETS
     default_preset = "cpu"
+    memorization_rule = ("gen_mem_share: generated sequences whose Hamming distances to the nearest and second-nearest "
+                         "distinct sequence of their own split have d1/d2 < 1/3 (exact copies included); Wilson 95% interval")
     default_out = "runs/hierarchy"
     help = "twins on the hierarchical data model, with exact (belief-propagation) ground truth"
     cfg: HierarchyConfig
@@ -228,14 +232,18 @@ class HierarchyExperiment(TwinExperiment):
         }
 
     def memorized_share(self, records: list[dict]) -> list[dict]:
-        """``gen_copy_share`` (exact copies of a training sequence) pooled over models, with the Wilson 95% interval
-        over the ``n_samples x models`` generated sequences."""
-        out = []
+        """``gen_mem_share`` (near-copies: Hamming distances d1/d2 < 1/3 to the own split's distinct sequences, exact
+        copies included) pooled over models, with the Wilson 95% interval over the ``n_samples x models`` generated
+        sequences; runs recorded before ``gen_mem_share`` existed fall back to exact copies (``gen_copy_share``)."""
+        key, out = self.memorized_share_key(records), []
         for r in records:
-            total = self.cfg.n_samples * len(r["gen_copy_share"])
-            copies = round(sum(r["gen_copy_share"]) * self.cfg.n_samples)
+            total = self.cfg.n_samples * len(r[key])
+            copies = round(sum(r[key]) * self.cfg.n_samples)
             out.append({"step": r["step"], "share": copies / total, "ci": wilson(copies, total)})
         return out
+
+    def memorized_share_key(self, records: list[dict]) -> str:
+        return "gen_mem_share" if all("gen_mem_share" in r for r in records) else "gen_copy_share"
 
     def summarize(self, records, data, ref: Reference, judged) -> dict:
         return {"coarse_to_fine": coarse_to_fine(records, self.cfg, self.seeds), "bp_reference": {
@@ -327,6 +335,7 @@ def evaluate_checkpoint(models, members, ref: Reference, cfg: HierarchyConfig, s
     rec["d_nn"] = [nn_divergence(x, ref.test, ref.train[s]) for x, (s, _) in zip(gen, members)]
     rec["gen_nn_mean"] = [float(d.double().mean()) for d in nearest]
     rec["gen_copy_share"] = [float((d == 0).double().mean()) for d in nearest]
+    rec["gen_mem_share"] = [float(near_copies(x, ref.train[s]).double().mean()) for x, (s, _) in zip(gen, members)]
     logp = [ref.grammar.log_prob(x) for x in gen]
     rec["gen_grammatical"] = [float(lp.isfinite().double().mean()) for lp in logp]
     rec["gen_logprob"] = [float(lp[lp.isfinite()].mean()) if lp.isfinite().any() else None for lp in logp]

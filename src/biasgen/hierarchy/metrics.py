@@ -12,6 +12,7 @@ divergence is summed over positions and averaged over inputs (nats per sequence)
     oracle_kl(bp, model(x_t, t))                                     # KL(BP_k || model) for k = 0..depth, per checkpoint
     loss_terms(model(x_t, t), bp[0], test)                           # l = l* + l~ (at one t: the paper's Fig. 4b)
     nn_histograms(generated, test, train)                            # D_NN histograms (Fig. 4a); nn_divergence: D_NN
+    near_copies(generated, train)                                    # (N,) bool: d1/d2 < 1/3 in Hamming distance
     uturn_overlap(model, x0, q, [20, 60], schedule, reps=4, seed=0)  # (2, N): compare with the BP denoiser's
     uturn_ratio(model_overlap, bp_overlap)                           # model/BP per step, mean ± SEM over sequences
     uturn_random({"model": model, "bp_0": bp0}, 100, L, q, [25, 50], schedule, reps=4, seed=0)
@@ -151,12 +152,45 @@ def loss_decomposition(den: Denoiser, oracle: Denoiser, x0: torch.Tensor, x_t: t
 
 
 # -- generated sequences ------------------------------------------------------
+def _smallest_hamming(x: torch.Tensor, ref: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """The ``k`` smallest Hamming distances of each row of ``x (N, L)`` to the rows of ``ref (M, L)``: ``(N, k)`` long, sorted."""
+    if x.shape[1:] != ref.shape[1:] or len(ref) < k:
+        raise BiasgenError(f"Hamming distances need sequences of equal length and at least {k} reference sequence(s); "
+                           f"got {tuple(x.shape)} vs {tuple(ref.shape)}.")
+    out = [(x[i:i + chunk, None, :] != ref[None]).sum(-1).topk(k, dim=1, largest=False).values
+           for i in range(0, len(x), chunk)]
+    return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long)
+
+
 def nearest_hamming(x: torch.Tensor, ref: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Hamming distance of each row of ``x (N, L)`` to its nearest row of ``ref (M, L)``: ``(N,)`` long."""
-    if x.shape[1:] != ref.shape[1:] or len(ref) == 0:
-        raise BiasgenError(f"nearest_hamming needs sequences of equal length and a non-empty reference; got {tuple(x.shape)} vs {tuple(ref.shape)}.")
-    out = [(x[i:i + chunk, None, :] != ref[None]).sum(-1).min(1).values for i in range(0, len(x), chunk)]
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    return _smallest_hamming(x, ref, 1, chunk)[:, 0]
+
+
+NEAR_COPY_RATIO = 1 / 3  # the image rule d1/d2 < 1/3 (docs/method.md §3), here on Hamming distances
+
+
+def nearest_two_hamming(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Hamming distances ``(d1, d2)`` of each row of ``x (N, L)`` to its nearest and second-nearest *distinct*
+    sequence of ``ref (M, L)`` (a sequence repeated in ``ref`` counts once): ``(N, 2)`` long, ``d1 <= d2``."""
+    distinct = torch.unique(ref, dim=0)
+    if len(distinct) < 2:
+        raise BiasgenError(f"A near-copy needs a second-nearest training sequence, but the reference holds "
+                           f"{len(distinct)} distinct sequence(s); use a larger training split.")
+    return _smallest_hamming(x, distinct, 2)
+
+
+def near_copies(x: torch.Tensor, ref: torch.Tensor, ratio: float = NEAR_COPY_RATIO) -> torch.Tensor:
+    """Which rows of ``x (N, L)`` are near-copies of a sequence of ``ref (M, L)``: BoolTensor ``(N,)``.
+
+    A sequence is a near-copy when its Hamming distance ``d1`` to the nearest distinct sequence
+    of ``ref`` is less than ``ratio`` times its distance ``d2`` to the second-nearest: the image
+    memorization rule d1/d2 < 1/3 (docs/method.md §7) on sequences. With integer distances and
+    ``ratio = 1/3``: every exact copy (``d1 = 0``), one symbol off when ``d2 >= 4``, two when
+    ``d2 >= 7``, ``k`` when ``d2 >= 3k + 1``.
+    """
+    d = nearest_two_hamming(x, ref).double()
+    return d[:, 0] / d[:, 1] < ratio  # d2 >= 1 (distinct sequences), so the ratio is finite
 
 
 def nn_histogram(dist: torch.Tensor, length: int) -> torch.Tensor:

@@ -126,6 +126,8 @@ class ImageAudit(TwinExperiment):
     """Twins on disjoint splits of an image data set, each an eps-predicting U-Net."""
 
     kind = "audit"
+    memorization_rule = ("f_mem: samples whose L2 distances to the nearest and second-nearest image of their own split "
+                         "have d1/d2 < 1/3; bootstrap 95% interval")
     config_class = AuditConfig
     presets = PRESETS
     default_out = "runs/audit"
@@ -177,6 +179,9 @@ class ImageAudit(TwinExperiment):
     def memorized_share(self, records: list[dict]) -> list[dict]:
         """``f_mem`` (d1/d2 < 1/3 to the own split, pooled over models) with its bootstrap 95% interval."""
         return [{"step": r["step"], "share": r["f_mem"], "ci": r["f_mem_ci"]} for r in records]
+
+    def memorized_share_key(self, records: list[dict]) -> str:
+        return "f_mem"
 
     def summarize(self, records, data, reference, judged) -> dict:
         steps = [r["step"] for r in records]
