@@ -9,7 +9,8 @@ Prints markdown for docs/your-model.md: per checkpoint, the twin signals of the 
 monitor signals of the first monitor folder; then, for every monitor folder, the first step
 each signal fires. A signal "fires from" the first checkpoint from which it holds at every later
 checkpoint. The gap between validation and training loss opens by the audit's own rule
-(:func:`biasgen.images.audit.loss_bands`); closeness is the mean over samples of the distance to
+(:func:`biasgen.images.audit.loss_bands`), overall, in the band where it opens first, and in the
+first-opening band whose gap ends material (at least 10% of the final validation loss); closeness is the mean over samples of the distance to
 the nearest training image minus that to the nearest held-out image (size-matched sets, the
 monitor's), with a paired 95% CI, recomputed from the monitor's stored samples.
 """
@@ -25,6 +26,8 @@ from biasgen.images.audit import loss_bands, member_experiment
 from biasgen.images.metrics import nearest_neighbors
 from biasgen.monitor import _subset
 from biasgen.runs import read_json, read_jsonl
+
+MATERIAL = 0.1  # a band's gap is material when it ends at least this share of the final validation loss
 
 
 def closeness(monitor_dir: Path, records: list[dict]) -> list[tuple[float, float, float]]:
@@ -56,9 +59,10 @@ def gap_opening(records: list[dict]) -> dict:
     overall = loss_bands([as_audit(r, [r["val_loss"]], [r["train_loss"]], [1], [1000]) for r in records], 200, 0)
     g = [r["gap_by_t"] for r in records]
     bands = loss_bands([as_audit(r, x["val"], x["train"], x["t_lo"], x["t_hi"]) for r, x in zip(records, g)], 200, 0)
-    final = [x if x is not None else float("-inf") for x in g[-1]["gap"]]
+    material = [(step, b) for b, (step, x) in enumerate(zip(bands["gap_opens"], g[-1]["gap"]))
+                if step is not None and x is not None and x >= MATERIAL * records[-1]["val_loss"]]
     return {"overall": overall["gap_opens"][0], "band": bands["first_band"], "bands": bands["bands"],
-            "opens": bands["gap_opens"], "largest": final.index(max(final)),
+            "opens": bands["gap_opens"], "material": min(material)[1] if material else None,
             "band_opens": bands["gap_opens"][bands["first_band"]] if bands["first_band"] is not None else None}
 
 
@@ -80,6 +84,9 @@ def monitor_signals(monitor_dir: Path) -> dict:
         "val - train gap opens, all t": gap["overall"],
         "val - train gap opens, in the band where it opens first": gap["band_opens"] and
         f"{gap['band_opens']} (t {gap['bands'][gap['band']][0]}..{gap['bands'][gap['band']][1]})",
+        "val - train gap opens, first band whose gap ends material (>= 10% of the val loss)":
+        None if gap["material"] is None else
+        f"{gap['opens'][gap['material']]} (t {gap['bands'][gap['material']][0]}..{gap['bands'][gap['material']][1]})",
         "samples nearer training than held-out images (95% CI < 0)": fires_from(steps, [hi < 0 for _, _, hi in close]),
         "copy z < 0 (point estimate)": fires_from(steps, [r["copy_z"] < 0 for r in records]),
         "flag closer_to_train (copy z < -2)": fires_from(steps, [r["flags"]["closer_to_train"] for r in records]),
@@ -100,13 +107,13 @@ def main() -> None:
     signals = {d: monitor_signals(d) for d in args.monitors}
 
     first = signals[args.monitors[0]]
-    band, largest = first["gap"]["band"], first["gap"]["largest"]
+    band, material = first["gap"]["band"], first["gap"]["material"]
     bands = first["gap"]["bands"]
     model = read_json(args.monitors[0] / "run.json")["config"]["meta"]["audit"]
     print(f"Twin signals of {args.audit} (4-model means) and monitor signals of split {model['split']} "
           f"(seed {model['split_seed']}), {args.monitors[0]}:\n")
     print(f"| step | | twin dist. | control | contrast | val loss ± sem | val − train | gap t {bands[band][0]}..{bands[band][1]} "
-          f"| gap t {bands[largest][0]}..{bands[largest][1]} | d_train − d_heldout [95% CI] | copy z | f_mem [95% CI] "
+          f"| gap t {bands[material][0]}..{bands[material][1]} | d_train − d_heldout [95% CI] | copy z | f_mem [95% CI] "
           "| flags |")
     print("|" + "---|" * 13)
     for r, (m, lo, hi) in zip(first["records"], first["closeness"]):
@@ -116,7 +123,7 @@ def main() -> None:
         gaps = r["gap_by_t"]["gap"]
         w, c, x = twin[s]
         print(f"| {s} | {mark} | {w:.3f} | {c:.3f} | {x:+.3f} | {r['val_loss']:.4f} ± {r['val_loss_sem']:.4f} "
-              f"| {r['val_loss'] - r['train_loss']:+.4f} | {gaps[band]:+.3f} | {gaps[largest]:+.3f} | {m:+.3f} [{lo:+.3f}, {hi:+.3f}] "
+              f"| {r['val_loss'] - r['train_loss']:+.4f} | {gaps[band]:+.3f} | {gaps[material]:+.3f} | {m:+.3f} [{lo:+.3f}, {hi:+.3f}] "
               f"| {r['copy_z']:+.2f} | {r['f_mem']:.3f} [{r['f_mem_ci'][0]:.3f}, {r['f_mem_ci'][1]:.3f}] | {flags} |")
 
     names = [f"split {read_json(d / 'run.json')['config']['meta']['audit']['split']}, "

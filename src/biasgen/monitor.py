@@ -435,8 +435,8 @@ HELP = ("the single-run monitor over a folder of saved checkpoints (diffusers ch
 
 
 def _step_count(text: str) -> int | None:
-    """``--sample-steps``: a number, or ``all`` (None: every step of the schedule)."""
-    return None if text.lower() == "all" else int(text)
+    """``--sample-steps``: a number, or ``none`` for every step of the schedule (as ``biasgen audit`` spells it)."""
+    return None if text.lower() == "none" else int(text)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -456,7 +456,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grayscale", action="store_true", help="convert the images to grayscale")
     p.add_argument("--n-samples", type=int, default=64, help="samples per checkpoint (default 64)")
     p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"), help="ddim (default) or ddpm (ancestral)")
-    p.add_argument("--sample-steps", type=_step_count, default=50, help="sampling steps (default 50; all: all T)")
+    p.add_argument("--sample-steps", type=_step_count, default=50, help="sampling steps (default 50; none: all T)")
     p.add_argument("--n-loss", type=int, default=512, help="images in each frozen-noise loss (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of every fixed input (default 0)")
     p.add_argument("--device", help="torch device (default cpu)")
