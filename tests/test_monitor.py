@@ -144,3 +144,61 @@ def test_monitor_bad_input(digits, tmp_path):
     with pytest.raises(BiasgenError, match="diverged"):
         monitor.check(1, lambda x_t, t: torch.full_like(x_t, float("nan")))
     assert monitor.records == []
+
+
+def test_biasgen_monitor_over_the_checkpoints_of_an_audit_model(tmp_path, capsys):
+    """`biasgen monitor` reads biasgen's own checkpoints: the network, schedule and data come from the sidecars,
+    and with the audit's sampler the monitor draws exactly the samples the audit drew for that model."""
+    from biasgen.checkpoint import load_tensors
+    from biasgen.cli import main
+    from biasgen.images.audit import audit
+
+    run = tmp_path / "audit"
+    summary = audit(run, preset="tiny", progress=False)  # ddim-5, 8 samples, splits of 24, 32 test images
+    out = tmp_path / "mon"
+    args = ["monitor", "--checkpoints", str(run / "models" / "model1"), "--out", str(out), "--quiet",
+            "--sampler", "ddim", "--sample-steps", "5", "--n-samples", "8", "--n-loss", "16"]
+    assert main(args) == 0
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == summary["checkpoints"]
+    info = json.loads((out / "run.json").read_text())
+    assert info["config"]["meta"]["audit"]["split"] == 1 and info["config"]["meta"]["audit"]["config"]["n"] == 24
+    assert info["data"] == {"overlap": 0, "n_train": 24, "n_heldout": 32}  # its own split; the audit's test set
+    for step in summary["checkpoints"]:
+        mine = load_tensors(out / "samples" / f"step_{step:07d}")[0]["samples"]
+        theirs = load_tensors(run / "samples" / f"step_{step:07d}")[0]["samples"][1]
+        assert torch.equal(mine, theirs)
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for m, step in ((0, 4), (1, 12)):  # checkpoints of two different models in one folder
+        for suffix in (".safetensors", ".json"):
+            name = f"step_{step:07d}{suffix}"
+            (mixed / name).write_bytes((run / "models" / f"model{m}" / name).read_bytes())
+    assert main(["monitor", "--checkpoints", str(mixed), "--out", str(tmp_path / "bad1")]) == 2
+    assert "not checkpoints of the same audit model" in capsys.readouterr().err
+    assert main(args[:5] + ["--out", str(tmp_path / "bad2"), "--model-config", "x.json"]) == 2
+    assert "leave out --model-config" in capsys.readouterr().err
+    (mixed / "step_0000004.json").unlink()  # a bare state dict: a UNet2DModel's, which needs the images
+    (mixed / "step_0000012.json").unlink()
+    assert main(["monitor", "--checkpoints", str(mixed), "--model-config", "x.json", "--out", str(tmp_path / "bad3")]) == 2
+    assert not any((tmp_path / f"bad{i}").exists() for i in (1, 2, 3))
+
+
+def test_monitor_ddpm_sampler_takes_a_step_count(digits, tmp_path):
+    train, heldout = digits
+    settings = dict(FAST, sampler="ddpm", figures=False)
+    few = biasgen.Monitor(train, heldout, tmp_path / "few", **dict(settings, sample_steps=4))
+    every = biasgen.Monitor(train, heldout, tmp_path / "all", **dict(settings, sample_steps=None))
+    assert few.sample_steps == 4 and json.loads((tmp_path / "few" / "run.json").read_text())["config"]["sample_steps"] == 4
+    assert json.loads((tmp_path / "all" / "run.json").read_text())["config"]["sample_steps"] == 1000
+    calls = []
+
+    def counting(x_t, t):
+        calls.append(int(t[0]))
+        return torch.zeros_like(x_t)
+
+    few.check(1, counting)
+    assert len(set(calls[-4:])) == 4 and len(calls) == 2 + 4  # two loss passes, then 4 sampling steps
+    with pytest.raises(BiasgenError, match="Sampling steps must be in"):
+        biasgen.Monitor(train, heldout, tmp_path / "bad", **dict(settings, sample_steps=2000))

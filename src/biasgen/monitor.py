@@ -10,7 +10,7 @@ Every check measures, on fixed inputs (the same at every check):
 - the frozen-noise denoising loss on held-out images (the validation loss) and on
   as many training images, overall and per band of the diffusion step t, and their
   gap per band (validation minus training);
-- samples from fixed shared noise (one generator per sample; DDIM by default),
+- samples from fixed shared noise (one generator per sample; DDIM with 50 steps by default),
   their nearest-neighbour proximity to the training images vs to as many held-out
   images, the data-copying z (Meehan et al. 2020) and the memorized fraction f_mem
   with its bootstrap CI;
@@ -25,7 +25,8 @@ on the same folder continues it; a check at an already-recorded step is skipped.
 Checks leave the model's train/eval mode and the global random state as they were.
 
 ``biasgen monitor --checkpoints DIR`` runs the same checks over a folder of saved
-checkpoints (:func:`monitor_checkpoints`).
+checkpoints (:func:`monitor_checkpoints`): diffusers' checkpoint folders, safetensors
+files of a UNet2DModel, or one model's checkpoints of a biasgen audit (``RUN/models/model0``).
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ from .checkpoint import load_tensors, save_tensors
 from .errors import BiasgenError
 from .images.metrics import data_copying_z, frozen_noise_loss, loss_by_t, memorized_fraction, nearest_neighbors
 from .runs import append_jsonl, prepare_run_dir, progress_bar, read_json, read_jsonl, write_json
-from .sampler import sample, x0_from_eps_model
+from .sampler import sample, timesteps, x0_from_eps_model
 from .schedule import NoiseSchedule
 from .seeds import SeedPlan
 
@@ -128,8 +129,8 @@ class Monitor:
         *,
         schedule: NoiseSchedule | None = None,  # the training noise schedule (default: linear, T=1000)
         n_samples: int = 64,  # samples per check, from fixed shared noise
-        sampler: str = "ddim",  # "ddim" (deterministic) or "ddpm" (ancestral, all T steps)
-        sample_steps: int = 50,  # DDIM steps
+        sampler: str = "ddim",  # "ddim" (deterministic) or "ddpm" (ancestral)
+        sample_steps: int | None = 50,  # sampling steps, evenly spaced from T to 1 (None: all T)
         clip: float | None = 1.0,  # clamp of x0_hat while sampling (1.0 for images in [-1, 1], None for none)
         n_loss: int = 512,  # held-out and training images in the frozen-noise losses (at most)
         loss_bands: int = 10,  # equal-width bands of t for the loss per noise level
@@ -151,11 +152,12 @@ class Monitor:
                                f"{tuple(self.heldout.shape[1:])} differ in shape; give both the same size and channels.")
         if sampler not in ("ddim", "ddpm"):
             raise BiasgenError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}.")
-        for name, value in (("n_samples", n_samples), ("sample_steps", sample_steps), ("n_loss", n_loss),
+        for name, value in (("n_samples", n_samples), ("n_loss", n_loss),
                             ("loss_bands", loss_bands), ("batch_size", batch_size)):
             if value < 1:
                 raise BiasgenError(f"{name} must be at least 1, got {value}.")
         self.schedule = schedule or NoiseSchedule.linear()
+        timesteps(self.schedule, sample_steps)  # a clear error now for a step count outside [1, T]
         self.n_samples, self.sampler, self.sample_steps, self.clip = n_samples, sampler, sample_steps, clip
         self.loss_bands, self.copy_z_threshold, self.n_boot = loss_bands, copy_z_threshold, n_boot
         self.value_range, self.device, self.batch_size = value_range, device, batch_size
@@ -171,7 +173,7 @@ class Monitor:
             heldout={"n": len(self.heldout), "shape": list(self.heldout.shape[1:]), "sha1": _digest(self.heldout)},
             schedule={"name": self.schedule.name, "T": self.schedule.T,
                       "betas_sha1": _digest(self.schedule.betas.float())},
-            n_samples=n_samples, sampler=sampler, sample_steps=sample_steps if sampler == "ddim" else self.schedule.T,
+            n_samples=n_samples, sampler=sampler, sample_steps=sample_steps or self.schedule.T,
             clip=clip, n_loss=n_loss, loss_bands=loss_bands, copy_z_threshold=copy_z_threshold, n_boot=n_boot,
             seed=seed, value_range=list(value_range), meta=meta or {},
             device=device, batch_size=batch_size, figures=figures, verbose=verbose,
@@ -231,8 +233,7 @@ class Monitor:
             tr = frozen_noise_loss(eps, self.loss_train, self.schedule, seed=self.seeds["monitor_loss"],
                                    batch_size=self.batch_size, device=device)
             samples = sample(x0_from_eps_model(eps, self.schedule, clip=self.clip), self.schedule, shape,
-                             self.sample_seeds, method=self.sampler,
-                             steps=self.sample_steps if self.sampler == "ddim" else None,
+                             self.sample_seeds, method=self.sampler, steps=self.sample_steps,
                              batch_size=self.batch_size, device=device)
         if not bool(torch.isfinite(samples).all()) or not torch.isfinite(val["per_example"]).all():
             raise BiasgenError(f"The model gives NaN or infinite outputs at step {step}: training has diverged.")
@@ -329,8 +330,8 @@ def summarize(records: Sequence[dict]) -> dict:
 
 def monitor_checkpoints(
     checkpoints: str | Path,  # folder of checkpoint-*/unet folders or numbered .safetensors files
-    train: str,  # training images: anything biasgen.images.data.load_images reads
-    heldout: str,  # held-out images, same
+    train: str | None,  # training images: anything biasgen.images.data.load_images reads (audit models: optional)
+    heldout: str | None,  # held-out images, same
     out: str | Path,  # run folder
     *,
     model_config: str | Path | None = None,  # UNet2DModel config.json (default: the first checkpoint's own)
@@ -347,49 +348,115 @@ def monitor_checkpoints(
     data's channels and size, and that every checkpoint has that architecture.
     Images are scaled to [-1, 1], as diffusers' training scripts do. The figures
     are drawn once, after the last checkpoint.
+
+    The checkpoints of one model of a biasgen audit (``RUN/models/model0``: ``step_*.safetensors``
+    with their ``.json`` sidecars) bring their own network, noise schedule and data: without
+    ``train`` and ``heldout``, the monitor measures against the model's own split and the audit's
+    test set, which no model trained on.
     """
-    from .images.data import load_images, scale_images
-    from .images.diffusers_model import (check_architectures, check_unet_fits, find_checkpoints,
-                                         load_checkpoint_unet, load_unet_config, schedule_from_scheduler_config)
+    from .images.audit import member_sidecar
+    from .images.diffusers_model import find_checkpoints
 
     found = find_checkpoints(checkpoints, subfolder)
+    prepare = _audit_inputs if member_sidecar(found[0].weights) is not None else _diffusers_inputs
+    images, load, settings = prepare(found, train, heldout, model_config=model_config,
+                                     scheduler_config=scheduler_config, resolution=resolution, grayscale=grayscale)
+    meta = {"checkpoints": str(Path(checkpoints).resolve()), "subfolder": subfolder, "train": train and str(train),
+            "heldout": heldout and str(heldout), "resolution": resolution, "grayscale": grayscale,
+            **settings.pop("meta")}
+    monitor = Monitor(*images, out, meta=meta, figures=False, **{**settings, **monitor_kwargs})
+    done = monitor.steps
+    for ck in progress_bar([c for c in found if c.step not in done], progress, "checkpoints"):
+        monitor.check(ck.step, load(ck))
+    monitor.plot()  # once, at the end
+    return monitor.records
+
+
+def _load_scaled(train: str | None, heldout: str | None, resolution: int | None, grayscale: bool) -> list[torch.Tensor]:
+    """The training and held-out images scaled to [-1, 1]; a BiasgenError when either is missing."""
+    from .images.data import load_images, scale_images
+
+    if train is None or heldout is None:
+        raise BiasgenError("Pass both --train and --heldout: the images the checkpoints trained on and images they "
+                           "never saw (only the checkpoints of a biasgen audit bring their own).")
+    return [scale_images(load_images(d, resolution=resolution, grayscale=grayscale).images)[0] for d in (train, heldout)]
+
+
+def _diffusers_inputs(found, train, heldout, *, model_config, scheduler_config, resolution, grayscale):
+    """Images, checkpoint loader and Monitor settings (schedule, meta) for UNet2DModel checkpoints."""
+    from .images.diffusers_model import (check_architectures, check_unet_fits, load_checkpoint_unet, load_unet_config,
+                                         schedule_from_scheduler_config)
+
     source = model_config or found[0].config
     if source is None:
         raise BiasgenError("The checkpoints are bare safetensors files: pass --model-config, the UNet2DModel "
                            "config.json they were trained with.")
     config = load_unet_config(source)
-    images = [scale_images(load_images(d, resolution=resolution, grayscale=grayscale).images)[0] for d in (train, heldout)]
+    images = _load_scaled(train, heldout, resolution, grayscale)
     check_unet_fits(config, images[0].shape[1:])
     check_architectures(found, config, str(source))
     schedule = schedule_from_scheduler_config(scheduler_config) if scheduler_config else NoiseSchedule.linear()
-    meta = {"checkpoints": str(Path(checkpoints).resolve()), "subfolder": subfolder, "model_config": config,
-            "train": str(train), "heldout": str(heldout), "resolution": resolution, "grayscale": grayscale}
-    monitor = Monitor(*images, out, schedule=schedule, meta=meta, figures=False, **monitor_kwargs)
-    done = monitor.steps
-    for ck in progress_bar([c for c in found if c.step not in done], progress, "checkpoints"):
-        monitor.check(ck.step, load_checkpoint_unet(ck, config))
-    monitor.plot()  # once, at the end
-    return monitor.records
+    return images, lambda ck: load_checkpoint_unet(ck, config), {"schedule": schedule, "meta": {"model_config": config}}
 
 
-HELP = "the single-run monitor over a folder of saved checkpoints (diffusers checkpoint-*/unet or safetensors)"
+def _audit_inputs(found, train, heldout, *, model_config, scheduler_config, resolution, grayscale):
+    """Images, checkpoint loader and Monitor settings for one model's checkpoints of a biasgen audit: its schedule,
+    and no clamp of the predicted clean image for images not in [-1, 1] (``--scaling center``), as the audit samples."""
+    from .images.audit import load_member, member_experiment, member_sidecar
+
+    if model_config or scheduler_config:
+        raise BiasgenError("These are a biasgen audit's checkpoints: their sidecars hold the network and the noise "
+                           "schedule; leave out --model-config and --scheduler-config.")
+    sidecars = [member_sidecar(ck.weights) for ck in found]
+    first = sidecars[0]
+    strays = [str(ck.weights) for ck, sc in zip(found, sidecars)
+              if sc is None or (sc["config"], sc["model"], sc["split"], sc.get("split_seed"))
+              != (first["config"], first["model"], first["split"], first.get("split_seed"))]
+    if strays:
+        raise BiasgenError(f"{', '.join(strays[:3])} {'is' if len(strays) == 1 else 'are'} not checkpoints of the "
+                           f"same audit model as {found[0].weights}; point --checkpoints at one model's folder "
+                           "(RUN/models/model0).")
+    experiment = member_experiment(first)
+    if train is None and heldout is None:
+        data = experiment.load()
+        images = [data.train[first["split"]], data.test]
+    elif experiment.cfg.scaling != "minus1to1":
+        raise BiasgenError(f"The audit scaled its images with --scaling {experiment.cfg.scaling}; leave out --train "
+                           "and --heldout to measure against the audit's own split and test set.")
+    else:
+        images = _load_scaled(train, heldout, resolution, grayscale)
+    meta = {"audit": {"split": first["split"], "split_seed": first.get("split_seed"), "config": first["config"]}}
+    clip = 1.0 if experiment.cfg.scaling == "minus1to1" else None
+    return images, lambda ck: load_member(ck.weights, first), {"schedule": experiment.schedule(), "clip": clip, "meta": meta}
+
+
+HELP = ("the single-run monitor over a folder of saved checkpoints (diffusers checkpoint-*/unet, safetensors, "
+        "or one model of a biasgen audit)")
+
+
+def _step_count(text: str) -> int | None:
+    """``--sample-steps``: a number, or ``none`` for every step of the schedule (as ``biasgen audit`` spells it)."""
+    return None if text.lower() == "none" else int(text)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``biasgen monitor``."""
     p.add_argument("--checkpoints", required=True, metavar="DIR",
-                   help="folder of checkpoint-*/unet folders or numbered .safetensors files")
+                   help="folder of checkpoint-*/unet folders, numbered .safetensors files, or one model's folder "
+                        "of a biasgen audit (RUN/models/model0)")
     p.add_argument("--model-config", metavar="FILE", help="UNet2DModel config.json (default: the checkpoints' own)")
     p.add_argument("--scheduler-config", metavar="FILE", help="diffusers scheduler_config.json (default: linear, T=1000)")
     p.add_argument("--subfolder", default="unet", help="sub-folder of each checkpoint to read (unet_ema for EMA weights)")
-    p.add_argument("--train", required=True, metavar="DATA", help="training images: folder, .npz, .npy or digits")
-    p.add_argument("--heldout", required=True, metavar="DATA", help="held-out images, same forms")
+    p.add_argument("--train", metavar="DATA", help="training images: folder, .npz, .npy or digits (the "
+                   "checkpoints of a biasgen audit default to their own split)")
+    p.add_argument("--heldout", metavar="DATA", help="held-out images, same forms (audit checkpoints: the audit's "
+                   "test set)")
     p.add_argument("--out", default="runs/monitor", help="run folder (default: runs/monitor)")
     p.add_argument("--resolution", type=int, help="resize the images to R x R pixels")
     p.add_argument("--grayscale", action="store_true", help="convert the images to grayscale")
     p.add_argument("--n-samples", type=int, default=64, help="samples per checkpoint (default 64)")
-    p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"), help="ddim (default) or ddpm")
-    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"), help="ddim (default) or ddpm (ancestral)")
+    p.add_argument("--sample-steps", type=_step_count, default=50, help="sampling steps (default 50; none: all T)")
     p.add_argument("--n-loss", type=int, default=512, help="images in each frozen-noise loss (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of every fixed input (default 0)")
     p.add_argument("--device", help="torch device (default cpu)")

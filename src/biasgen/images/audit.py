@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import load_tensors
-from ..config import TwinConfig, check, check_at_least, opt
+from ..checkpoint import load_checkpoint, load_tensors
+from ..config import TwinConfig, build_config, check, check_at_least, opt
 from ..errors import BiasgenError
 from ..losses import eps_mse_loss
 from ..drift import noise_sd
@@ -218,6 +218,30 @@ def export_checkpoint(run: str | Path, model: int, step: int, out: str | Path) -
                            "[-1, 1] (--scaling minus1to1).")
     stem = checkpoint_stem(Path(run) / "models" / f"model{model}", step)
     return export_pipeline(stem, out, noise_schedule(cfg["schedule"], cfg["T"], cfg["scheduler_config"]))
+
+
+def member_sidecar(weights: str | Path) -> dict | None:
+    """The sidecar of one audit model's checkpoint ``<stem>.safetensors`` (``<stem>.json``: the audit's
+    config, the network's arguments, the model's split), or None when ``weights`` is no such checkpoint."""
+    sidecar = Path(weights).with_suffix(".json")
+    if Path(weights).suffix != ".safetensors" or not sidecar.is_file():
+        return None
+    meta = read_json(sidecar)
+    keys_ok = isinstance(meta, dict) and {"config", "model", "split", "step"} <= set(meta)
+    return meta if keys_ok and "scaling" in meta["config"] else None
+
+
+def member_experiment(sidecar: dict) -> ImageAudit:
+    """The audit a model checkpoint (its :func:`member_sidecar`) belongs to, on the CPU."""
+    return ImageAudit(build_config(AuditConfig, {}, None, None, {**sidecar["config"], "device": "cpu"}))
+
+
+def load_member(weights: str | Path, sidecar: dict) -> torch.nn.Module:
+    """The network of an audit model's checkpoint, in eval mode on the CPU (either kind of network)."""
+    cls = DiffusersEps if sidecar["config"]["model"] == "diffusers" else UNet
+    model = cls(**sidecar["model"])
+    load_checkpoint(Path(weights).with_suffix(""), model)
+    return model.eval()
 
 
 def audit(out: str | Path, preset: str | None = "default", config: str | Path | None = None, *,
