@@ -71,6 +71,16 @@ def test_plot_all_without_gallery_skips_it(tmp_path):
     assert "gallery" not in written and not (tmp_path / "fig_gallery.png").exists()
 
 
+def test_score_similarity_puts_the_default_noise_levels_in_rows_of_four(tmp_path):
+    from biasgen.images.audit import SCORE_TS
+
+    six = [{**r, "score_sim": {str(t): r["score_sim"]["50"] for t in SCORE_TS}} for r in RECORDS]
+    with Image.open(plot_score_similarity(six, SUMMARY, tmp_path / "six.png")) as a, \
+            Image.open(plot_score_similarity(RECORDS, SUMMARY, tmp_path / "two.png")) as b:
+        assert len(SCORE_TS) == 6 and a.size[1] > 1.7 * b.size[1]  # two rows
+        assert 1.5 * b.size[0] < a.size[0] < 2.5 * b.size[0]  # four panels a row, not six
+
+
 PARTIAL = [
     {"step": 0},
     {"step": 10, "test_loss": 0.5, "test_loss_sem": None, "twin_distance": None, "score_sim": None},

@@ -182,6 +182,9 @@ def test_oracle_kl_from_precomputed_bp_matches_and_is_zero_at_its_own_k(g, data)
         assert kls[k] == pytest.approx(0, abs=1e-9) and min(kls[:k] + kls[k + 1:]) > 1e-3
     with pytest.raises(BiasgenError, match="same inputs"):
         oracle_kl(bp, bp[0, :10])
+    assert torch.equal(bp_predictions(g, S, x_t, t, levels=2), bp[:2])  # BP_0 and BP_1 alone
+    with pytest.raises(BiasgenError, match="levels"):
+        bp_predictions(g, S, x_t, t, levels=g.depth + 2)
 
 
 def test_oracle_kl_along_t_covers_every_k_and_agrees_with_kl_along_t(g, data):

@@ -199,15 +199,21 @@ KINDS = {
             "fig_kl.png": "Left: twin disagreement (symmetric KL) on test and training inputs, and between same-block "
                           "controls. Right: KL from the exact k-filtered (belief-propagation) denoisers BP_k to the "
                           "model. Dashed lines: the onset times.",
-            "fig_kl_along_t.png": "KL from the exact denoiser BP_0 to the model along the noise level t/T, at tau_bias, "
-                                  "at tau_loss and at the end, beside the KLs of the filtered denoisers BP_k.",
+            "fig_kl_along_t.png": "KL from each exact k-filtered denoiser BP_k to the model along the noise level t/T, "
+                                  "on test inputs (top) and on the model's own training inputs (bottom), at tau_bias, "
+                                  "tau_loss and the last checkpoint; dotted: KL(BP_0 || BP_k).",
             "fig_loss_decomposition.png": "Frozen-noise cross-entropy split into l* (how well the model distils the "
                                           "exact denoiser) and l~ (its data-dependent excess), on training and test "
-                                          "sequences.",
+                                          "sequences, averaged over t (top) and at one noise level (bottom).",
             "fig_nn.png": "Nearest-neighbour divergence D_NN of generated sequences, with the test and training "
                           "cross-entropy.",
-            "fig_uturn.png": "U-turns: overlap of the model's reconstructions relative to the exact denoiser's, on "
-                             "training versus test sequences, at tau_bias, tau_loss and the end.",
+            "fig_nn_histograms.png": "Hamming distance of generated sequences to their nearest training sequence, "
+                                     "beside that of test sequences, at a few checkpoints.",
+            "fig_uturn.png": "U-turns: overlap of the model's reconstructions relative to the exact denoiser's "
+                             "(mean over sequences and standard error), on training versus test sequences, at "
+                             "tau_bias, tau_loss and the end.",
+            "fig_uturn_random.png": "U-turns of uniformly random sequences over training, beside those of the exact "
+                                    "denoisers BP_k and of the empirical denoisers of the training splits.",
         },
         columns=(
             Column("skl_test_pairs", "twin sym. KL, test inputs", reduce="median"),

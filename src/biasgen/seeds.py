@@ -26,8 +26,12 @@ EVALUATION_STREAMS = {
     "critical_train": 1,  # + split: each split's inputs at the critical time
     "loss_test": 100,  # (t, x_t) per test sequence for the cross-entropy
     "loss_train": 101,  # + split
+    "loss_at_t_test": 150,  # noise of the test sequences for the loss decomposition at one t
+    "loss_at_t_train": 151,  # + split
     "kl_along_t": 200,  # test inputs noised at every t of the KL-along-t grid
+    "kl_along_t_train": 250,  # + split: each split's inputs on the same grid
     "uturn": 300,  # forward and reverse noise of the U-turns
+    "uturn_random": 350,  # the uniformly random sequences of the random U-turns (their noise: + 1)
     # the single-run monitor
     "monitor_loss": 400,  # (t, eps) per loss image, the same for the held-out and the training subset (paired)
     "monitor_loss_heldout": 401,  # which held-out images enter the loss
@@ -85,7 +89,7 @@ class SeedPlan:
             "training": [self.training(m) for m in range(n_models)],
             "training_step": "training seed * 1000003 + step, per step",
             "evaluation": {name: self.evaluation(name) for name in EVALUATION_STREAMS},
-            "evaluation_per_split": "critical_train and loss_train add the split index",
+            "evaluation_per_split": "critical_train, loss_train, loss_at_t_train and kl_along_t_train add the split index",
             "sample_noise": f"{self.master * 1_000_000} + 7919 * j for sample j",
             "bootstrap": f"{self.master} + i for the i-th located minimum",
         }

@@ -27,10 +27,10 @@ from ..schedule import NoiseSchedule
 from ..seeds import SeedPlan
 from ..twins import model_pairs
 from . import figures
-from .denoisers import bp_denoise_fn, sample_sequences
+from .denoisers import bp_denoise_fn, empirical_denoise_fn, sample_sequences
 from .grammar import Grammar
-from .metrics import (kl_along_t, loss_decomposition, near_copies, nearest_hamming, nn_divergence,
-                      noised_inputs, oracle_kls, symmetric_kl, uturn_overlap)
+from .metrics import (bp_predictions, loss_terms, near_copies, nearest_hamming, nn_divergence, nn_histogram,
+                      noised_inputs, oracle_kl, oracle_kl_along_t, symmetric_kl, uturn_overlap, uturn_random, uturn_ratio)
 from .model import SequenceDenoiser, as_denoiser
 
 
@@ -67,19 +67,23 @@ class HierarchyConfig(TwinConfig):
     t_frac: float = opt(0.15, "critical time t/T of the sample-split and model-oracle KLs")
     n_eval: int = opt(300, "test inputs (and training inputs per split) for the KLs at t/T = t_frac")
     n_loss: int = opt(1000, "test and training inputs for the frozen-noise cross-entropy and its decomposition")
+    loss_t_frac: float = opt(0.3, "t/T of the loss decomposition at one noise level (the paper's Fig. 4b)")
     uturn_fracs: tuple[float, ...] = opt((0.02, 0.06, 0.12), "U-turn depths t/T")
     n_uturn: int = opt(32, "training and test sequences per model for the U-turn overlap")
     uturn_reps: int = opt(2, "U-turns per sequence")
     kl_t_fracs: tuple[float, ...] = opt((0.02, 0.05, 0.1, 0.15, 0.3, 0.6), "t/T grid of the KL-along-t curves")
+    random_uturn_fracs: tuple[float, ...] = opt((0.05, 0.1), "U-turn depths t/T of uniformly random sequences")
+    n_random_uturn: int = opt(32, "uniformly random sequences for their U-turns (>= 2)")
 
     def validate(self) -> None:
         super().validate()
         check_at_least(self, 1, "q", "depth", "q_eff", "pool", "layers", "width", "heads", "ffn", "n_eval", "n_loss",
                        "n_uturn", "uturn_reps")
+        check_at_least(self, 2, "n_random_uturn")
         check(self.q_eff <= self.q, f"--q-eff must be at most q={self.q}, got {self.q_eff}.")
         check(self.sigma >= 0, f"--sigma must be >= 0, got {self.sigma}.")
         check(self.width % self.heads == 0, f"--width ({self.width}) must be divisible by --heads ({self.heads}).")
-        for name in ("t_frac", "uturn_fracs", "kl_t_fracs"):
+        for name in ("t_frac", "loss_t_frac", "uturn_fracs", "kl_t_fracs", "random_uturn_fracs"):
             fracs = getattr(self, name)
             fracs = fracs if isinstance(fracs, tuple) else (fracs,)
             check(len(fracs) >= 1 and all(1 <= round(f * self.T) <= self.T for f in fracs),
@@ -101,12 +105,12 @@ PRESETS: dict[str, dict] = {
                   ffn=1024, steps=100_000, batch_size=512, lr=3e-4, lr_schedule="halve-cosine", grad_clip=None,
                   ema_decay=None, checkpoints=25, first_checkpoint=10,
                   n_eval=2000, n_loss=10_000, n_samples=2048, sampler="ddpm", sample_steps=None, n_uturn=512,
-                  uturn_reps=8, device="cuda", threads=0),
+                  uturn_reps=8, n_random_uturn=512, device="cuda", threads=0),
     # A seconds-long smoke run (used by the tests); far too small to show anything.
     "tiny": dict(sampler="ddim", pool=400, n=48, splits=2, seeds_per_split=1, n_test=64, depth=3, layers=1, width=16, heads=2, ffn=32,
                  steps=12, batch_size=16, checkpoints=3, first_checkpoint=4, n_eval=32, n_loss=32, n_samples=16,
                  sample_steps=5, uturn_fracs=(0.04,), n_uturn=8, uturn_reps=1, kl_t_fracs=(0.1, 0.5), n_boot=50,
-                 workers=1),
+                 random_uturn_fracs=(0.04,), n_random_uturn=4, workers=1),
 }
 
 
@@ -116,22 +120,39 @@ def steps_of(fracs, T: int) -> list[int]:
 
 
 @dataclass
+class Frozen:
+    """Sequences noised once with a fixed seed (reused at every checkpoint) and the exact denoisers on them."""
+
+    x0: torch.Tensor  # LongTensor (N, L): the clean sequences
+    x_t: torch.Tensor  # (N, L, q) float64: their noised one-hot encodings
+    t: torch.Tensor  # (N,) long: the step of each input
+    bp: torch.Tensor  # (K, N, L, q) float64: BP_0..BP_{K-1} on (x_t, t); K = 0 where no exact prediction is needed
+
+
+@dataclass
 class Reference:
     """Evaluation inputs noised once (frozen noise) and what the exact denoisers say about them."""
 
     grammar: Grammar
     train: list[torch.Tensor]  # one training split per entry, LongTensor (n, L)
     test: torch.Tensor  # LongTensor (n_test, L)
-    test_c: tuple[torch.Tensor, torch.Tensor]  # test inputs at the critical step: x_t (n_eval, L, q), t (n_eval,)
-    train_c: list[tuple[torch.Tensor, torch.Tensor]]  # per split, the same for its first n_eval sequences
-    test_l: tuple[torch.Tensor, torch.Tensor]  # frozen-noise (random t) test inputs for the cross-entropy
-    train_l: list[tuple[torch.Tensor, torch.Tensor]]  # per split
-    bp_test_l: float  # cross-entropy of the exact denoiser on test_l: the floor of the test loss
+    test_c: Frozen  # n_eval test inputs at the critical step, BP_0..BP_depth
+    train_c: list[Frozen]  # per split, its first n_eval sequences at the critical step (no BP)
+    test_l: Frozen  # n_loss test inputs, each at its own random step (frozen-noise cross-entropy), BP_0
+    train_l: list[Frozen]  # per split, the same for its first n_loss sequences
+    test_lt: Frozen  # the same n_loss test sequences, all at the step of loss_t_frac, BP_0
+    train_lt: list[Frozen]  # per split
+    kl_test: list[Frozen]  # per step of kl_steps, n_eval test inputs, BP_0..BP_depth
+    kl_train: list[list[Frozen]]  # per split, per step of kl_steps, its first n_eval sequences, BP_0..BP_depth
     kl_steps: list[int]  # the t grid of the KL-along-t curves
-    kl_bp: list[list[float]]  # KL(BP_0 || BP_k) along t: (depth + 1) lists of len(kl_steps)
+    kl_bp: list[list[float]]  # KL(BP_0 || BP_k) along t on the test inputs: (depth + 1) lists of len(kl_steps)
+    test_nn_hist: list[list[float]]  # per split, the Hamming histogram of test sequences to their nearest training one
     uturn_steps: list[int]
-    uturn_inputs: list[torch.Tensor]  # per split: its first n_uturn sequences then n_uturn test sequences (2 n_uturn, L)
-    uturn_bp: list[torch.Tensor]  # per split: BP overlaps on uturn_inputs, (len(uturn_steps), 2 n_uturn)
+    uturn_own: int  # training sequences at the head of each uturn_inputs entry: min(n_uturn, n)
+    uturn_inputs: list[torch.Tensor]  # per split: its first uturn_own sequences then n_uturn test sequences (., L)
+    uturn_bp: list[torch.Tensor]  # per split: BP overlaps on uturn_inputs, (len(uturn_steps), len(uturn_inputs[i]))
+    random_uturn_steps: list[int]
+    random_uturn: dict  # U-turns of random sequences: {"bp_k" / "empirical_split_i": {"mean", "sem"}}
 
 
 def make_data(cfg: HierarchyConfig, seeds: SeedPlan) -> Data:
@@ -246,10 +267,15 @@ class HierarchyExperiment(TwinExperiment):
         return "gen_mem_share" if all("gen_mem_share" in r for r in records) else "gen_copy_share"
 
     def summarize(self, records, data, ref: Reference, judged) -> dict:
+        last = records[-1]
         return {"coarse_to_fine": coarse_to_fine(records, self.cfg, self.seeds), "bp_reference": {
-            "kl_bp_along_t": ref.kl_bp, "kl_t_steps": ref.kl_steps, "test_ce": ref.bp_test_l,
+            "kl_bp_along_t": ref.kl_bp, "kl_t_steps": ref.kl_steps, "test_ce": _loss_terms(None, ref.test_l)["l"],
+            "loss_t_step": int(ref.test_lt.t[0]), "test_ce_at_t": _loss_terms(None, ref.test_lt)["l"],
             "uturn_steps": ref.uturn_steps,
-            "uturn_overlap_bp_test": torch.stack(ref.uturn_bp)[:, :, self.cfg.n_uturn:].mean((0, 2)).tolist()}}
+            "uturn_overlap_bp_test": torch.stack(ref.uturn_bp)[:, :, ref.uturn_own:].mean((0, 2)).tolist()},
+            "nn_histograms": {"distance": list(range(2 ** self.cfg.depth + 1)), "test_per_split": ref.test_nn_hist},
+            "uturn_random": {"steps": ref.random_uturn_steps, **ref.random_uturn,
+                             "model_last_checkpoint": {"mean": last["uturn_random"], "sem": last["uturn_random_sem"]}}}
 
     def plot(self, run: Path, records, summary, data: Data) -> None:
         figures.plot_all(run, records, summary)
@@ -270,69 +296,89 @@ def hierarchy(out: str | Path, preset: str | None = "cpu", config: str | Path | 
 
 
 def make_reference(data: Data, cfg: HierarchyConfig, seeds: SeedPlan) -> Reference:
-    """Noise the evaluation inputs once and run the exact (BP) denoisers on them."""
-    g, q, schedule = data.extra["grammar"], cfg.q, NoiseSchedule.onehot(cfg.T)
-    t_c = steps_of([cfg.t_frac], cfg.T)[0]
-    bps = [bp_denoise_fn(g, schedule, k) for k in range(cfg.depth + 1)]
-    test_l = noised_inputs(data.test[: cfg.n_loss], q, schedule, None, seeds.evaluation("loss_test"))
+    """Noise the evaluation inputs once and run the exact (BP) and empirical denoisers on them."""
+    g, q, L, schedule = data.extra["grammar"], cfg.q, 2 ** cfg.depth, NoiseSchedule.onehot(cfg.T)
+    every_k = cfg.depth + 1
+
+    def frozen(x0: torch.Tensor, t: int | None, seed: int, levels: int) -> Frozen:
+        x_t, tt = noised_inputs(x0, q, schedule, t, seed)
+        bp = bp_predictions(g, schedule, x_t, tt, levels) if levels else torch.zeros((0, *x_t.shape), dtype=x_t.dtype)
+        return Frozen(x0, x_t, tt, bp)
+
+    t_c, t_l = steps_of([cfg.t_frac, cfg.loss_t_frac], cfg.T)
     kl_steps = steps_of(cfg.kl_t_fracs, cfg.T)
-    kl_bp = [kl_along_t(bps[0], bp, data.test[: cfg.n_eval], q, schedule, kl_steps, seeds.evaluation("kl_along_t"))
-             for bp in bps]
+    kl_test = [frozen(data.test[: cfg.n_eval], t, seeds.evaluation("kl_along_t"), every_k) for t in kl_steps]
     uturn_steps = steps_of(cfg.uturn_fracs, cfg.T)
     uturn_inputs = [torch.cat([s[: cfg.n_uturn], data.test[: cfg.n_uturn]]) for s in data.train]
+    random_uturn_steps = steps_of(cfg.random_uturn_fracs, cfg.T)
+    exact = {f"bp_{k}": bp_denoise_fn(g, schedule, k) for k in range(every_k)}
+    empirical = {f"empirical_split_{i}": empirical_denoise_fn(s, q, schedule) for i, s in enumerate(data.train)}
+    splits = list(enumerate(data.train))
     return Reference(
         grammar=g, train=data.train, test=data.test,
-        test_c=noised_inputs(data.test[: cfg.n_eval], q, schedule, t_c, seeds.evaluation("critical_test")),
-        train_c=[noised_inputs(s[: cfg.n_eval], q, schedule, t_c, seeds.evaluation("critical_train", i))
-                 for i, s in enumerate(data.train)],
-        test_l=test_l,
-        train_l=[noised_inputs(s[: cfg.n_loss], q, schedule, None, seeds.evaluation("loss_train", i))
-                 for i, s in enumerate(data.train)],
-        bp_test_l=loss_decomposition(bps[0], bps[0], data.test[: cfg.n_loss], *test_l)["l"],
-        kl_steps=kl_steps, kl_bp=kl_bp, uturn_steps=uturn_steps, uturn_inputs=uturn_inputs,
-        uturn_bp=[uturn_overlap(bps[0], x, q, uturn_steps, schedule, cfg.uturn_reps, seeds.evaluation("uturn"))
+        test_c=frozen(data.test[: cfg.n_eval], t_c, seeds.evaluation("critical_test"), every_k),
+        train_c=[frozen(s[: cfg.n_eval], t_c, seeds.evaluation("critical_train", i), 0) for i, s in splits],
+        test_l=frozen(data.test[: cfg.n_loss], None, seeds.evaluation("loss_test"), 1),
+        train_l=[frozen(s[: cfg.n_loss], None, seeds.evaluation("loss_train", i), 1) for i, s in splits],
+        test_lt=frozen(data.test[: cfg.n_loss], t_l, seeds.evaluation("loss_at_t_test"), 1),
+        train_lt=[frozen(s[: cfg.n_loss], t_l, seeds.evaluation("loss_at_t_train", i), 1) for i, s in splits],
+        kl_test=kl_test,
+        kl_train=[[frozen(s[: cfg.n_eval], t, seeds.evaluation("kl_along_t_train", i), every_k) for t in kl_steps]
+                  for i, s in splits],
+        kl_steps=kl_steps,
+        kl_bp=[oracle_kl_along_t([f.bp[:1] for f in kl_test], [f.bp[k] for f in kl_test])[0] for k in range(every_k)],
+        test_nn_hist=[nn_histogram(nearest_hamming(data.test, s), L).tolist() for s in data.train],
+        uturn_steps=uturn_steps, uturn_own=min(cfg.n_uturn, cfg.n), uturn_inputs=uturn_inputs,
+        uturn_bp=[uturn_overlap(exact["bp_0"], x, q, uturn_steps, schedule, cfg.uturn_reps, seeds.evaluation("uturn"))
                   for x in uturn_inputs],
+        random_uturn_steps=random_uturn_steps,
+        random_uturn=uturn_random(exact | empirical, cfg.n_random_uturn, L, q, random_uturn_steps, schedule,
+                                  cfg.uturn_reps, seeds.evaluation("uturn_random")),
     )
 
 
 def evaluate_checkpoint(models, members, ref: Reference, cfg: HierarchyConfig, seeds: SeedPlan) -> tuple[dict, dict]:
-    """Every hierarchical diagnostic (docs/method.md) for one checkpoint of all models.
+    """Every hierarchical diagnostic (docs/method.md §7) for one checkpoint of all models.
 
     ``models``: networks predicting x0 logits; ``members[m] = (split, seed)``. Divergences and losses
-    are in nats per sequence (summed over the ``2**depth`` positions). Returns the metrics record and
-    ``{"samples": LongTensor (M, n_samples, 2**depth)}``, the generated sequences.
+    are in nats per sequence (summed over the ``2**depth`` positions). The exact (BP) side comes
+    precomputed in ``ref``: a checkpoint costs only the models' forward passes. Returns the metrics
+    record and ``{"samples": LongTensor (M, n_samples, 2**depth)}``, the generated sequences.
     """
-    q, schedule = cfg.q, NoiseSchedule.onehot(cfg.T)
+    q, L, schedule = cfg.q, 2 ** cfg.depth, NoiseSchedule.onehot(cfg.T)
     dens = [as_denoiser(m) for m in models]
-    bp0 = bp_denoise_fn(ref.grammar, schedule, 0)
+    splits = [s for s, _ in members]
     twins, controls = model_pairs(members)
     rec: dict = {}
 
     # twin disagreement at t_c on test inputs, on both twins' training inputs, and for same-split controls
-    pred_test = [d(*ref.test_c) for d in dens]
-    pred_train = [[d(*xt) for xt in ref.train_c] for d in dens]
+    pred_test = [d(ref.test_c.x_t, ref.test_c.t) for d in dens]
+    pred_train = [[d(f.x_t, f.t) for f in ref.train_c] for d in dens]
     rec["skl_test_pairs"] = [symmetric_kl(pred_test[a], pred_test[b]) for a, b in twins]
-    rec["skl_train_pairs"] = [0.5 * sum(symmetric_kl(pred_train[a][s], pred_train[b][s]) for s in (members[a][0], members[b][0]))
+    rec["skl_train_pairs"] = [0.5 * sum(symmetric_kl(pred_train[a][s], pred_train[b][s]) for s in (splits[a], splits[b]))
                               for a, b in twins]
     rec["skl_control_pairs"] = [symmetric_kl(pred_test[a], pred_test[b]) for a, b in controls]
 
-    # sequential learning: KL(BP_k || model) for k = 0..depth at t_c, and KL(BP_0 || model) along t
-    rec["oracle_kl"] = [oracle_kls(ref.grammar, d, *ref.test_c, schedule) for d in dens]  # (M, depth + 1)
-    rec["kl_along_t"] = [kl_along_t(bp0, d, ref.test[: cfg.n_eval], q, schedule, ref.kl_steps,
-                                    seeds.evaluation("kl_along_t")) for d in dens]
+    # sequential learning: KL(BP_k || model) for every k at t_c, and along t on test and own training inputs
+    rec["oracle_kl"] = [oracle_kl(ref.test_c.bp, p) for p in pred_test]  # (M, depth + 1)
+    rec["oracle_kl_along_t_test"] = [_kl_along_t(d, ref.kl_test) for d in dens]  # (M, depth + 1, len(kl_steps))
+    rec["oracle_kl_along_t_train"] = [_kl_along_t(d, ref.kl_train[s]) for d, s in zip(dens, splits)]
+    rec["kl_along_t"] = [curves[0] for curves in rec["oracle_kl_along_t_test"]]  # k = 0 alone, (M, len(kl_steps))
 
-    # frozen-noise cross-entropy and its decomposition l = l* + l~, on test and on each model's own split
-    test_dec = [loss_decomposition(d, bp0, ref.test[: cfg.n_loss], *ref.test_l) for d in dens]
-    train_dec = [loss_decomposition(d, bp0, ref.train[s][: cfg.n_loss], *ref.train_l[s]) for d, (s, _) in zip(dens, members)]
-    for key in ("l", "l_star", "l_tilde"):
-        rec[f"test_{key}"] = [r[key] for r in test_dec]
-        rec[f"train_{key}"] = [r[key] for r in train_dec]
+    # cross-entropy l = l* + l~ on test and on each model's own split: frozen random t, then all at loss_t_frac
+    for suffix, test, train in (("", ref.test_l, ref.train_l), ("_at_t", ref.test_lt, ref.train_lt)):
+        test_terms = [_loss_terms(d, test) for d in dens]
+        train_terms = [_loss_terms(d, train[s]) for d, s in zip(dens, splits)]
+        for key in ("l", "l_star", "l_tilde"):
+            rec[f"test_{key}{suffix}"] = [r[key] for r in test_terms]
+            rec[f"train_{key}{suffix}"] = [r[key] for r in train_terms]
 
-    # generation from shared noise: D_NN, grammaticality, exact log-probability
-    gen = [sample_sequences(d, 2 ** cfg.depth, q, seeds.sample_seeds(cfg.n_samples), schedule, cfg.sampler,
+    # generation from shared noise: D_NN and its histogram, grammaticality, exact log-probability
+    gen = [sample_sequences(d, L, q, seeds.sample_seeds(cfg.n_samples), schedule, cfg.sampler,
                             cfg.sample_steps, eta=cfg.eta, batch_size=1024) for d in dens]
-    nearest = [nearest_hamming(x, ref.train[s]) for x, (s, _) in zip(gen, members)]
-    rec["d_nn"] = [nn_divergence(x, ref.test, ref.train[s]) for x, (s, _) in zip(gen, members)]
+    nearest = [nearest_hamming(x, ref.train[s]) for x, s in zip(gen, splits)]
+    rec["d_nn"] = [nn_divergence(x, ref.test, ref.train[s]) for x, s in zip(gen, splits)]
+    rec["gen_nn_hist"] = [nn_histogram(d, L).tolist() for d in nearest]  # (M, L + 1); the test one: ref.test_nn_hist
     rec["gen_nn_mean"] = [float(d.double().mean()) for d in nearest]
     rec["gen_copy_share"] = [float((d == 0).double().mean()) for d in nearest]
     rec["gen_mem_share"] = [float(near_copies(x, ref.train[s]).double().mean()) for x, (s, _) in zip(gen, members)]
@@ -340,15 +386,34 @@ def evaluate_checkpoint(models, members, ref: Reference, cfg: HierarchyConfig, s
     rec["gen_grammatical"] = [float(lp.isfinite().double().mean()) for lp in logp]
     rec["gen_logprob"] = [float(lp[lp.isfinite()].mean()) if lp.isfinite().any() else None for lp in logp]
 
-    # U-turns: overlap of model / BP, on the model's own training sequences vs test sequences
-    rec["uturn_ratio_train"], rec["uturn_ratio_test"] = [], []
-    n = cfg.n_uturn
-    for d, (s, _) in zip(dens, members):
+    # U-turns: per-sequence overlap ratio model / BP (mean, SEM) on the model's own training vs test sequences
+    n = ref.uturn_own
+    for key in ("uturn_ratio_train", "uturn_ratio_train_sem", "uturn_ratio_test", "uturn_ratio_test_sem"):
+        rec[key] = []
+    for d, s in zip(dens, splits):
         model = uturn_overlap(d, ref.uturn_inputs[s], q, ref.uturn_steps, schedule, cfg.uturn_reps, seeds.evaluation("uturn"))
-        bp = ref.uturn_bp[s]
-        rec["uturn_ratio_train"].append((model[:, :n].mean(1) / bp[:, :n].mean(1)).tolist())
-        rec["uturn_ratio_test"].append((model[:, n:].mean(1) / bp[:, n:].mean(1)).tolist())
+        for side, cols in (("train", slice(None, n)), ("test", slice(n, None))):
+            ratio = uturn_ratio(model[:, cols], ref.uturn_bp[s][:, cols])
+            rec[f"uturn_ratio_{side}"].append(ratio["mean"])
+            rec[f"uturn_ratio_{side}_sem"].append(ratio["sem"])
+
+    # U-turns of uniformly random sequences (the same sequences and noise as the reference's BP and empirical ones)
+    rand = [uturn_random({"model": d}, cfg.n_random_uturn, L, q, ref.random_uturn_steps, schedule, cfg.uturn_reps,
+                         seeds.evaluation("uturn_random"))["model"] for d in dens]
+    rec["uturn_random"] = [r["mean"] for r in rand]  # (M, len(random_uturn_steps))
+    rec["uturn_random_sem"] = [r["sem"] for r in rand]
     return rec, {"samples": torch.stack(gen)}
+
+
+def _kl_along_t(den, inputs: list[Frozen]) -> list[list[float]]:
+    """``KL(BP_k || den)`` for every k at each step of ``inputs`` (one :class:`Frozen` per step): ``(K, len(inputs))``."""
+    return oracle_kl_along_t([f.bp for f in inputs], [den(f.x_t, f.t) for f in inputs])
+
+
+def _loss_terms(den, inputs: Frozen) -> dict:
+    """``l = l* + l~`` of the denoiser ``den`` on ``inputs`` (``None``: of BP_0 itself, the floor of ``l``)."""
+    pred = inputs.bp[0] if den is None else den(inputs.x_t, inputs.t)
+    return loss_terms(pred, inputs.bp[0], inputs.x0)
 
 
 def coarse_to_fine(records: list[dict], cfg: HierarchyConfig, seeds: SeedPlan) -> dict:

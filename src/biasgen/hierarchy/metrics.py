@@ -71,14 +71,19 @@ def sample_split_kl(den_a: Denoiser, den_b: Denoiser, x_t: torch.Tensor, t: torc
     return symmetric_kl(den_a(x_t, t), den_b(x_t, t))
 
 
-def bp_predictions(grammar, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The exact denoisers BP_0..BP_depth on fixed inputs: ``(depth + 1, B, L, q)`` float64.
+def bp_predictions(grammar, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor,
+                   levels: int | None = None) -> torch.Tensor:
+    """The exact denoisers BP_0..BP_{K-1} on fixed inputs: ``(K, B, L, q)`` float64.
 
-    ``x_t``: ``(B, L, q)`` and ``t``: ``(B,)``, e.g. from :func:`noised_inputs`. Compute them once
-    per run on frozen inputs, then compare every checkpoint with :func:`oracle_kl`,
-    :func:`oracle_kl_along_t` or :func:`loss_terms` without running BP again.
+    ``x_t``: ``(B, L, q)`` and ``t``: ``(B,)``, e.g. from :func:`noised_inputs`; ``levels`` = K
+    (default ``depth + 1``: every k; 1: BP_0 alone). Compute them once per run on frozen inputs,
+    then compare every checkpoint with :func:`oracle_kl`, :func:`oracle_kl_along_t` or
+    :func:`loss_terms` without running BP again.
     """
-    return torch.stack([bp_denoise_fn(grammar, schedule, k)(x_t, t).double() for k in range(grammar.depth + 1)])
+    levels = grammar.depth + 1 if levels is None else levels
+    if not 1 <= levels <= grammar.depth + 1:
+        raise BiasgenError(f"levels must lie in 1..{grammar.depth + 1} (BP_0..BP_depth), got {levels}.")
+    return torch.stack([bp_denoise_fn(grammar, schedule, k)(x_t, t).double() for k in range(levels)])
 
 
 def oracle_kl(bp_preds: torch.Tensor, pred: torch.Tensor) -> list[float]:

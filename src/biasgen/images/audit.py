@@ -48,6 +48,11 @@ from .metrics import (
 from .unet import UNet
 
 
+# Noise levels t (of T = 1000) of the score-level twin similarity (docs/method.md §4): 50..200, and 200, 500 and
+# 800, the levels at which the authors' code draws the paper's Fig. 2.
+SCORE_TS = (50, 100, 150, 200, 500, 800)
+
+
 @dataclass
 class AuditConfig(TwinConfig):
     """The image audit's settings: the shared twin settings (:class:`~biasgen.config.TwinConfig`) plus these."""
@@ -76,7 +81,7 @@ class AuditConfig(TwinConfig):
     sampler: str = opt("ddpm", "ddpm (ancestral: draws of the DDPM posterior) or ddim (deterministic unless --eta > 0)")
     sample_steps: int | None = opt(50, "sampling steps, evenly spaced from T to 1 (none: all T, the paper's sampler; "
                                        "docs/samplers.md compares the choices)")
-    score_ts: tuple[int, ...] = opt((50, 100, 150, 200), "diffusion steps t for the score-level twin similarity")
+    score_ts: tuple[int, ...] = opt(SCORE_TS, "diffusion steps t for the score-level twin similarity")
     n_score_inputs: int = opt(128, "training and test inputs for the score-level similarity")
     eval_batch: int = opt(256, "batch size of evaluation passes")
 
@@ -88,7 +93,10 @@ class AuditConfig(TwinConfig):
         check(self.scaling in ("minus1to1", "center"), f"--scaling must be minus1to1 or center, got {self.scaling!r}.")
         check(self.schedule in ("linear", "cosine"), f"--schedule must be linear or cosine, got {self.schedule!r}.")
         check(self.resolution is None or self.resolution >= 4, "--resolution must be at least 4 pixels.")
-        check(all(1 <= t < self.T for t in self.score_ts), f"--score-ts must lie in [1, {self.T - 1}].")
+        scaled = ",".join(str(max(1, t * self.T // 1000)) for t in SCORE_TS)
+        check(all(1 <= t < self.T for t in self.score_ts),
+              f"--score-ts must lie in [1, {self.T - 1}], got {self.score_ts} (the default is meant for T = 1000); "
+              f"pass steps below --T, e.g. the default rescaled: --score-ts {scaled}.")
         check(len(self.channel_mults) >= 1, "--channel-mults needs at least one level, e.g. 1,2.")
         check(self.model in ("unet", "diffusers"), f"--model must be unet or diffusers, got {self.model!r}.")
         check((self.model == "diffusers") == (self.model_config is not None),

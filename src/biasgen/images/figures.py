@@ -184,12 +184,16 @@ def _score(t: str, key: str):
 def plot_score_similarity(records: Sequence[dict], summary: dict | None, path: str | Path) -> Path:
     """The paper's Fig. 2: twin score similarity on training vs test inputs over training, one panel per t."""
     ts = _score_keys(records)
-    fig = Figure(figsize=(3.6 * max(len(ts), 1), 3.6))
+    cols = min(max(len(ts), 1), 4)  # at most 4 panels a row
+    rows = max(math.ceil(len(ts) / cols), 1)
+    fig = Figure(figsize=(3.6 * cols, 3.6 * rows))
     if not ts:
         ax = fig.add_subplot()
         _empty(ax, "score-level similarity")
         return _save(fig, path)
-    axes = fig.subplots(1, len(ts), sharey=True, squeeze=False)[0]
+    axes = fig.subplots(rows, cols, sharey=True, squeeze=False).flatten()
+    for ax in axes[len(ts):]:
+        ax.set_axis_off()
     for i, (ax, t) in enumerate(zip(axes, ts)):
         _step_axis(ax, records)
         for split, color in (("train", "tab:red"), ("test", "tab:green")):
@@ -197,7 +201,8 @@ def plot_score_similarity(records: Sequence[dict], summary: dict | None, path: s
         _mark_taus(ax, summary, label=i == 0)
         ax.set_title(f"t = {t}", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("twin score cosine similarity")
+    for ax in axes[::cols]:
+        ax.set_ylabel("twin score cosine similarity")
     axes[0].legend(fontsize=8)
     fig.suptitle("Score-level twin similarity: training vs test inputs", fontsize=11)
     return _save(fig, path)
