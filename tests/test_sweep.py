@@ -240,3 +240,11 @@ def test_target_advice_and_its_refusals():
     assert "at least 3" in extrapolate(fits, SIZES[:2], 2560)["refused"]
     no_bias = extrapolate({**fits, "tau_bias": wide}, SIZES, 2560)
     assert no_bias["recommended_step"] is None and "tau_bias" in no_bias["refused"]
+
+
+def test_memorization_onset_needs_copies_that_persist():
+    shares = [(10, [0, 0]), (20, [0.001, 0.01]), (40, [0, 0.01]), (80, [0.02, 0.05]), (160, [0.1, 0.2])]
+    series = [{"step": s, "share": sum(ci) / 2, "ci": ci} for s, ci in shares]
+    onset = memorization_onset(series, 0.0)
+    assert onset["step"] == 80 and onset["ci"] == [20, 80]  # the lone near-copies at step 20 are its first sign only
+    assert memorization_onset(series[:3], 0.0)["bound"] == "lower"  # gone again by the last checkpoint: not reached

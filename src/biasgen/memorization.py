@@ -22,15 +22,19 @@ def wilson(k: int, n: int, z: float = MEM_Z) -> list[float]:
 
 
 def memorization_onset(series: list[dict], level: float = 0.0) -> dict:
-    """tau_mem: the first checkpoint whose 95% lower bound of the memorized share exceeds ``level``.
+    """tau_mem: the first checkpoint from which the 95% lower bound of the memorized share stays above ``level``.
 
-    ``series``: per checkpoint ``{"step", "share", "ci": [lo, hi]}``, in step order. ``ci`` of the
-    result runs from the first checkpoint whose share itself exceeds ``level`` (the first sign) to
-    tau_mem; with no such checkpoint tau_mem is a lower bound (after the last step), and an onset
-    at the first checkpoint an upper bound.
+    ``series``: per checkpoint ``{"step", "share", "ci": [lo, hi]}``, in step order. The bound must
+    hold at that checkpoint and every later one: memorization persists, while a few near-copies at
+    one checkpoint that are gone at the next are not its onset. ``ci`` of the result runs from the
+    first checkpoint whose share itself exceeds ``level`` (the first sign) to tau_mem; with no such
+    checkpoint tau_mem is a lower bound (after the last step), and an onset at the first checkpoint
+    an upper bound.
     """
     steps = [s["step"] for s in series]
-    onset = next((s for s in series if s["ci"][0] > level), None)
+    above = [s["ci"][0] > level for s in series]
+    start = next((i for i in range(len(series)) if all(above[i:])), None)
+    onset = series[start] if start is not None else None
     if onset is None:
         return {"step": None, "ci": None, "located": False, "bound": "lower", "value": steps[-1], "level": level,
                 "share_last": series[-1]["share"], "share_last_ci": series[-1]["ci"]}

@@ -151,7 +151,7 @@ def sweep(out: str | Path = "runs/sweep", kind: str | None = None, sizes=None, p
     training-set sizes per split; ``preset``: a sweep preset (``PRESETS``); ``steps_per_image``:
     each size trains ``ceil(steps_per_image * n)`` steps (``None`` with ``steps=...``: the same
     budget for all); ``target_n``: the user's training-set size for the advice; ``mem_level``:
-    tau_mem is the first checkpoint whose 95% lower bound of the memorized share exceeds it;
+    tau_mem is the first checkpoint from which the 95% lower bound of the memorized share stays above it;
     ``settings``: the experiment's config (``AuditConfig`` / ``HierarchyConfig`` fields).
     """
     started = time.time()
@@ -235,7 +235,7 @@ def assemble(plan: Plan, rows: list[dict]) -> dict:
             "definitions": {
                 "tau_bias": "checkpoint of the twin-distance minimum (each size's summary.json)",
                 "tau_loss": "checkpoint of the test-loss minimum (each size's summary.json)",
-                "tau_mem": f"first checkpoint whose 95% lower bound of the memorized share exceeds {plan.mem_level}",
+                "tau_mem": f"first checkpoint from which the 95% lower bound of the memorized share stays above {plan.mem_level}",
                 "memorized share": plan.experiments[0].memorization_rule,
                 "bounds": "lower: the tau lies after the last checkpoint; upper: at or before the first",
                 "fit": "log tau = log c + a log n + sigma z, bounds censored (Tobit), docs/sweep.md"},
@@ -279,8 +279,8 @@ def build_parser(kind: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--sizes", help="increasing training-set sizes per split, e.g. 16,32,64,128")
     parser.add_argument("--steps-per-image", type=float, help="each size trains ceil(X * n) steps")
     parser.add_argument("--target-n", type=int, help="your training-set size: extrapolate the taus to it")
-    parser.add_argument("--mem-level", type=float, default=0.0, help="tau_mem: first checkpoint whose 95%% lower "
-                                                                     "bound of the memorized share exceeds this")
+    parser.add_argument("--mem-level", type=float, default=0.0, help="tau_mem: first checkpoint from which the 95%% lower "
+                                                                     "bound of the memorized share stays above this")
     parser.add_argument("--max-exponent-ci-width", type=float, default=1.0,
                         help="refuse to extrapolate a tau whose exponent interval is wider than this")
     parser.add_argument("--config", metavar="FILE.toml", help="TOML file of the experiment's settings")
