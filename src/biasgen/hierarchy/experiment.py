@@ -98,7 +98,7 @@ PRESETS: dict[str, dict] = {
     # steps): about 3 minutes on 2 CPU cores; docs/hierarchy-experiments.md gives what it shows and why 3 seeds.
     "cpu": dict(seeds_per_split=3, first_checkpoint=2, checkpoints=18),
     # A depth-3 grammar the 2-layer model learns nearly to the exact test cross-entropy on CPU (n = 1000 per split,
-    # 3000 steps, 2 splits x 3 seeds: with 2 seeds the placebo contrast fired); docs/hierarchy-experiments.md.
+    # 3000 steps, 2 splits x 3 seeds, as the cpu preset); docs/hierarchy-experiments.md gives what it shows.
     "cpu-depth3": dict(depth=3, n=1000, steps=3000, checkpoints=14, seeds_per_split=3),
     # The paper's hierarchical setting (docs/method.md §8) at n = 12k, for a GPU (hours).
     "paper": dict(pool=1_000_000, n=12_000, splits=3, seeds_per_split=5, n_test=10_000, layers=8, width=512, heads=4,
