@@ -109,10 +109,11 @@ def _write_after(seconds, folder):
 
 @needs_ray
 def test_closing_the_results_cancels_the_outstanding_tasks(local_ray, tmp_path):
-    results = run_jobs(_write_after, [0, 3, 4], workers=2, shared=str(tmp_path), backend="ray")
+    # the other jobs sleep longer than a cold worker takes to start (importing torch) even on a loaded machine
+    results = run_jobs(_write_after, [0, 8, 9], workers=2, shared=str(tmp_path), backend="ray")
     assert next(results) == 0
     results.close()  # what Ctrl-C in the driver does: the generator unwinds and cancels what is left
-    time.sleep(5)
+    time.sleep(10)  # without the cancel, done8 and done9 would be written by now
     assert sorted(p.name for p in tmp_path.iterdir()) == ["done0"]
 
 
