@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 from .errors import BiasgenError
 
 MAX_RETRIES = 3  # runs of a task after its worker process died
+CANCEL_GRACE_S = 3.0  # seconds a cancelled task gets to unwind before its worker is killed
 CONNECT_TIMEOUT_S = 5.0  # how long to wait for a --ray-address to answer
 
 
@@ -134,10 +135,21 @@ def run_ray_jobs(
                 done, pending = ray.wait(pending, num_returns=1)
                 yield _result(ray, done[0])
         finally:
-            for ref in pending:
-                ray.cancel(ref)
-            if pending:  # let cancelled tasks unwind (temporary files removed) before Ray may shut down
-                ray.wait(pending, num_returns=len(pending), timeout=10)
+            cancel(ray, pending)
+
+
+def cancel(ray, refs: list) -> None:
+    """Cancel the tasks ``refs``: first by interrupting them (they unwind and remove their temporary files), then,
+    for any still running after ``CANCEL_GRACE_S``, by killing their worker (every write is atomic, so a killed task
+    leaves at most a temporary file). Ray sometimes misses the interrupt of a task whose worker is just starting."""
+    for ref in refs:
+        ray.cancel(ref)
+    if refs:
+        _, running = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_GRACE_S)
+        for ref in running:
+            ray.cancel(ref, force=True)
+        if running:
+            ray.wait(running, num_returns=len(running), timeout=CANCEL_GRACE_S)
 
 
 def _result(ray, ref):
