@@ -29,7 +29,8 @@ from ..twins import model_pairs
 from . import figures
 from .denoisers import bp_denoise_fn, empirical_denoise_fn, sample_sequences
 from .grammar import Grammar
-from .metrics import (bp_predictions, loss_terms, near_copies, nearest_hamming, nn_divergence, nn_histogram,
+from .metrics import (bp_predictions, distance_divergence, is_near_copy, loss_terms, near_copies, nearest_hamming,
+                      nearest_two_hamming, nn_histogram,
                       noised_inputs, oracle_kl, oracle_kl_along_t, symmetric_kl, uturn_overlap, uturn_random, uturn_ratio)
 from .model import SequenceDenoiser, as_denoiser
 
@@ -146,7 +147,7 @@ class Reference:
     kl_train: list[list[Frozen]]  # per split, per step of kl_steps, its first n_eval sequences, BP_0..BP_depth
     kl_steps: list[int]  # the t grid of the KL-along-t curves
     kl_bp: list[list[float]]  # KL(BP_0 || BP_k) along t on the test inputs: (depth + 1) lists of len(kl_steps)
-    test_nn_hist: list[list[float]]  # per split, the Hamming histogram of test sequences to their nearest training one
+    test_nn_dist: list[torch.Tensor]  # per split, LongTensor (n_test,): each test sequence's distance to its nearest training one
     uturn_steps: list[int]
     uturn_own: int  # training sequences at the head of each uturn_inputs entry: min(n_uturn, n)
     uturn_inputs: list[torch.Tensor]  # per split: its first uturn_own sequences then n_uturn test sequences (., L)
@@ -273,7 +274,7 @@ class HierarchyExperiment(TwinExperiment):
             "loss_t_step": int(ref.test_lt.t[0]), "test_ce_at_t": _loss_terms(None, ref.test_lt)["l"],
             "uturn_steps": ref.uturn_steps,
             "uturn_overlap_bp_test": torch.stack(ref.uturn_bp)[:, :, ref.uturn_own:].mean((0, 2)).tolist()},
-            "nn_histograms": {"distance": list(range(2 ** self.cfg.depth + 1)), "test_per_split": ref.test_nn_hist},
+            "nn_histograms": {"distance": list(range(2 ** self.cfg.depth + 1)), "test_per_split": [nn_histogram(d, 2 ** self.cfg.depth).tolist() for d in ref.test_nn_dist]},
             "uturn_random": {"steps": ref.random_uturn_steps, **ref.random_uturn,
                              "model_last_checkpoint": {"mean": last["uturn_random"], "sem": last["uturn_random_sem"]}}}
 
@@ -327,7 +328,7 @@ def make_reference(data: Data, cfg: HierarchyConfig, seeds: SeedPlan) -> Referen
                   for i, s in splits],
         kl_steps=kl_steps,
         kl_bp=[oracle_kl_along_t([f.bp[:1] for f in kl_test], [f.bp[k] for f in kl_test])[0] for k in range(every_k)],
-        test_nn_hist=[nn_histogram(nearest_hamming(data.test, s), L).tolist() for s in data.train],
+        test_nn_dist=[nearest_hamming(data.test, s) for s in data.train],
         uturn_steps=uturn_steps, uturn_own=min(cfg.n_uturn, cfg.n), uturn_inputs=uturn_inputs,
         uturn_bp=[uturn_overlap(exact["bp_0"], x, q, uturn_steps, schedule, cfg.uturn_reps, seeds.evaluation("uturn"))
                   for x in uturn_inputs],
@@ -376,12 +377,13 @@ def evaluate_checkpoint(models, members, ref: Reference, cfg: HierarchyConfig, s
     # generation from shared noise: D_NN and its histogram, grammaticality, exact log-probability
     gen = [sample_sequences(d, L, q, seeds.sample_seeds(cfg.n_samples), schedule, cfg.sampler,
                             cfg.sample_steps, eta=cfg.eta, batch_size=1024) for d in dens]
-    nearest = [nearest_hamming(x, ref.train[s]) for x, s in zip(gen, splits)]
-    rec["d_nn"] = [nn_divergence(x, ref.test, ref.train[s]) for x, s in zip(gen, splits)]
-    rec["gen_nn_hist"] = [nn_histogram(d, L).tolist() for d in nearest]  # (M, L + 1); the test one: ref.test_nn_hist
+    two = [nearest_two_hamming(x, ref.train[s]) for x, s in zip(gen, splits)]  # (N, 2) per model: d1, d2
+    nearest = [d[:, 0] for d in two]
+    rec["d_nn"] = [distance_divergence(d, ref.test_nn_dist[s], L) for d, s in zip(nearest, splits)]
+    rec["gen_nn_hist"] = [nn_histogram(d, L).tolist() for d in nearest]  # (M, L + 1); the test one: in the summary
     rec["gen_nn_mean"] = [float(d.double().mean()) for d in nearest]
     rec["gen_copy_share"] = [float((d == 0).double().mean()) for d in nearest]
-    rec["gen_mem_share"] = [float(near_copies(x, ref.train[s]).double().mean()) for x, (s, _) in zip(gen, members)]
+    rec["gen_mem_share"] = [float(is_near_copy(d).double().mean()) for d in two]
     logp = [ref.grammar.log_prob(x) for x in gen]
     rec["gen_grammatical"] = [float(lp.isfinite().double().mean()) for lp in logp]
     rec["gen_logprob"] = [float(lp[lp.isfinite()].mean()) if lp.isfinite().any() else None for lp in logp]

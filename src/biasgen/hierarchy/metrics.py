@@ -194,7 +194,12 @@ def near_copies(x: torch.Tensor, ref: torch.Tensor, ratio: float = NEAR_COPY_RAT
     ``ratio = 1/3``: every exact copy (``d1 = 0``), one symbol off when ``d2 >= 4``, two when
     ``d2 >= 7``, ``k`` when ``d2 >= 3k + 1``.
     """
-    d = nearest_two_hamming(x, ref).double()
+    return is_near_copy(nearest_two_hamming(x, ref), ratio)
+
+
+def is_near_copy(d: torch.Tensor, ratio: float = NEAR_COPY_RATIO) -> torch.Tensor:
+    """``d1 / d2 < ratio`` for the distances ``d (N, 2)`` of :func:`nearest_two_hamming`: BoolTensor ``(N,)``."""
+    d = d.double()
     return d[:, 0] / d[:, 1] < ratio  # d2 >= 1 (distinct sequences), so the ratio is finite
 
 
@@ -221,8 +226,13 @@ def nn_divergence(generated: torch.Tensor, test: torch.Tensor, train: torch.Tens
     ``generated (N, L)``, ``test (M, L)``, ``train (n, L)``. Both histograms get ``pseudo``
     counts per bin (additive smoothing) so an empty test bin gives a finite value.
     """
-    L = train.shape[1]
-    counts = [torch.bincount(nearest_hamming(x, train), minlength=L + 1).double() + pseudo for x in (generated, test)]
+    return distance_divergence(nearest_hamming(generated, train), nearest_hamming(test, train), train.shape[1], pseudo)
+
+
+def distance_divergence(gen_dist: torch.Tensor, test_dist: torch.Tensor, length: int, pseudo: float = 0.5) -> float:
+    """:func:`nn_divergence` from the nearest-training-sequence distances ``(N,)`` and ``(M,)`` already computed
+    (sequences of ``length`` symbols), so a fixed test set's distances are computed once."""
+    counts = [torch.bincount(d, minlength=length + 1).double() + pseudo for d in (gen_dist, test_dist)]
     p, r = (c / c.sum() for c in counts)
     return float((p * (p.log() - r.log())).sum())
 
