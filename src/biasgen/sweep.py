@@ -37,9 +37,12 @@ TAUS = ("tau_bias", "tau_loss", "tau_mem")
 
 PRESETS: dict[str, dict] = {
     # Bundled 8x8 digits, 2 splits x 2 seeds per size, 25 steps per image (the same epochs at every size): every
-    # tau, tau_mem included, is located inside the runs; docs/sweep.md gives what it shows.
+    # tau, tau_mem included, is located inside the runs; docs/sweep.md gives what it shows. Sampled with 50-step
+    # ancestral sampling (128 samples) to stay within 30 minutes on 2 CPU cores: not the paper's sampler, so every
+    # size's verdict carries the note (docs/samplers.md; --sample-steps none --n-samples 48 for the paper's).
     "default": dict(kind="audit", experiment_preset="default", sizes=(16, 32, 64, 128), steps_per_image=25.0,
-                    settings=dict(splits=2, seeds_per_split=2, n_test=512, checkpoints=14, first_checkpoint=20)),
+                    settings=dict(splits=2, seeds_per_split=2, n_test=512, checkpoints=14, first_checkpoint=20,
+                                  sample_steps=50, n_samples=128)),
     # The grammar lab at CPU sizes: the experiment's 'cpu' preset (2 splits x 3 seeds, checkpoints from step 2) at
     # each size; docs/sweep.md gives what it shows.
     "hierarchy-cpu": dict(kind="hierarchy", experiment_preset="cpu", sizes=(16, 32, 64, 128), steps_per_image=25.0,
