@@ -68,8 +68,9 @@ def main() -> None:
     preset = time_sampling(cfg, schedule, cfg.sampler, cfg.sample_steps)
     rows.append((f"sampling, the preset's {cfg.sampler} with {cfg.sample_step_count} steps",
                  f"{preset:.2f} s for {cfg.n_samples} samples"))
-    ddpm = time_sampling(cfg, schedule, "ddpm", None)
-    rows.append((f"sampling, DDPM {cfg.T} steps", f"{ddpm:.2f} s for {cfg.n_samples} samples ({ddpm / preset:.1f}x)"))
+    cheap = time_sampling(cfg, schedule, "ddpm", 50)
+    rows.append(("sampling, ancestral with 50 evenly spaced steps",
+                 f"{cheap:.2f} s for {cfg.n_samples} samples (the preset's costs {preset / cheap:.1f}x)"))
     if args.full:
         with tempfile.TemporaryDirectory() as out:
             summary = run_experiment(ImageAudit(cfg), out, progress=False)

@@ -1,0 +1,130 @@
+"""How many samples does an audit need, and what does a cheaper sampler cost in fidelity?
+
+    python bench/bench_sample_count.py RUN --out /tmp/counts                       # ddpm-1000 and ddpm-50, 128 samples
+    python bench/bench_sample_count.py RUN --out /tmp/counts --counts 128,64,48,32 --threads 2
+
+RUN is a finished ``biasgen audit`` folder (read only). Every checkpoint's models draw ``max(--counts)``
+samples from shared noise with each sampler of ``--samplers`` (the audit's own ``sample`` call and sample
+seeds; seeds are prefix-stable, so the first ``n`` samples are exactly what a run with ``--n-samples n``
+draws). The samples go to ``OUT/{sampler}-{step}.safetensors``; a killed bench continues where it stopped.
+
+Then, for every sampler and every ``n`` of ``--counts``, the first ``n`` samples give the twin and control
+curves, judged by the audit's own judge (``biasgen.pipeline.judge_records``, test losses from the run),
+and ``f_mem`` at the last checkpoint. Each curve is compared with the reference (the first sampler at the
+largest count): ``max |D - D_ref| / (SEM + SEM_ref)`` over checkpoints, SEMs over twin pairs. Prefixes of
+the reference's own samples are nested in it, so their deviations show the cost of fewer samples, not
+the spread of two independent draws.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from biasgen.config import build_config
+from biasgen.images.audit import AuditConfig, ImageAudit
+from biasgen.images.metrics import memorized_fraction, nearest_neighbors, twin_distance
+from biasgen.pipeline import judge_records
+from biasgen.checkpoint import load_tensors, save_tensors
+from biasgen.runs import environment, read_json, read_jsonl, write_bytes
+from biasgen.sampler import sample, x0_from_eps_model
+from biasgen.twins import load_model, make_members, model_pairs
+
+
+def parse_sampler(name: str) -> tuple[str, int]:
+    """``'ddpm-50'`` -> ``('ddpm', 50)``: the method and its evenly spaced steps (T of them: every step)."""
+    method, steps = name.split("-")
+    return method, int(steps)
+
+
+def draw(run: Path, out: Path, experiment: ImageAudit, samplers: list[str], n: int) -> None:
+    """Samples ``(M, n, C, H, W)`` of every checkpoint with every sampler, one file each, skipping existing ones."""
+    cfg = experiment.cfg
+    data = experiment.load()
+    members = make_members(cfg.splits, cfg.seeds_per_split)
+    model_class, model_kwargs = experiment.network(data)
+    schedule, shape = experiment.schedule(), tuple(data.test.shape[1:])
+    seeds = experiment.seeds.sample_seeds(n)
+    clip = 1.0 if cfg.scaling == "minus1to1" else None
+    for name in samplers:
+        method, steps = parse_sampler(name)
+        for r in read_jsonl(run / "metrics.jsonl"):
+            stem = out / f"{name}-{r['step']}"
+            if stem.with_suffix(".safetensors").exists() and stem.with_suffix(".json").exists():
+                continue
+            start = time.perf_counter()
+            x = torch.stack([sample(x0_from_eps_model(load_model(model_class, model_kwargs, run / "models" / f"model{m}",
+                                                                 r["step"], cfg.device), schedule, clip=clip),
+                                    schedule, shape, seeds, method=method, steps=steps, batch_size=cfg.eval_batch)
+                             for m in range(len(members))])
+            save_tensors(stem, {"samples": x}, {"sampler": name, "step": r["step"], "n_samples": n})
+            print(f"{name} step {r['step']}: {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def curves(out: Path, experiment: ImageAudit, records: list[dict], name: str, n: int, train_sets) -> dict:
+    """The first ``n`` samples of sampler ``name``: judged curves, per-checkpoint twin D and SEM, final f_mem."""
+    cfg = experiment.cfg
+    members = make_members(cfg.splits, cfg.seeds_per_split)
+    twins, controls = model_pairs(members)
+    new, twin = [], []
+    for r in records:
+        x = load_tensors(out / f"{name}-{r['step']}")[0]["samples"][:, :n]
+        tw, co = twin_distance(list(x), twins), twin_distance(list(x), controls)
+        twin.append((tw["mean"], tw["sem"]))
+        new.append({**r, "twin_distance": tw["median"], "twin_distance_sem": tw["sem"],
+                    "twin_distance_pairs": tw["per_pair"], "same_split_distance_pairs": co["per_pair"]})
+    own = [nearest_neighbors(x[m], train_sets[split]) for m, (split, _) in enumerate(members)]
+    fmem = memorized_fraction(torch.cat([o["l2"] for o in own]), torch.cat([o["l2_second"] for o in own]),
+                              n_boot=cfg.n_boot, seed=experiment.seeds.evaluation("f_mem_bootstrap"))
+    return {"judged": judge_records(experiment, new, members), "twin": twin, "f_mem": fmem}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="a finished biasgen audit folder (read only)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the samples and table.md")
+    parser.add_argument("--samplers", default="ddpm-1000,ddpm-50", help="the reference first, e.g. ddpm-1000,ddpm-50")
+    parser.add_argument("--counts", default="128,64,48,32", help="samples per model to judge (the largest is drawn)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    stored = read_json(args.run / "run.json")["config"]
+    cfg = build_config(AuditConfig, {}, None, None,
+                       {k: v for k, v in stored.items() if k in {f.name for f in dataclasses.fields(AuditConfig)}})
+    experiment = ImageAudit(cfg)
+    samplers, counts = args.samplers.split(","), sorted({int(c) for c in args.counts.split(",")}, reverse=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    print(f"machine: {env['platform']}, torch {env['torch']}, {os.cpu_count()} CPU cores, {args.threads} torch "
+          f"thread(s), load average {os.getloadavg()[0]:.1f}", flush=True)
+    draw(args.run, args.out, experiment, samplers, counts[0])
+
+    records = read_jsonl(args.run / "metrics.jsonl")
+    train_sets = experiment.load().train
+    ref = curves(args.out, experiment, records, samplers[0], counts[0], train_sets)
+    lines = [f"Reference: {samplers[0]}, {counts[0]} samples per model.", "",
+             "| sampler | samples per model | tau_bias (68% CI) | verdict | placebo | max abs(D - D_ref) / (SEM + SEM_ref) "
+             f"(at step) | twin D, step {records[-1]['step']} | f_mem, step {records[-1]['step']} (95% CI) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in samplers:
+        for n in counts:
+            c = ref if (name, n) == (samplers[0], counts[0]) else curves(args.out, experiment, records, name, n, train_sets)
+            devs = [abs(d - rd) / (e + re) for (d, e), (rd, re) in zip(c["twin"], ref["twin"])]
+            worst = max(range(len(devs)), key=devs.__getitem__)
+            j, fm = c["judged"], c["f_mem"]
+            placebo = j.get("negative_controls", {}).get("placebo_contrast", {}).get("verdict", "")
+            lines.append(f"| {name} | {n} | {j['tau_bias']['step']} {j['tau_bias']['ci']} | {j['verdict']} | {placebo} | "
+                         f"{devs[worst]:.2f} ({records[worst]['step']}) | {c['twin'][-1][0]:.4f} ± {c['twin'][-1][1]:.4f} | "
+                         f"{fm['value']:.3f} ({fm['ci'][0]:.3f}..{fm['ci'][1]:.3f}) |")
+    text = "\n".join(lines)
+    write_bytes(args.out / "table.md", text.encode())
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
