@@ -48,7 +48,7 @@ class HierarchyConfig(TwinConfig):
     ema_decay: float | None = opt(0.99, "EMA decay of the evaluated weights (none: raw weights; EMA smooths Adam noise but lags)")
     sampler: str = opt("ddpm", "ddpm (ancestral: draws of the posterior, as the paper) or ddim (deterministic unless "
                                "--eta > 0; it collapses an undertrained model's samples onto the most likely symbols)")
-    sample_steps: int | None = opt(25, "sampling steps, evenly spaced from T to 1 (none: all T, the paper's DDPM)")
+    sample_steps: int | None = opt(None, "sampling steps, evenly spaced from T to 1 (none: all T, the paper's DDPM)")
     threads: int = opt(1, "torch CPU threads in the main process (0: torch's default); small models run fastest on 1")
     # grammar
     q: int = opt(6, "vocabulary size")
@@ -96,7 +96,7 @@ class HierarchyConfig(TwinConfig):
 
 PRESETS: dict[str, dict] = {
     # n = 64 per split, 2 splits x 3 seeds, 1500 steps, checkpoints from step 2 (the twins first converge within ~15
-    # steps): about 3 minutes on 2 CPU cores; docs/hierarchy-experiments.md gives what it shows and why 3 seeds.
+    # steps): a few minutes on 2 CPU cores; docs/hierarchy-experiments.md gives what it shows and why 3 seeds.
     "cpu": dict(seeds_per_split=3, first_checkpoint=2, checkpoints=18),
     # A depth-3 grammar the 2-layer model learns nearly to the exact test cross-entropy on CPU (n = 1000 per split,
     # 3000 steps, 2 splits x 3 seeds, as the cpu preset); docs/hierarchy-experiments.md gives what it shows.
