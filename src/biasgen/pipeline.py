@@ -153,12 +153,10 @@ class TwinExperiment:
         return []
 
     def memorized_share(self, records: list[dict]) -> list[dict] | None:
-        """Per checkpoint ``{"step", "share", "ci": [lo, hi]}``: the share of generated samples that copy a training
-        example, with its 95% interval; it locates tau_mem (:mod:`biasgen.memorization`). Default: not measured."""
-        return None
-
-    def memorized_share_key(self, records: list[dict]) -> str | None:
-        """The ``metrics.jsonl`` key :meth:`memorized_share` reads (``memorization_rule`` says what it counts)."""
+        """Per checkpoint ``{"step", "share", "ci": [lo, hi], "key"}``: the share of generated samples that copy a
+        training example, with its 95% interval, and the ``metrics.jsonl`` key it was read from
+        (``memorization_rule`` says what it counts); it locates tau_mem (:mod:`biasgen.memorization`).
+        Default: not measured."""
         return None
 
     def sampler_validated(self, name: str) -> bool:

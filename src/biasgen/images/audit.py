@@ -186,10 +186,7 @@ class ImageAudit(TwinExperiment):
 
     def memorized_share(self, records: list[dict]) -> list[dict]:
         """``f_mem`` (d1/d2 < 1/3 to the own split, pooled over models) with its bootstrap 95% interval."""
-        return [{"step": r["step"], "share": r["f_mem"], "ci": r["f_mem_ci"]} for r in records]
-
-    def memorized_share_key(self, records: list[dict]) -> str:
-        return "f_mem"
+        return [{"step": r["step"], "share": r["f_mem"], "ci": r["f_mem_ci"], "key": "f_mem"} for r in records]
 
     def summarize(self, records, data, reference, judged) -> dict:
         steps = [r["step"] for r in records]
