@@ -103,3 +103,11 @@ def test_the_judge_refuses_members_that_contradict_the_pairs():
         judge(*args, members=make_members(1, 4))
     with pytest.raises(BiasgenError, match="lists 3 models"):
         judge(*args, members=make_members(1, 3))
+
+
+def test_judge_records_notes_the_sampler_block_it_is_given():
+    experiment = ImageAudit.from_settings("tiny", None, seeds_per_split=2, n_boot=50)
+    records = synthetic_records(0.0)
+    assert "Note: sampled with" not in judge_records(experiment, records, make_members(2, 2), {"validated": True})["reason"]
+    judged = judge_records(experiment, records, make_members(2, 2), {"name": "ddim-7", "validated": False})
+    assert "Note: sampled with ddim-7, which was not validated" in judged["reason"]

@@ -236,12 +236,16 @@ def _evaluate_step(step: int, shared: Shared) -> tuple[int, dict]:
     return step, record
 
 
-def judge_records(experiment: TwinExperiment, records: list[dict], members: list[tuple[int, int]]) -> dict:
+def judge_records(experiment: TwinExperiment, records: list[dict], members: list[tuple[int, int]],
+                  sampler: dict | None = None) -> dict:
     """The verdict part of ``summary.json`` from ``metrics.jsonl`` records alone (``biasgen judge`` reruns it).
 
+    ``sampler``: the run's :func:`sampler_summary` when the caller has it (default: computed here); the
+    reason notes a sampler not validated against the paper's.
+
     The twin curve, the control curve (when the experiment has same-split pairs), the test loss and the members
-    go to :func:`biasgen.onset.judge` (which also runs the negative controls and their placebo gate); any further curve of the experiment (e.g. ``tau_nn``) is located with
-    :func:`biasgen.onset.checkpoint_minimum`.
+    go to :func:`biasgen.onset.judge` (which also runs the negative controls and their placebo gate); any further
+    curve of the experiment (e.g. ``tau_nn``) is located with :func:`biasgen.onset.checkpoint_minimum`.
     """
     cfg, seeds = experiment.cfg, experiment.seeds
     steps = [r["step"] for r in records]
@@ -255,7 +259,7 @@ def judge_records(experiment: TwinExperiment, records: list[dict], members: list
                                                   reduce=c.reduce))
               for i, (name, c) in enumerate(curves.items()) if name not in ("tau_bias", "tau_loss", "control")}
     window = judged.pop("window")
-    sampler = sampler_summary(cfg, experiment.sampler_validated)
+    sampler = sampler or sampler_summary(cfg, experiment.sampler_validated)
     if not sampler["validated"]:
         judged["reason"] += (f" Note: sampled with {sampler['name']}, which was not validated against the paper's "
                              f"{cfg.T}-step DDPM sampler (docs/samplers.md); tau_bias may sit a checkpoint or more "
@@ -302,9 +306,9 @@ def summarize(experiment: TwinExperiment, records: list[dict], data: Data, refer
               members: list[tuple[int, int]], complete: bool) -> dict:
     """``summary.json``: the verdict, taus and advice (:func:`judge_records`), then the experiment's own part."""
     cfg, seeds = experiment.cfg, experiment.seeds
-    judged = judge_records(experiment, records, members)
-    twins, controls = model_pairs(members)
     sampler = sampler_summary(cfg, experiment.sampler_validated)
+    judged = judge_records(experiment, records, members, sampler)
+    twins, controls = model_pairs(members)
     return {
         **judged,
         **experiment.summarize(records, data, reference, judged),
