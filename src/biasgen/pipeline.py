@@ -43,7 +43,7 @@ from .errors import BiasgenError
 from .runs import append_jsonl, environment, prepare_run_dir, progress_bar, read_json, read_jsonl, write_json
 from .sampler import describe_sampler
 from .seeds import SeedPlan
-from .training import checkpoint_steps
+from .training import checkpoint_stem, checkpoint_steps
 from .twins import load_model, make_members, model_pairs, train_members
 
 
@@ -226,8 +226,8 @@ def evaluate_checkpoints(shared: Shared, steps: list[int], workers: int, progres
 def _evaluate_step(step: int, shared: Shared) -> tuple[int, dict]:
     """Load every model at ``step``, evaluate them, and store the kept tensors (a worker-process job)."""
     cfg = shared.experiment.cfg
-    models = [load_model(shared.model_class, shared.model_kwargs, shared.run / "models" / f"model{m}", step, cfg.device)
-              for m in range(len(shared.members))]
+    models = [load_model(shared.model_class, shared.model_kwargs, checkpoint_stem(shared.run / "models" / f"model{m}", step),
+                         cfg.device) for m in range(len(shared.members))]
     with torch.no_grad():
         record, keep = shared.experiment.evaluate(models, shared)
     if keep:
