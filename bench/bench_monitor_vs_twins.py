@@ -24,7 +24,7 @@ import torch
 from biasgen.checkpoint import load_tensors
 from biasgen.images.audit import loss_bands, member_experiment
 from biasgen.images.metrics import nearest_neighbors
-from biasgen.monitor import _subset
+from biasgen.monitor import reference_sets
 from biasgen.runs import read_json, read_jsonl
 
 MATERIAL = 0.1  # a band's gap is material when it ends at least this share of the final validation loss
@@ -36,9 +36,7 @@ def closeness(monitor_dir: Path, records: list[dict]) -> list[tuple[float, float
     audit = run["config"]["meta"]["audit"]
     data = member_experiment(audit).load()
     train, heldout = data.train[audit["split"]], data.test
-    n_ref = min(len(train), len(heldout))
-    ref_heldout = _subset(heldout, n_ref, run["seeds"]["monitor_reference_heldout"])
-    ref_train = _subset(train, n_ref, run["seeds"]["monitor_reference_train"])
+    ref_train, ref_heldout = reference_sets(train, heldout, run["seeds"])
     out = []
     for r in records:
         samples = load_tensors(monitor_dir / "samples" / f"step_{r['step']:07d}")[0]["samples"]

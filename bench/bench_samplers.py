@@ -33,7 +33,7 @@ from biasgen.images.audit import AuditConfig, ImageAudit, evaluate_checkpoint
 from biasgen.pipeline import judge_records
 from biasgen.runs import append_jsonl, environment, read_json, read_jsonl, write_bytes
 from biasgen.sampler import describe_sampler, sample, x0_from_eps_model
-from biasgen.training import checkpoint_steps
+from biasgen.training import checkpoint_stem, checkpoint_steps
 from biasgen.twins import load_model, make_members
 
 REFERENCE = "ddpm-1000"
@@ -72,8 +72,8 @@ def run_bench(run: Path, out: Path, configs: list[AuditConfig], steps: list[int]
         for step in reference_steps if name == REFERENCE else steps:
             if (name, step) in done:
                 continue
-            models = [load_model(model_class, model_kwargs, run / "models" / f"model{m}", step, base.device)
-                      for m in range(len(members))]
+            models = [load_model(model_class, model_kwargs, checkpoint_stem(run / "models" / f"model{m}", step),
+                                 base.device) for m in range(len(members))]
             start = time.perf_counter()
             with torch.no_grad():
                 record, _ = evaluate_checkpoint(models, members, ref, cfg, experiment.seeds)
@@ -91,7 +91,7 @@ def time_sampling(run: Path, configs: list[AuditConfig], repeats: int = 2) -> st
     experiment = ImageAudit(base)
     data = experiment.load()
     shape = tuple(data.test.shape[1:])
-    model = load_model(*experiment.network(data), run / "models" / "model0", base.steps, base.device)
+    model = load_model(*experiment.network(data), checkpoint_stem(run / "models" / "model0", base.steps), base.device)
     schedule = experiment.schedule()
     seeds = experiment.seeds.sample_seeds(base.n_samples)
     best = {name_of(c): float("inf") for c in configs}

@@ -254,6 +254,7 @@ def test_audit_trains_a_unet2dmodel_under_the_twin_protocol(diffusers_audit):
 
 def test_audit_checkpoint_exports_to_a_ddpm_pipeline(diffusers_audit, tmp_path):
     from biasgen.images.audit import export_checkpoint
+    from biasgen.training import checkpoint_stem
     from biasgen.twins import load_model
 
     out = export_checkpoint(diffusers_audit, model=1, step=12, out=tmp_path / "twin1")
@@ -261,8 +262,8 @@ def test_audit_checkpoint_exports_to_a_ddpm_pipeline(diffusers_audit, tmp_path):
     config = json.loads((diffusers_audit / "run.json").read_text())["config"]
     schedule = dm.schedule_from_scheduler_config(config["scheduler_config"])  # the run's scaled-linear schedule
     torch.testing.assert_close(pipe.scheduler.alphas_cumprod.double(), schedule.alpha_bar[1:], rtol=1e-5, atol=1e-6)
-    net = load_model(dm.DiffusersEps, {"config": dm.load_unet_config(TINY)}, diffusers_audit / "models" / "model1",
-                     12, "cpu")
+    net = load_model(dm.DiffusersEps, {"config": dm.load_unet_config(TINY)},
+                     checkpoint_stem(diffusers_audit / "models" / "model1", 12), "cpu")
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 900])
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(x, t - 1).sample, net(x, t))

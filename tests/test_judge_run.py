@@ -3,12 +3,15 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 
 from biasgen.cli import main
+from biasgen.errors import BiasgenError
 from biasgen.images.audit import ImageAudit, audit
-from biasgen.pipeline import judge_records, placebo_gate
+from biasgen.onset import judge, placebo_gate
+from biasgen.pipeline import judge_records
 from biasgen.runs import read_jsonl
-from biasgen.twins import make_members
+from biasgen.twins import make_members, model_pairs
 
 
 def test_judge_rejudges_a_run_from_its_files_alone_using_the_controls(tmp_path, capsys):
@@ -72,3 +75,39 @@ def test_a_failing_placebo_turns_a_detection_into_inconclusive():
     assert judged["verdict"] == "inconclusive" and "negative control fails" in judged["reason"]
     assert judged["recommendation_basis"] == "tau_loss"
     assert placebo_gate(clean) == {}
+
+
+def judge_inputs(records: list[dict]) -> tuple:
+    """The positional arguments of :func:`biasgen.onset.judge` for :func:`synthetic_records`."""
+    table = lambda key: np.array([r[key] for r in records]).T  # (n_units, C)
+    twins, controls = model_pairs(make_members(2, 2))
+    return ([r["step"] for r in records], table("twin_distance_pairs"), twins, table("test_loss_units"),
+            table("same_split_distance_pairs"), controls)
+
+
+def test_the_pure_judge_applies_the_placebo_gate_when_given_the_members():
+    members = make_members(2, 2)
+    args = judge_inputs(synthetic_records(0.6))  # the cross-seed twin pairs go through an early transient
+    blind = judge(*args, n_boot=200)  # without members the judge cannot form the placebo
+    assert blind["verdict"] == "biased-generalization-detected" and "negative_controls" not in blind
+
+    gated = judge(*args, members=members, n_boot=200)
+    assert gated["negative_controls"]["placebo_contrast"]["verdict"] == "biased-generalization-detected"
+    assert gated["verdict"] == "inconclusive" and "negative control fails" in gated["reason"]
+    assert gated["recommended_step"] == gated["tau_loss"]["step"] != blind["recommended_step"]
+
+
+def test_the_judge_refuses_members_that_contradict_the_pairs():
+    args = judge_inputs(synthetic_records(0.0))
+    with pytest.raises(BiasgenError, match="contradict members"):
+        judge(*args, members=make_members(1, 4))
+    with pytest.raises(BiasgenError, match="lists 3 models"):
+        judge(*args, members=make_members(1, 3))
+
+
+def test_judge_records_notes_the_sampler_block_it_is_given():
+    experiment = ImageAudit.from_settings("tiny", None, seeds_per_split=2, n_boot=50)
+    records = synthetic_records(0.0)
+    assert "Note: sampled with" not in judge_records(experiment, records, make_members(2, 2), {"validated": True})["reason"]
+    judged = judge_records(experiment, records, make_members(2, 2), {"name": "ddim-7", "validated": False})
+    assert "Note: sampled with ddim-7, which was not validated" in judged["reason"]

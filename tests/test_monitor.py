@@ -9,6 +9,7 @@ from biasgen.errors import BiasgenError
 from biasgen.images.data import load_images, scale_images
 from biasgen.images.unet import UNet
 from biasgen.losses import eps_mse_loss
+from biasgen.monitor import reference_sets
 from biasgen.runs import read_jsonl
 from biasgen.schedule import NoiseSchedule
 
@@ -78,6 +79,9 @@ def test_monitor_in_a_toy_training_loop(digits, tmp_path):
     assert run["kind"] == "monitor" and run["config"]["n_samples"] == 12
     assert run["seeds"]["monitor_loss"] == 417 and run["data"]["overlap"] == 0
     assert run["environment"]["torch"] == torch.__version__
+    ref_train, ref_heldout = reference_sets(train, heldout, run["seeds"])  # rebuilt from run.json alone
+    assert torch.equal(ref_train, monitor.ref_train) and torch.equal(ref_heldout, monitor.ref_heldout)
+    assert len(ref_train) == len(ref_heldout) == 48 and not torch.equal(ref_heldout, heldout[:48])  # size-matched, drawn
     for name in ("fig_monitor.png", "fig_monitor_gallery.png", "summary.json", "samples/step_0000050.safetensors"):
         assert (tmp_path / "mon" / name).stat().st_size > 0
 

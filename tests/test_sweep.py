@@ -111,8 +111,9 @@ def test_memorized_share_of_sequences_pools_models_and_reads_older_runs():
     share = hierarchy.memorized_share(records)
     assert [s["share"] for s in share] == [1 / 8, 3 / 8] and share[1]["ci"] == wilson(3, 8)
     older = [{k: v for k, v in r.items() if k != "gen_mem_share"} for r in records]  # recorded before near-copies
-    assert hierarchy.memorized_share_key(older) == "gen_copy_share"
-    assert [s["share"] for s in hierarchy.memorized_share(older)] == [0.0, 1 / 8]
+    assert [s["key"] for s in share] == ["gen_mem_share"] * 2
+    assert [(s["share"], s["key"]) for s in hierarchy.memorized_share(older)] == [(0.0, "gen_copy_share"),
+                                                                                 (1 / 8, "gen_copy_share")]
 
 
 # -- bad input ----------------------------------------------------------------------------------------------

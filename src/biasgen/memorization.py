@@ -1,6 +1,6 @@
 """tau_mem, the memorization onset: when generated samples start to copy training examples (docs/method.md §11).
 
-    series = experiment.memorized_share(records)   # per checkpoint {"step", "share", "ci"}: the share of copies
+    series = experiment.memorized_share(records)   # per checkpoint {"step", "share", "ci", "key"}: the share of copies
     tau_mem = memorization_onset(series, level=0.0)
 
 Each experiment says what a copy is (images: ``f_mem``, the d1/d2 < 1/3 rule; sequences:

@@ -85,6 +85,18 @@ def _subset(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]]
 
 
+def reference_sets(train: torch.Tensor, heldout: torch.Tensor, seeds: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The monitor's size-matched nearest-neighbour references ``(ref_train, ref_heldout)``.
+
+    ``train``: ``(N, C, H, W)``, ``heldout``: ``(M, C, H, W)``; ``seeds``: a monitor run's seeds (its ``run.json`` →
+    ``seeds``). Returns two seeded subsets of ``min(N, M)`` images each, the same at every check, so a sample's
+    distance to its nearest training image and to its nearest held-out image compare on equal terms.
+    """
+    n_ref = min(len(train), len(heldout))
+    return (_subset(train, n_ref, seeds["monitor_reference_train"]),
+            _subset(heldout, n_ref, seeds["monitor_reference_heldout"]))
+
+
 @contextlib.contextmanager
 def _evaluating(model):
     """Eval mode for a torch module and a private global RNG state; both restored afterwards (each submodule's mode)."""
@@ -192,9 +204,7 @@ class Monitor:
         n = min(n_loss, len(self.train), len(self.heldout))
         self.loss_heldout = _subset(self.heldout, n, self.seeds["monitor_loss_heldout"])
         self.loss_train = _subset(self.train, n, self.seeds["monitor_loss_train"])
-        n_ref = min(len(self.train), len(self.heldout))
-        self.ref_heldout = _subset(self.heldout, n_ref, self.seeds["monitor_reference_heldout"])
-        self.ref_train = _subset(self.train, n_ref, self.seeds["monitor_reference_train"])
+        self.ref_train, self.ref_heldout = reference_sets(self.train, self.heldout, self.seeds)
         self.heldout_l2 = nearest_neighbors(self.ref_heldout, self.train)["l2"]
         self.sample_seeds = plan.sample_seeds(n_samples)
 

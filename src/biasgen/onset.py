@@ -10,8 +10,8 @@ from resampling units: units share each model's fluctuation at a checkpoint
 (every pair containing the model, every sample it draws), so they are not
 independent, and one pair of models has nothing to resample.
 
-    result = judge(steps, twin_distance, twin_pairs, test_loss, control_distance, control_pairs)
-    result["verdict"], result["reason"], result["recommended_step"]
+    result = judge(steps, twin_distance, twin_pairs, test_loss, control_distance, control_pairs, members=members)
+    result["verdict"], result["reason"], result["recommended_step"], result["negative_controls"]
 
 Every function returns plain JSON-serialisable values.
 """
@@ -143,6 +143,7 @@ def judge(
     control_distance=None,
     control_pairs: Sequence[tuple[int, int]] | None = None,
     *,
+    members: Sequence[tuple[int, int]] | None = None,  # (split, seed index) of each model: the negative controls
     level: float = LEVEL,  # false-detection rate of the drift test
     persist: int = PERSIST,  # checkpoints a drift must last
     order_p: float = ORDER_P,  # P(tau_bias < tau_loss) needed to place the drift before the test-loss minimum
@@ -172,12 +173,18 @@ def judge(
     it is biased generalization when, in addition, tau_bias precedes tau_loss
     with probability >= ``order_p`` or the test loss is still falling at the end.
 
+    ``members``: ``(split, seed_index)`` of each model (:func:`biasgen.twins.make_members`). With controls
+    and members, the judge also runs the negative controls (:func:`negative_controls`) and lets the placebo
+    contrast gate the verdict (:func:`placebo_gate`): a detection that the placebo shares becomes
+    ``inconclusive``.
+
     Returns a JSON-serialisable dict: ``verdict`` (one of ``VERDICTS``),
     ``reason``, ``evidence``, ``level``, ``p_value``, ``drift``, ``tau_bias``,
     ``tau_loss`` (each ``{step, index, ci, ci95, ci_level, noise_sd, ...}``),
     ``tau_loss_open``, ``p_bias_before_loss``, ``window``, ``control`` (None
     without controls), ``curves``, ``recommended_step``, ``recommendation``,
-    ``recommendation_basis``, ``n_models``, ``settings``.
+    ``recommendation_basis``, ``n_models``, ``settings``; with controls and ``members``, also
+    ``negative_controls``.
     """
     steps = _steps(steps)
     n_ckpt = len(steps)
@@ -199,6 +206,8 @@ def judge(
                 f"Pairs {sorted(shared)} are listed both as twins and as controls; a pair is one or the other.")
         all_pairs += control_pairs
     n_models = 1 + max(max(p) for p in all_pairs)
+    if members is not None:
+        _check_members(members, n_models, twin_pairs, control_pairs or [])
 
     tau_bias = checkpoint_minimum(steps, twins, n_boot=n_boot, seed=seed, reduce="mean")
     tau_loss = checkpoint_minimum(steps, loss, n_boot=n_boot, seed=seed + 1, reduce="mean")
@@ -238,13 +247,81 @@ def judge(
             f"level of {persist} checkpoints each, and enough checkpoints to estimate their noise); save more "
             "checkpoints.")
         out |= {"p_value": None, "drift": None, "detectable_drift": None, "decision_noise_sd": None}
-        return out | {"verdict": verdict, "reason": reason} | recommend(out, verdict)
-    test = drift_test(steps, decision_curve, level=level, persist=persist, n_boot=n_boot, seed=seed + 2)
-    out |= {"p_value": test["p_value"], "drift": test["drift"], "detectable_drift": test["detectable_drift"],
-            "decision_noise_sd": test["noise_sd"]}
-    verdict, reason = _verdict(out, test, level, order_p, control)
-    reason = f"Evidence: {evidence}. {reason[0].upper()}{reason[1:]}"
-    return out | {"verdict": verdict, "reason": reason} | recommend(out, verdict)
+    else:
+        test = drift_test(steps, decision_curve, level=level, persist=persist, n_boot=n_boot, seed=seed + 2)
+        out |= {"p_value": test["p_value"], "drift": test["drift"], "detectable_drift": test["detectable_drift"],
+                "decision_noise_sd": test["noise_sd"]}
+        verdict, reason = _verdict(out, test, level, order_p, control)
+        reason = f"Evidence: {evidence}. {reason[0].upper()}{reason[1:]}"
+    out |= {"verdict": verdict, "reason": reason} | recommend(out, verdict)
+    if members is not None and control is not None:
+        settings = dict(level=level, persist=persist, order_p=order_p, n_boot=n_boot, seed=seed)
+        out |= negative_controls(steps, twins, twin_pairs, controls, control_pairs, loss, members, **settings)
+        out |= placebo_gate(out)
+    return out
+
+
+def _check_members(members, n_models: int, twin_pairs, control_pairs) -> None:
+    """``members`` name every model, twins lie on different splits and controls on the same one."""
+    if len(members) < n_models:
+        raise BiasgenError(f"members lists {len(members)} models, but the pairs name {n_models}; pass one "
+                           "(split, seed index) per model (biasgen.twins.make_members).")
+    wrong = ([p for p in twin_pairs if members[p[0]][0] == members[p[1]][0]]
+             + [p for p in control_pairs if members[p[0]][0] != members[p[1]][0]])
+    if wrong:
+        raise BiasgenError(f"Pairs {wrong} contradict members: twins must lie on different splits and controls on "
+                           "the same split; list the pairs with biasgen.twins.model_pairs(members).")
+
+
+def negative_controls(steps, twin_distance, twin_pairs, control_distance, control_pairs, test_loss, members,
+                      **settings) -> dict:
+    """Two checks on a run with same-split control pairs (docs/method.md §10, "Negative controls").
+
+    The tables and pairs are :func:`judge`'s (``(n_pairs, C)`` each, ``test_loss`` ``(n_units, C)``);
+    ``members``: ``(split, seed_index)`` of each model; ``settings``: :func:`judge`'s keyword settings.
+
+    ``placebo_contrast``: the twin pairs split in two halves by whether the two models have the same seed index
+    (``(A1, B1), (A2, B2)`` vs ``(A1, B2), (A2, B1)``) and judged as twins against controls. Both halves are
+    different-split pairs, so a calibrated contrast test must not detect bias here.
+    ``controls_as_twins``: the same-split pairs judged as if they were twins (no controls); models trained on
+    the same data from different seeds also drift apart once they copy training images, so a detection here
+    says that the twin curve alone is not specific to *different* data, which is why the contrast decides.
+    Returns ``{"negative_controls": {"controls_as_twins": ..., "placebo_contrast": ...}}`` (the placebo only
+    when both halves have pairs).
+    """
+    def brief(result: dict) -> dict:
+        return {"verdict": result["verdict"], "p_value": result["p_value"], "drift": result["drift"]}
+
+    out = {"controls_as_twins": brief(judge(steps, control_distance, control_pairs, test_loss, **settings))}
+    same = [i for i, (a, b) in enumerate(twin_pairs) if members[a][1] == members[b][1]]
+    other = [i for i in range(len(twin_pairs)) if i not in same]
+    if same and other:
+        table = np.asarray(twin_distance)
+        placebo = judge(steps, table[same], [twin_pairs[i] for i in same], test_loss, table[other],
+                        [twin_pairs[i] for i in other], **settings)
+        out["placebo_contrast"] = brief(placebo) | {"balanced": placebo["control"]["balanced"]}
+    return {"negative_controls": out}
+
+
+def placebo_gate(judged: dict) -> dict:
+    """A detection stands only if the placebo contrast does not fire (docs/method.md §10, "Negative controls").
+
+    ``judged``: :func:`judge`'s result with its ``negative_controls``; returns the entries to replace (``{}``
+    when the verdict stands). The placebo compares twin pairs with twin pairs, so its drift can only come from
+    pair-to-pair differences that outlast checkpoint noise (e.g. in an early transient), which the drift test
+    does not model; when it fires, the real contrast cannot be told from such differences and the verdict
+    becomes ``inconclusive``.
+    """
+    placebo = judged["negative_controls"].get("placebo_contrast")
+    if judged["verdict"] != "biased-generalization-detected" or not placebo or placebo["verdict"] != judged["verdict"]:
+        return {}
+    reason = (f"{judged['reason']} But the negative control fails: the placebo contrast (twin pairs against other "
+              f"twin pairs, which share no more data) also rises, by {placebo['drift']['value']:.3g} "
+              f"(p = {placebo['p_value']:.3f}; steps {placebo['drift']['end_steps'][0]}..{placebo['drift']['end_steps'][1]} "
+              f"vs {placebo['drift']['floor_steps'][0]}..{placebo['drift']['floor_steps'][1]}): pairs differ beyond "
+              "checkpoint noise, so the contrast cannot be credited to different data. More seeds per split "
+              "(--seeds-per-split 3) average such pair differences out.")
+    return {"verdict": "inconclusive", "reason": reason, **recommend(judged, "inconclusive")}
 
 
 def _verdict(out: dict, test: dict, level: float, order_p: float, control: dict | None) -> tuple[str, str]:

@@ -38,12 +38,12 @@ from .config import TwinConfig, build_config
 from .jobs import check_shared_storage, job_session, resolve_workers, run_jobs, torch_threads
 from .memorization import memorization_onset
 from .report import write_report
-from .onset import checkpoint_minimum, judge, public_tau, recommend
+from .onset import checkpoint_minimum, judge, public_tau
 from .errors import BiasgenError
 from .runs import append_jsonl, environment, prepare_run_dir, progress_bar, read_json, read_jsonl, write_json
 from .sampler import describe_sampler
 from .seeds import SeedPlan
-from .training import checkpoint_steps
+from .training import checkpoint_stem, checkpoint_steps
 from .twins import load_model, make_members, model_pairs, train_members
 
 
@@ -153,12 +153,10 @@ class TwinExperiment:
         return []
 
     def memorized_share(self, records: list[dict]) -> list[dict] | None:
-        """Per checkpoint ``{"step", "share", "ci": [lo, hi]}``: the share of generated samples that copy a training
-        example, with its 95% interval; it locates tau_mem (:mod:`biasgen.memorization`). Default: not measured."""
-        return None
-
-    def memorized_share_key(self, records: list[dict]) -> str | None:
-        """The ``metrics.jsonl`` key :meth:`memorized_share` reads (``memorization_rule`` says what it counts)."""
+        """Per checkpoint ``{"step", "share", "ci": [lo, hi], "key"}``: the share of generated samples that copy a
+        training example, with its 95% interval, and the ``metrics.jsonl`` key it was read from
+        (``memorization_rule`` says what it counts); it locates tau_mem (:mod:`biasgen.memorization`).
+        Default: not measured."""
         return None
 
     def sampler_validated(self, name: str) -> bool:
@@ -228,8 +226,8 @@ def evaluate_checkpoints(shared: Shared, steps: list[int], workers: int, progres
 def _evaluate_step(step: int, shared: Shared) -> tuple[int, dict]:
     """Load every model at ``step``, evaluate them, and store the kept tensors (a worker-process job)."""
     cfg = shared.experiment.cfg
-    models = [load_model(shared.model_class, shared.model_kwargs, shared.run / "models" / f"model{m}", step, cfg.device)
-              for m in range(len(shared.members))]
+    models = [load_model(shared.model_class, shared.model_kwargs, checkpoint_stem(shared.run / "models" / f"model{m}", step),
+                         cfg.device) for m in range(len(shared.members))]
     with torch.no_grad():
         record, keep = shared.experiment.evaluate(models, shared)
     if keep:
@@ -238,12 +236,16 @@ def _evaluate_step(step: int, shared: Shared) -> tuple[int, dict]:
     return step, record
 
 
-def judge_records(experiment: TwinExperiment, records: list[dict], members: list[tuple[int, int]]) -> dict:
+def judge_records(experiment: TwinExperiment, records: list[dict], members: list[tuple[int, int]],
+                  sampler: dict | None = None) -> dict:
     """The verdict part of ``summary.json`` from ``metrics.jsonl`` records alone (``biasgen judge`` reruns it).
 
-    The twin curve, the control curve (when the experiment has same-split pairs) and the test loss go to
-    :func:`biasgen.onset.judge`; any further curve of the experiment (e.g. ``tau_nn``) is located with
-    :func:`biasgen.onset.checkpoint_minimum`.
+    ``sampler``: the run's :func:`sampler_summary` when the caller has it (default: computed here); the
+    reason notes a sampler not validated against the paper's.
+
+    The twin curve, the control curve (when the experiment has same-split pairs), the test loss and the members
+    go to :func:`biasgen.onset.judge` (which also runs the negative controls and their placebo gate); any further
+    curve of the experiment (e.g. ``tau_nn``) is located with :func:`biasgen.onset.checkpoint_minimum`.
     """
     cfg, seeds = experiment.cfg, experiment.seeds
     steps = [r["step"] for r in records]
@@ -252,15 +254,12 @@ def judge_records(experiment: TwinExperiment, records: list[dict], members: list
     control = curves.get("control")
     judged = judge(steps, curves["tau_bias"].table, twins, curves["tau_loss"].table,
                    control.table if control else None, controls if control else None,
-                   n_boot=cfg.n_boot, seed=seeds.bootstrap())
+                   members=members, n_boot=cfg.n_boot, seed=seeds.bootstrap())
     others = {name: public_tau(checkpoint_minimum(steps, c.table, n_boot=cfg.n_boot, seed=seeds.bootstrap(i + 1),
                                                   reduce=c.reduce))
               for i, (name, c) in enumerate(curves.items()) if name not in ("tau_bias", "tau_loss", "control")}
     window = judged.pop("window")
-    if control:
-        judged |= negative_controls(steps, curves, twins, controls, members, cfg.n_boot, seeds.bootstrap())
-        judged |= placebo_gate(judged)
-    sampler = sampler_summary(cfg, experiment.sampler_validated)
+    sampler = sampler or sampler_summary(cfg, experiment.sampler_validated)
     if not sampler["validated"]:
         judged["reason"] += (f" Note: sampled with {sampler['name']}, which was not validated against the paper's "
                              f"{cfg.T}-step DDPM sampler (docs/samplers.md); tau_bias may sit a checkpoint or more "
@@ -274,50 +273,6 @@ def judge_records(experiment: TwinExperiment, records: list[dict], members: list
         "window": [window["start"], window["end"]] if window["exists"] else None,
         "units": {name: c.units for name, c in curves.items()},
     }
-
-
-def negative_controls(steps, curves: dict[str, Curve], twins, controls, members, n_boot: int, seed: int) -> dict:
-    """Two checks on a run with same-split control pairs (docs/method.md §10, "Negative controls").
-
-    ``placebo_contrast``: the twin pairs split in two halves by whether the two models have the same seed index
-    (``(A1, B1), (A2, B2)`` vs ``(A1, B2), (A2, B1)``) and judged as twins against controls. Both halves are
-    different-split pairs, so a calibrated contrast test must not detect bias here.
-    ``controls_as_twins``: the same-split pairs judged as if they were twins (no controls); models trained on
-    the same data from different seeds also drift apart once they copy training images, so a detection here
-    says that the twin curve alone is not specific to *different* data, which is why the contrast decides.
-    """
-    def brief(result: dict) -> dict:
-        return {"verdict": result["verdict"], "p_value": result["p_value"], "drift": result["drift"]}
-
-    loss = curves["tau_loss"].table
-    out = {"controls_as_twins": brief(judge(steps, curves["control"].table, controls, loss, n_boot=n_boot, seed=seed))}
-    same = [i for i, (a, b) in enumerate(twins) if members[a][1] == members[b][1]]
-    other = [i for i in range(len(twins)) if i not in same]
-    if same and other:
-        table = curves["tau_bias"].table
-        placebo = judge(steps, table[same], [twins[i] for i in same], loss, table[other], [twins[i] for i in other],
-                        n_boot=n_boot, seed=seed)
-        out["placebo_contrast"] = brief(placebo) | {"balanced": placebo["control"]["balanced"]}
-    return {"negative_controls": out}
-
-
-def placebo_gate(judged: dict) -> dict:
-    """A detection stands only if the placebo contrast does not fire (docs/method.md §10, "Negative controls").
-
-    The placebo compares twin pairs with twin pairs, so its drift can only come from pair-to-pair differences that
-    outlast checkpoint noise (e.g. in an early transient), which the drift test does not model; when it fires,
-    the real contrast cannot be told from such differences and the verdict becomes ``inconclusive``.
-    """
-    placebo = judged["negative_controls"].get("placebo_contrast")
-    if judged["verdict"] != "biased-generalization-detected" or not placebo or placebo["verdict"] != judged["verdict"]:
-        return {}
-    reason = (f"{judged['reason']} But the negative control fails: the placebo contrast (twin pairs against other "
-              f"twin pairs, which share no more data) also rises, by {placebo['drift']['value']:.3g} "
-              f"(p = {placebo['p_value']:.3f}; steps {placebo['drift']['end_steps'][0]}..{placebo['drift']['end_steps'][1]} "
-              f"vs {placebo['drift']['floor_steps'][0]}..{placebo['drift']['floor_steps'][1]}): pairs differ beyond "
-              "checkpoint noise, so the contrast cannot be credited to different data. More seeds per split "
-              "(--seeds-per-split 3) average such pair differences out.")
-    return {"verdict": "inconclusive", "reason": reason, **recommend(judged, "inconclusive")}
 
 
 def rejudge(run_dir: str | Path, experiments: dict[str, type[TwinExperiment]], *, write: bool = False) -> dict:
@@ -351,9 +306,9 @@ def summarize(experiment: TwinExperiment, records: list[dict], data: Data, refer
               members: list[tuple[int, int]], complete: bool) -> dict:
     """``summary.json``: the verdict, taus and advice (:func:`judge_records`), then the experiment's own part."""
     cfg, seeds = experiment.cfg, experiment.seeds
-    judged = judge_records(experiment, records, members)
-    twins, controls = model_pairs(members)
     sampler = sampler_summary(cfg, experiment.sampler_validated)
+    judged = judge_records(experiment, records, members, sampler)
+    twins, controls = model_pairs(members)
     return {
         **judged,
         **experiment.summarize(records, data, reference, judged),

@@ -214,12 +214,12 @@ def size_row(n: int, folder: Path, summary: dict, records: list[dict], plan: Pla
 
     tau_mem is located at the sweep's own ``mem_level`` (the run's summary uses level 0)."""
     steps = summary["checkpoints"]
-    mem = memorization_onset(experiment.memorized_share(records), plan.mem_level)
+    share = experiment.memorized_share(records)
     return {"n": n, "steps": steps[-1], "folder": folder.name, "verdict": summary["verdict"],
             "reason": summary["reason"], "recommended_step": summary["recommended_step"],
             "tau_bias": located_tau(summary["tau_bias"], steps), "tau_loss": located_tau(summary["tau_loss"], steps),
-            "tau_mem": mem, "mem_share": experiment.memorized_share_key(records), "tau_loss_open": summary["tau_loss_open"],
-            "checkpoints": steps, "complete": summary["complete"]}
+            "tau_mem": memorization_onset(share, plan.mem_level), "mem_share": share[0]["key"],
+            "tau_loss_open": summary["tau_loss_open"], "checkpoints": steps, "complete": summary["complete"]}
 
 
 def assemble(plan: Plan, rows: list[dict]) -> dict:

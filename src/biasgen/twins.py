@@ -18,7 +18,7 @@ from .checkpoint import load_checkpoint
 from .jobs import run_jobs
 from .runs import progress_bar
 from .seeds import SeedPlan
-from .training import checkpoint_stem, train
+from .training import train
 
 
 def make_members(splits: int, seeds_per_split: int) -> list[tuple[int, int]]:
@@ -41,10 +41,11 @@ def build_model(cls, kwargs: dict, seed: int) -> torch.nn.Module:
         return cls(**kwargs)
 
 
-def load_model(cls, kwargs: dict, folder: Path, step: int, device: str) -> torch.nn.Module:
-    """The model saved in ``folder`` at ``step``, in eval mode on ``device``."""
+def load_model(cls, kwargs: dict, stem: Path, device: str) -> torch.nn.Module:
+    """``cls(**kwargs)`` with the weights of the checkpoint ``stem`` (``<stem>.safetensors``, e.g.
+    :func:`biasgen.training.checkpoint_stem` of a model's folder and step), in eval mode on ``device``."""
     model = cls(**kwargs)
-    load_checkpoint(checkpoint_stem(folder, step), model)
+    load_checkpoint(stem, model)
     return model.to(device).eval()
 
 

@@ -257,15 +257,13 @@ class HierarchyExperiment(TwinExperiment):
         """``gen_mem_share`` (near-copies: Hamming distances d1/d2 < 1/3 to the own split's distinct sequences, exact
         copies included) pooled over models, with the Wilson 95% interval over the ``n_samples x models`` generated
         sequences; runs recorded before ``gen_mem_share`` existed fall back to exact copies (``gen_copy_share``)."""
-        key, out = self.memorized_share_key(records), []
+        key = "gen_mem_share" if all("gen_mem_share" in r for r in records) else "gen_copy_share"
+        out = []
         for r in records:
             total = self.cfg.n_samples * len(r[key])
             copies = round(sum(r[key]) * self.cfg.n_samples)
-            out.append({"step": r["step"], "share": copies / total, "ci": wilson(copies, total)})
+            out.append({"step": r["step"], "share": copies / total, "ci": wilson(copies, total), "key": key})
         return out
-
-    def memorized_share_key(self, records: list[dict]) -> str:
-        return "gen_mem_share" if all("gen_mem_share" in r for r in records) else "gen_copy_share"
 
     def summarize(self, records, data, ref: Reference, judged) -> dict:
         last = records[-1]

@@ -100,11 +100,6 @@ def oracle_kl(bp_preds: torch.Tensor, pred: torch.Tensor) -> list[float]:
     return [float(kl_per_input(bp, pred).mean()) for bp in bp_preds]
 
 
-def oracle_kls(grammar, den: Denoiser, x_t: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule) -> list[float]:
-    """``KL(BP_k || model)`` for ``k = 0..depth`` on the same inputs: sequential learning shows as large k first."""
-    return oracle_kl(bp_predictions(grammar, schedule, x_t, t), den(x_t, t))
-
-
 def oracle_kl_along_t(bp_preds: Sequence[torch.Tensor], preds: Sequence[torch.Tensor]) -> list[list[float]]:
     """``KL(BP_k || model)`` for every k along the diffusion time: the paper's Fig. 3b in full.
 
@@ -118,16 +113,6 @@ def oracle_kl_along_t(bp_preds: Sequence[torch.Tensor], preds: Sequence[torch.Te
                            "pass one of each per step (at least one).")
     per_step = [oracle_kl(bp, p) for bp, p in zip(bp_preds, preds)]
     return [list(row) for row in zip(*per_step)]
-
-
-def kl_along_t(den_p: Denoiser, den_r: Denoiser, x0: torch.Tensor, q: int, schedule: NoiseSchedule,
-               steps: Sequence[int], seed: int) -> list[float]:
-    """``KL(p || r)`` averaged over ``x0 (N, L)`` noised at each step in ``steps``; one value per step (docs/method.md §7, Fig. 3b)."""
-    out = []
-    for t in steps:
-        x_t, tt = noised_inputs(x0, q, schedule, t, seed)
-        out.append(float(kl_per_input(den_p(x_t, tt), den_r(x_t, tt)).mean()))
-    return out
 
 
 # -- losses -------------------------------------------------------------------
@@ -148,12 +133,6 @@ def loss_terms(pred: torch.Tensor, oracle_pred: torch.Tensor, x0: torch.Tensor) 
     l = -(F.one_hot(x0, logp.shape[-1]).double() * logp).sum((1, 2))
     l_star = -(oracle_pred.double() * logp).sum((1, 2))
     return {"l": float(l.mean()), "l_star": float(l_star.mean()), "l_tilde": float((l - l_star).mean())}
-
-
-def loss_decomposition(den: Denoiser, oracle: Denoiser, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> dict:
-    """:func:`loss_terms` of the denoiser ``den`` against the exact denoiser ``oracle`` on ``x_t (B, L, q)``
-    noised from ``x0 (B, L)`` at ``t (B,)``. Returns ``{"l", "l_star", "l_tilde"}`` (nats per sequence)."""
-    return loss_terms(den(x_t, t), oracle(x_t, t), x0)
 
 
 # -- generated sequences ------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import load_checkpoint, load_tensors
+from ..checkpoint import load_tensors
 from ..config import TwinConfig, build_config, check, check_at_least, opt
 from ..errors import BiasgenError
 from ..losses import eps_mse_loss
@@ -31,7 +31,7 @@ from ..runs import read_json
 from ..sampler import sample, x0_from_eps_model
 from ..schedule import NoiseSchedule
 from ..training import checkpoint_stem
-from ..twins import model_pairs
+from ..twins import load_model, model_pairs
 from . import figures
 from .data import describe, load_images, make_splits, scale_images, unscale_images
 from .diffusers_model import (DiffusersEps, check_unet_fits, export_pipeline, load_unet_config,
@@ -163,10 +163,12 @@ class ImageAudit(TwinExperiment):
     def network(self, data: Data) -> tuple[type, dict]:
         cfg = self.cfg
         if cfg.model == "diffusers":
-            return DiffusersEps, {"config": load_unet_config(cfg.model_config)}
-        return UNet, dict(channels=data.train[0].shape[1], base_width=cfg.base_width,
+            kwargs = {"config": load_unet_config(cfg.model_config)}
+        else:
+            kwargs = dict(channels=data.train[0].shape[1], base_width=cfg.base_width,
                           channel_mults=tuple(cfg.channel_mults), attention_levels=tuple(cfg.attention_levels),
                           res_blocks=cfg.res_blocks, dropout=cfg.dropout)
+        return network_class(cfg.model), kwargs
 
     def loss(self):
         return eps_mse_loss, (self.schedule(),)
@@ -189,10 +191,7 @@ class ImageAudit(TwinExperiment):
 
     def memorized_share(self, records: list[dict]) -> list[dict]:
         """``f_mem`` (d1/d2 < 1/3 to the own split, pooled over models) with its bootstrap 95% interval."""
-        return [{"step": r["step"], "share": r["f_mem"], "ci": r["f_mem_ci"]} for r in records]
-
-    def memorized_share_key(self, records: list[dict]) -> str:
-        return "f_mem"
+        return [{"step": r["step"], "share": r["f_mem"], "ci": r["f_mem_ci"], "key": "f_mem"} for r in records]
 
     def summarize(self, records, data, reference, judged) -> dict:
         steps = [r["step"] for r in records]
@@ -207,6 +206,11 @@ class ImageAudit(TwinExperiment):
         rows = [(label, unscale_images(x, cfg.scaling, data.extra["mean"]).clamp(0, 1))
                 for label, x in gallery_rows(run, summary, data.train, members)]
         figures.plot_all(run, records, summary, rows, value_range=(0.0, 1.0))
+
+
+def network_class(model: str) -> type:
+    """The audit's network for ``--model``: diffusers' UNet2DModel (``'diffusers'``) or biasgen's U-Net."""
+    return DiffusersEps if model == "diffusers" else UNet
 
 
 def noise_schedule(name: str, T: int, scheduler_config: str | None) -> NoiseSchedule:
@@ -249,10 +253,7 @@ def member_experiment(sidecar: dict) -> ImageAudit:
 
 def load_member(weights: str | Path, sidecar: dict) -> torch.nn.Module:
     """The network of an audit model's checkpoint, in eval mode on the CPU (either kind of network)."""
-    cls = DiffusersEps if sidecar["config"]["model"] == "diffusers" else UNet
-    model = cls(**sidecar["model"])
-    load_checkpoint(Path(weights).with_suffix(""), model)
-    return model.eval()
+    return load_model(network_class(sidecar["config"]["model"]), sidecar["model"], Path(weights).with_suffix(""), "cpu")
 
 
 def audit(out: str | Path, preset: str | None = "default", config: str | Path | None = None, *,
