@@ -32,6 +32,7 @@ from biasgen.pipeline import judge_records
 from biasgen.checkpoint import load_tensors, save_tensors
 from biasgen.runs import environment, read_json, read_jsonl, write_bytes
 from biasgen.sampler import sample, x0_from_eps_model
+from biasgen.training import checkpoint_stem
 from biasgen.twins import load_model, make_members, model_pairs
 
 
@@ -57,10 +58,10 @@ def draw(run: Path, out: Path, experiment: ImageAudit, samplers: list[str], n: i
             if stem.with_suffix(".safetensors").exists() and stem.with_suffix(".json").exists():
                 continue
             start = time.perf_counter()
-            x = torch.stack([sample(x0_from_eps_model(load_model(model_class, model_kwargs, run / "models" / f"model{m}",
-                                                                 r["step"], cfg.device), schedule, clip=clip),
-                                    schedule, shape, seeds, method=method, steps=steps, batch_size=cfg.eval_batch)
-                             for m in range(len(members))])
+            models = [load_model(model_class, model_kwargs, checkpoint_stem(run / "models" / f"model{m}", r["step"]),
+                                 cfg.device) for m in range(len(members))]
+            x = torch.stack([sample(x0_from_eps_model(model, schedule, clip=clip), schedule, shape, seeds,
+                                    method=method, steps=steps, batch_size=cfg.eval_batch) for model in models])
             save_tensors(stem, {"samples": x}, {"sampler": name, "step": r["step"], "n_samples": n})
             print(f"{name} step {r['step']}: {time.perf_counter() - start:.1f} s", flush=True)
 
