@@ -257,7 +257,7 @@ def judge(
     if members is not None and control is not None:
         settings = dict(level=level, persist=persist, order_p=order_p, n_boot=n_boot, seed=seed)
         out |= negative_controls(steps, twins, twin_pairs, controls, control_pairs, loss, members, **settings)
-        out |= placebo_gate(out)
+        out |= placebo_gate(out, seeds_per_split=1 + max(seed for _, seed in members))
     return out
 
 
@@ -303,11 +303,11 @@ def negative_controls(steps, twin_distance, twin_pairs, control_distance, contro
     return {"negative_controls": out}
 
 
-def placebo_gate(judged: dict) -> dict:
+def placebo_gate(judged: dict, seeds_per_split: int) -> dict:
     """A detection stands only if the placebo contrast does not fire (docs/method.md §10, "Negative controls").
 
-    ``judged``: :func:`judge`'s result with its ``negative_controls``; returns the entries to replace (``{}``
-    when the verdict stands). The placebo compares twin pairs with twin pairs, so its drift can only come from
+    ``judged``: :func:`judge`'s result with its ``negative_controls``; ``seeds_per_split``: the run's (the advice
+    names more). Returns the entries to replace (``{}`` when the verdict stands). The placebo compares twin pairs with twin pairs, so its drift can only come from
     pair-to-pair differences that outlast checkpoint noise (e.g. in an early transient), which the drift test
     does not model; when it fires, the real contrast cannot be told from such differences and the verdict
     becomes ``inconclusive``.
@@ -320,7 +320,8 @@ def placebo_gate(judged: dict) -> dict:
               f"(p = {placebo['p_value']:.3f}; steps {placebo['drift']['end_steps'][0]}..{placebo['drift']['end_steps'][1]} "
               f"vs {placebo['drift']['floor_steps'][0]}..{placebo['drift']['floor_steps'][1]}): pairs differ beyond "
               "checkpoint noise, so the contrast cannot be credited to different data. More seeds per split "
-              "(--seeds-per-split 3) average such pair differences out.")
+              f"(--seeds-per-split {seeds_per_split + 1} or more; this run has {seeds_per_split}) average such pair "
+              "differences out.")
     return {"verdict": "inconclusive", "reason": reason, **recommend(judged, "inconclusive")}
 
 
