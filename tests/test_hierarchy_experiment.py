@@ -43,6 +43,7 @@ def test_tiny_run_writes_summary_metrics_and_figures(tiny_run):
         assert summary[name]["step"] in steps and len(summary[name]["ci"]) == 2
     assert summary["tau_bias"]["n_units"] == 1 and summary["tau_loss"]["n_units"] == 2  # 1 twin pair, 2 models
     assert summary["verdict"] in ("biased-generalization-detected", "no-bias-detected", "inconclusive")
+    assert "not validated" in summary["reason"] and "measured on the denoisers" in summary["reason"]  # tiny: ddim-5
     assert len(summary["coarse_to_fine"]["oracle_kl_argmin_step"]) == 3 + 1  # k = 0..depth
     rec = records[-1]
     assert len(rec["oracle_kl"]) == 2 and len(rec["oracle_kl"][0]) == 4

@@ -112,3 +112,4 @@ def test_judge_records_notes_the_sampler_block_it_is_given():
     assert "Note: sampled with" not in judge_records(experiment, records, make_members(2, 2), {"validated": True})["reason"]
     judged = judge_records(experiment, records, make_members(2, 2), {"name": "ddim-7", "validated": False})
     assert "Note: sampled with ddim-7, which was not validated" in judged["reason"]
+    assert "understate the twin distance and the memorized fraction" in judged["reason"]  # the audit's caveat

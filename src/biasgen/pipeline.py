@@ -98,6 +98,8 @@ class TwinExperiment:
     default_out: ClassVar[str] = "runs/experiment"
     help: ClassVar[str] = ""
     memorization_rule: ClassVar[str] = "not measured"  # what counts as a memorized sample, for people
+    # what a sampler other than the paper's may change, for the note in the verdict of such a run
+    sampler_caveat: ClassVar[str] = "every quantity computed from samples may differ from the paper's answer"
 
     def __init__(self, cfg: TwinConfig):
         self.cfg = cfg
@@ -262,8 +264,7 @@ def judge_records(experiment: TwinExperiment, records: list[dict], members: list
     sampler = sampler or sampler_summary(cfg, experiment.sampler_validated)
     if not sampler["validated"]:
         judged["reason"] += (f" Note: sampled with {sampler['name']}, which was not validated against the paper's "
-                             f"{cfg.T}-step DDPM sampler (docs/samplers.md); tau_bias may sit a checkpoint or more "
-                             "away from the paper's answer.")
+                             f"{cfg.T}-step DDPM sampler (docs/samplers.md): {experiment.sampler_caveat}.")
     share = experiment.memorized_share(records)
     if share is not None:
         judged["tau_mem"] = memorization_onset(share)

@@ -222,6 +222,8 @@ class HierarchyExperiment(TwinExperiment):
     default_preset = "cpu"
     memorization_rule = ("gen_mem_share: generated sequences whose Hamming distances to the nearest and second-nearest "
                          "distinct sequence of their own split have d1/d2 < 1/3 (exact copies included); Wilson 95% interval")
+    sampler_caveat = ("tau_bias does not depend on it (it is measured on the denoisers), but the generated sequences "
+                      "do: the memorized share, tau_mem and the D_NN curve")
     default_out = "runs/hierarchy"
     help = "twins on the hierarchical data model, with exact (belief-propagation) ground truth"
     cfg: HierarchyConfig

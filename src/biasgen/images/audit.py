@@ -139,6 +139,8 @@ class ImageAudit(TwinExperiment):
     kind = "audit"
     memorization_rule = ("f_mem: samples whose L2 distances to the nearest and second-nearest image of their own split "
                          "have d1/d2 < 1/3; bootstrap 95% interval")
+    sampler_caveat = ("the cheaper samplers understate the twin distance and the memorized fraction once the models "
+                      "copy, and tau_bias may sit a checkpoint or more away from the paper's answer")
     config_class = AuditConfig
     presets = PRESETS
     default_out = "runs/audit"
