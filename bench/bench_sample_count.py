@@ -74,10 +74,11 @@ def curves(out: Path, experiment: ImageAudit, records: list[dict], name: str, n:
     new, twin = [], []
     for r in records:
         x = load_tensors(out / f"{name}-{r['step']}")[0]["samples"][:, :n]
-        tw, co = twin_distance(list(x), twins), twin_distance(list(x), controls)
+        tw = twin_distance(list(x), twins)
         twin.append((tw["mean"], tw["sem"]))
-        new.append({**r, "twin_distance": tw["median"], "twin_distance_sem": tw["sem"],
-                    "twin_distance_pairs": tw["per_pair"], "same_split_distance_pairs": co["per_pair"]})
+        new.append({**r, "twin_distance": tw["median"], "twin_distance_sem": tw["sem"], "twin_distance_pairs": tw["per_pair"]})
+        if controls:  # one seed per split has none
+            new[-1]["same_split_distance_pairs"] = twin_distance(list(x), controls)["per_pair"]
     own = [nearest_neighbors(x[m], train_sets[split]) for m, (split, _) in enumerate(members)]
     fmem = memorized_fraction(torch.cat([o["l2"] for o in own]), torch.cat([o["l2_second"] for o in own]),
                               n_boot=cfg.n_boot, seed=experiment.seeds.evaluation("f_mem_bootstrap"))
