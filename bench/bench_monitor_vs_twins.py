@@ -2,7 +2,7 @@
 
     biasgen audit --out runs/digits                                             # the default audit
     biasgen monitor --checkpoints runs/digits/models/model0 --out runs/mon0 \\
-        --sampler ddpm --sample-steps 50 --n-samples 128                         # the audit's sampler and sample count
+        --sampler ddpm --sample-steps none --n-samples 48                        # the audit's sampler and sample count
     python bench/bench_monitor_vs_twins.py runs/digits runs/mon0 [runs/mon2 ...]
 
 Prints markdown for docs/your-model.md: per checkpoint, the twin signals of the audit and the

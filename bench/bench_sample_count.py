@@ -18,18 +18,16 @@ the spread of two independent draws.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import time
 from pathlib import Path
 
 import torch
 
-from biasgen.config import build_config
-from biasgen.images.audit import AuditConfig, ImageAudit
-from biasgen.images.metrics import memorized_fraction, nearest_neighbors, twin_distance
-from biasgen.pipeline import judge_records
 from biasgen.checkpoint import load_tensors, save_tensors
+from biasgen.images.audit import ImageAudit, member_experiment, proximity
+from biasgen.images.metrics import twin_distance
+from biasgen.pipeline import Data, judge_records
 from biasgen.runs import environment, read_json, read_jsonl, write_bytes
 from biasgen.sampler import sample, x0_from_eps_model
 from biasgen.training import checkpoint_stem
@@ -42,11 +40,9 @@ def parse_sampler(name: str) -> tuple[str, int]:
     return method, int(steps)
 
 
-def draw(run: Path, out: Path, experiment: ImageAudit, samplers: list[str], n: int) -> None:
+def draw(run: Path, out: Path, experiment: ImageAudit, data: Data, members, samplers: list[str], n: int) -> None:
     """Samples ``(M, n, C, H, W)`` of every checkpoint with every sampler, one file each, skipping existing ones."""
     cfg = experiment.cfg
-    data = experiment.load()
-    members = make_members(cfg.splits, cfg.seeds_per_split)
     model_class, model_kwargs = experiment.network(data)
     schedule, shape = experiment.schedule(), tuple(data.test.shape[1:])
     seeds = experiment.seeds.sample_seeds(n)
@@ -66,23 +62,21 @@ def draw(run: Path, out: Path, experiment: ImageAudit, samplers: list[str], n: i
             print(f"{name} step {r['step']}: {time.perf_counter() - start:.1f} s", flush=True)
 
 
-def curves(out: Path, experiment: ImageAudit, records: list[dict], name: str, n: int, train_sets) -> dict:
-    """The first ``n`` samples of sampler ``name``: judged curves, per-checkpoint twin D and SEM, final f_mem."""
-    cfg = experiment.cfg
-    members = make_members(cfg.splits, cfg.seeds_per_split)
+def curves(experiment: ImageAudit, records: list[dict], samples: list[torch.Tensor], n: int, members, reference) -> dict:
+    """The first ``n`` of ``samples`` (one ``(M, N, C, H, W)`` per record): the judged curves, per-checkpoint twin D
+    and SEM, and f_mem at the last checkpoint (the audit's own :func:`proximity`)."""
     twins, controls = model_pairs(members)
     new, twin = [], []
-    for r in records:
-        x = load_tensors(out / f"{name}-{r['step']}")[0]["samples"][:, :n]
-        tw = twin_distance(list(x), twins)
+    for r, x in zip(records, samples):
+        tw = twin_distance(list(x[:, :n]), twins)
         twin.append((tw["mean"], tw["sem"]))
         new.append({**r, "twin_distance": tw["median"], "twin_distance_sem": tw["sem"], "twin_distance_pairs": tw["per_pair"]})
         if controls:  # one seed per split has none
-            new[-1]["same_split_distance_pairs"] = twin_distance(list(x), controls)["per_pair"]
-    own = [nearest_neighbors(x[m], train_sets[split]) for m, (split, _) in enumerate(members)]
-    fmem = memorized_fraction(torch.cat([o["l2"] for o in own]), torch.cat([o["l2_second"] for o in own]),
-                              n_boot=cfg.n_boot, seed=experiment.seeds.evaluation("f_mem_bootstrap"))
-    return {"judged": judge_records(experiment, new, members), "twin": twin, "f_mem": fmem}
+            new[-1]["same_split_distance_pairs"] = twin_distance(list(x[:, :n]), controls)["per_pair"]
+    last = proximity(samples[-1][:, :n], members, reference["train"], reference["test"], reference["heldout_l2"],
+                     experiment.cfg, experiment.seeds)
+    return {"judged": judge_records(experiment, new, members), "twin": twin,
+            "f_mem": {"value": last["f_mem"], "ci": last["f_mem_ci"]}}
 
 
 def main() -> None:
@@ -95,34 +89,34 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    stored = read_json(args.run / "run.json")["config"]
-    cfg = build_config(AuditConfig, {}, None, None,
-                       {k: v for k, v in stored.items() if k in {f.name for f in dataclasses.fields(AuditConfig)}})
-    experiment = ImageAudit(cfg)
+    experiment = member_experiment({"config": read_json(args.run / "run.json")["config"]})
+    cfg = experiment.cfg
+    data, members = experiment.load(), make_members(cfg.splits, cfg.seeds_per_split)
     samplers, counts = args.samplers.split(","), sorted({int(c) for c in args.counts.split(",")}, reverse=True)
     args.out.mkdir(parents=True, exist_ok=True)
     env = environment()
     print(f"machine: {env['platform']}, torch {env['torch']}, {os.cpu_count()} CPU cores, {args.threads} torch "
           f"thread(s), load average {os.getloadavg()[0]:.1f}", flush=True)
-    draw(args.run, args.out, experiment, samplers, counts[0])
+    draw(args.run, args.out, experiment, data, members, samplers, counts[0])
 
     records = read_jsonl(args.run / "metrics.jsonl")
-    train_sets = experiment.load().train
-    ref = curves(args.out, experiment, records, samplers[0], counts[0], train_sets)
+    reference = experiment.reference(data, members)
+    samples = {name: [load_tensors(args.out / f"{name}-{r['step']}")[0]["samples"] for r in records] for name in samplers}
+    results = {(name, n): curves(experiment, records, samples[name], n, members, reference)
+               for name in samplers for n in counts}
+    ref = results[samplers[0], counts[0]]
     lines = [f"Reference: {samplers[0]}, {counts[0]} samples per model.", "",
              "| sampler | samples per model | tau_bias (68% CI) | verdict | placebo | max abs(D - D_ref) / (SEM + SEM_ref) "
              f"(at step) | twin D, step {records[-1]['step']} | f_mem, step {records[-1]['step']} (95% CI) |",
              "|---|---|---|---|---|---|---|---|"]
-    for name in samplers:
-        for n in counts:
-            c = ref if (name, n) == (samplers[0], counts[0]) else curves(args.out, experiment, records, name, n, train_sets)
-            devs = [abs(d - rd) / (e + re) for (d, e), (rd, re) in zip(c["twin"], ref["twin"])]
-            worst = max(range(len(devs)), key=devs.__getitem__)
-            j, fm = c["judged"], c["f_mem"]
-            placebo = j.get("negative_controls", {}).get("placebo_contrast", {}).get("verdict", "")
-            lines.append(f"| {name} | {n} | {j['tau_bias']['step']} {j['tau_bias']['ci']} | {j['verdict']} | {placebo} | "
-                         f"{devs[worst]:.2f} ({records[worst]['step']}) | {c['twin'][-1][0]:.4f} ± {c['twin'][-1][1]:.4f} | "
-                         f"{fm['value']:.3f} ({fm['ci'][0]:.3f}..{fm['ci'][1]:.3f}) |")
+    for (name, n), c in results.items():
+        devs = [abs(d - rd) / (e + re) for (d, e), (rd, re) in zip(c["twin"], ref["twin"])]
+        worst = max(range(len(devs)), key=devs.__getitem__)
+        j, fm = c["judged"], c["f_mem"]
+        placebo = j.get("negative_controls", {}).get("placebo_contrast", {}).get("verdict", "")
+        lines.append(f"| {name} | {n} | {j['tau_bias']['step']} {j['tau_bias']['ci']} | {j['verdict']} | {placebo} | "
+                     f"{devs[worst]:.2f} ({records[worst]['step']}) | {c['twin'][-1][0]:.4f} ± {c['twin'][-1][1]:.4f} | "
+                     f"{fm['value']:.3f} ({fm['ci'][0]:.3f}..{fm['ci'][1]:.3f}) |")
     text = "\n".join(lines)
     write_bytes(args.out / "table.md", text.encode())
     print(text)

@@ -307,8 +307,8 @@ def placebo_gate(judged: dict, seeds_per_split: int) -> dict:
     """A detection stands only if the placebo contrast does not fire (docs/method.md §10, "Negative controls").
 
     ``judged``: :func:`judge`'s result with its ``negative_controls``; ``seeds_per_split``: the run's (the advice
-    names more). Returns the entries to replace (``{}`` when the verdict stands). The placebo compares twin pairs with twin pairs, so its drift can only come from
-    pair-to-pair differences that outlast checkpoint noise (e.g. in an early transient), which the drift test
+    names more). Returns the entries to replace (``{}`` when the verdict stands). The placebo compares twin pairs
+    with twin pairs, so its drift can only come from pair-to-pair differences that outlast checkpoint noise (e.g. in an early transient), which the drift test
     does not model; when it fires, the real contrast cannot be told from such differences and the verdict
     becomes ``inconclusive``.
     """
