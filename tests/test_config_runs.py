@@ -118,3 +118,14 @@ def test_summary_names_the_sampler_and_whether_it_was_validated():
     cheap = build_config(AuditConfig, PRESETS, "default", None, {"sampler": "ddim", "sample_steps": 50, "eta": 1})
     assert sampler_summary(cheap, never)["name"] == "ddim-50-eta1" and not sampler_summary(cheap, never)["validated"]
     assert sampler_summary(cheap, lambda name: name == "ddim-50-eta1")["validated"]
+
+
+def test_the_image_and_hierarchy_presets_sample_with_the_papers_sampler():
+    """docs/samplers.md: no cheaper sampler agrees with the paper's, so the CPU presets use it (on fewer samples)."""
+    from biasgen.hierarchy.experiment import PRESETS as HIERARCHY_PRESETS, HierarchyConfig
+    never = lambda name: False
+    for preset in ("default", "phases", "fashion-mnist"):
+        cfg = build_config(AuditConfig, PRESETS, preset, None, {})
+        assert sampler_summary(cfg, never)["validated"] and cfg.n_samples == 48, preset
+    for preset in ("cpu", "cpu-depth3"):
+        assert sampler_summary(build_config(HierarchyConfig, HIERARCHY_PRESETS, preset, None, {}), never)["validated"]
