@@ -24,7 +24,7 @@ import torch
 from biasgen.checkpoint import load_tensors
 from biasgen.images.audit import loss_bands, member_experiment
 from biasgen.images.metrics import nearest_neighbors
-from biasgen.monitor import reference_sets
+from biasgen.images.monitor import reference_sets
 from biasgen.runs import read_json, read_jsonl
 
 MATERIAL = 0.1  # a band's gap is material when it ends at least this share of the final validation loss

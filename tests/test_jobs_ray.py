@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from biasgen import jobs_ray
+from biasgen.jobs import ray_tasks as jobs_ray
 from biasgen.cli import main
 from biasgen.errors import BiasgenError
 from biasgen.images.audit import ImageAudit, audit
@@ -226,7 +226,7 @@ def test_a_killed_ray_driver_resumes_with_resume(local_ray, local_tiny_audit, tm
 @needs_ray
 def test_a_local_ray_instance_runs_its_workers_at_the_callers_priority():
     # Ray's own default is niceness 15: on a busy machine the workers would yield the cores to every other job
-    probe = ("import os, ray\nfrom biasgen.jobs_ray import ray_session\n"
+    probe = ("import os, ray\nfrom biasgen.jobs.ray_tasks import ray_session\n"
              "with ray_session(None) as r:\n    print(r.get(ray.remote(lambda: os.nice(0)).remote()))\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_worker_niceness"}
     out = subprocess.run(["nice", "-n", "3", sys.executable, "-c", probe], capture_output=True, text=True, env=env,

@@ -9,7 +9,7 @@ from biasgen.errors import BiasgenError
 from biasgen.images.data import load_images, scale_images
 from biasgen.images.unet import UNet
 from biasgen.losses import eps_mse_loss
-from biasgen.monitor import reference_sets
+from biasgen.images.monitor import reference_sets
 from biasgen.runs import read_jsonl
 from biasgen.schedule import NoiseSchedule
 

@@ -18,9 +18,9 @@ from biasgen.checkpoint import save_tensors
 from biasgen.cli import main
 from biasgen.images.audit import audit
 from biasgen.report import write_report
-from biasgen.report_sections import VERDICTS
+from biasgen.report.sections import VERDICTS
 from biasgen.sweep import sweep
-from biasgen.sweep_fit import extrapolate, fit_power_law
+from biasgen.sweep.fit import extrapolate, fit_power_law
 from biasgen.training import checkpoint_steps
 
 

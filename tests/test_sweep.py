@@ -15,7 +15,7 @@ from biasgen.hierarchy.experiment import HierarchyExperiment
 from biasgen.images.audit import ImageAudit
 from biasgen.memorization import memorization_onset, wilson
 from biasgen.sweep import located_tau, sweep
-from biasgen.sweep_fit import censored_mle, extrapolate, fit_power_law, predict
+from biasgen.sweep.fit import censored_mle, extrapolate, fit_power_law, predict
 
 TINY = ["sweep", "--preset", "tiny", "--quiet", "--target-n", "100"]
 

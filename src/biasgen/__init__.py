@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     """``biasgen.Monitor``, imported on first use so that ``import biasgen`` stays light (no torch, no scipy)."""
     if name == "Monitor":
-        from .monitor import Monitor
+        from .images.monitor import Monitor
 
         return Monitor
     raise AttributeError(f"module 'biasgen' has no attribute {name!r}")

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import monitor
+from .images import monitor
 from .config import add_config_flags, build_config, flags_given
 from .errors import BiasgenError, run_command
 from .experiments import experiments

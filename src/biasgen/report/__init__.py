@@ -18,8 +18,8 @@ the small table-sorting script are inline and the only ones a
 Content-Security-Policy allows. Every string from the run is HTML-escaped.
 
 The sections, and what differs between kinds of run, live in
-:mod:`biasgen.report_sections` and :mod:`biasgen.report_kinds`; a sweep's page
-(per-size table, fits, advice) in :mod:`biasgen.report_sweep`.
+:mod:`biasgen.report.sections` and :mod:`biasgen.report.kinds`; a sweep's page
+(per-size table, fits, advice) in :mod:`biasgen.report.sweep_page`.
 """
 from __future__ import annotations
 
@@ -29,11 +29,11 @@ from html import escape
 from pathlib import Path
 from typing import Callable
 
-from .report_kinds import GENERIC, KINDS, Kind, Run, read_run
-from .report_sections import (figures_section, gallery_section, others_section, settings_section, table_section,
+from .kinds import GENERIC, KINDS, Kind, Run, read_run
+from .sections import (figures_section, gallery_section, others_section, settings_section, table_section,
                               verdict_section)
-from .report_sweep import SWEEP_PAGE
-from .runs import write_bytes
+from .sweep_page import SWEEP_PAGE
+from ..runs import write_bytes
 
 REPORT_NAME = "report.html"
 

@@ -17,8 +17,8 @@ import re
 from html import escape
 from urllib.parse import quote
 
-from .report_kinds import Kind, Run, _dict, _summary
-from .report_sections import TERMS, VERDICTS, _num, _value, figures_section
+from .kinds import Kind, Run, _dict, _summary
+from .sections import TERMS, VERDICTS, _num, _value, figures_section
 
 SWEEP_TAUS = ("tau_bias", "tau_loss", "tau_mem")
 SWEEP_TERMS = {**{k: TERMS[k] for k in ("tau_bias", "tau_loss")},

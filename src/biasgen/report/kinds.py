@@ -2,7 +2,7 @@
 
 A kind is one :class:`Kind` entry in ``KINDS``: main figure, captions, table
 columns, gallery, the file of its results. An unknown kind gets ``GENERIC``; a sweep's page
-has its own sections (:mod:`biasgen.report_sweep`).
+has its own sections (:mod:`biasgen.report.sweep_page`).
 """
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from html import escape
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import load_tensors
-from .errors import BiasgenError
-from .runs import read_json
-from .training import checkpoint_steps
+from ..checkpoint import load_tensors
+from ..errors import BiasgenError
+from ..runs import read_json
+from ..training import checkpoint_steps
 
 
 # -- reading a run folder leniently -----------------------------------------------------------
@@ -227,7 +227,7 @@ KINDS = {
         ),
         gallery=_sequence_gallery,
     ),
-    "sweep": Kind(  # its page has its own sections (biasgen.report_sweep)
+    "sweep": Kind(  # its page has its own sections (biasgen.report.sweep_page)
         title="training-set-size sweep",
         main_figure="fig_phase_diagram.png",
         captions={

@@ -24,14 +24,14 @@ import math
 import time
 from pathlib import Path
 
-from .config import add_config_flags, flags_given
-from .errors import BiasgenError, run_command
-from .experiments import experiments
-from .pipeline import TwinExperiment, run_experiment
-from .report import write_report
-from .runs import environment, prepare_run_dir, read_json, read_jsonl, write_bytes, write_json
-from .memorization import memorization_onset
-from .sweep_fit import extrapolate, fit_power_law
+from ..config import add_config_flags, flags_given
+from ..errors import BiasgenError, run_command
+from ..experiments import experiments
+from ..pipeline import TwinExperiment, run_experiment
+from ..report import write_report
+from ..runs import environment, prepare_run_dir, read_json, read_jsonl, write_bytes, write_json
+from ..memorization import memorization_onset
+from .fit import extrapolate, fit_power_law
 
 TAUS = ("tau_bias", "tau_loss", "tau_mem")
 
@@ -138,7 +138,7 @@ def largest_size(kind: str, cfg) -> int:
     """The largest training-set size per split that the data holds: ``(pool - n_test) // splits``."""
     if kind == "hierarchy":
         return (cfg.pool - cfg.n_test) // cfg.splits
-    from .images.data import load_images
+    from ..images.data import load_images
 
     pool = load_images(cfg.data, data_dir=cfg.data_dir, resolution=cfg.resolution, grayscale=cfg.grayscale,
                        center_crop=cfg.center_crop).images
@@ -175,7 +175,7 @@ def sweep(out: str | Path = "runs/sweep", kind: str | None = None, sizes=None, p
         write_report(out)  # "in progress: k of K sizes" until sweep.json exists
     result = assemble(plan, rows)
     result["timing"] = {"wall_s_this_invocation": round(time.time() - started, 1), "wall_s_per_size_run": timing}
-    from .sweep_figure import plot_phase_diagram
+    from .figure import plot_phase_diagram
 
     plot_phase_diagram(out / "fig_phase_diagram.png", result)
     write_json(out / "sweep.json", result)

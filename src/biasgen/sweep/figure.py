@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from .runs import write_figure
+from ..runs import write_figure
 
 STYLE = {  # colour, marker, legend, horizontal offset (so that bounds at the same step do not hide each other)
     "tau_bias": ("tab:blue", "o", r"$\tau_{bias}$ (twins closest)", 1 / 1.05),

@@ -1,6 +1,6 @@
 """What the report shows, section by section, and how it reads a run folder (see :mod:`biasgen.report`).
 
-What differs between kinds of run is in :mod:`biasgen.report_kinds`. Every
+What differs between kinds of run is in :mod:`biasgen.report.kinds`. Every
 string from the run is HTML-escaped here.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import base64
 from html import escape
 from pathlib import Path
 
-from .report_kinds import Column, Kind, Run, _dict, _summary
+from .kinds import Column, Kind, Run, _dict, _summary
 
 
 VERDICTS = {  # verdict -> (plain wording, tone)

@@ -9,7 +9,7 @@ to each worker process once, when it starts, not with every job.
 
 Two backends behind :func:`run_jobs`: ``"local"`` (a process pool on this
 machine) and ``"ray"`` (Ray tasks with declared CPUs and GPUs, on this machine
-or a cluster: biasgen.jobs_ray).
+or a cluster: biasgen.jobs.ray_tasks).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .errors import BiasgenError
+from ..errors import BiasgenError
 
 
 def resolve_workers(requested: int, device: str) -> int:
@@ -81,7 +81,7 @@ def run_jobs(
 ) -> Iterator:
     """Yield ``fn(job, shared)`` for every job, in completion order; in-process when local and ``workers <= 1``."""
     if backend == "ray":
-        from .jobs_ray import run_ray_jobs
+        from .ray_tasks import run_ray_jobs
 
         yield from run_ray_jobs(fn, jobs, shared, address=ray_address, cpus_per_job=cpus_per_job,
                                 gpus_per_job=gpus_per_job)
@@ -110,7 +110,7 @@ def job_session(backend: str = "local", ray_address: str | None = None):
     if backend != "ray":
         yield
         return
-    from .jobs_ray import ray_session
+    from .ray_tasks import ray_session
 
     with ray_session(ray_address):
         yield
@@ -119,6 +119,6 @@ def job_session(backend: str = "local", ray_address: str | None = None):
 def check_shared_storage(run_dir: Path, *, backend: str = "local", ray_address: str | None = None) -> None:
     """BiasgenError unless the backend's workers can write into ``run_dir`` (always true locally)."""
     if backend == "ray":
-        from .jobs_ray import check_shared_storage as check_ray
+        from .ray_tasks import check_shared_storage as check_ray
 
         check_ray(run_dir, address=ray_address)

@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from .errors import BiasgenError
+from ..errors import BiasgenError
 
 MAX_RETRIES = 3  # runs of a task after its worker process died
 CANCEL_GRACE_S = 3.0  # seconds a cancelled task gets to unwind before its worker is killed

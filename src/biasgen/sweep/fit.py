@@ -33,7 +33,7 @@ from typing import Sequence
 import numpy as np
 from scipy import optimize, special, stats
 
-from .errors import BiasgenError
+from ..errors import BiasgenError
 
 CENSORING = ("value", "lower", "upper")  # located; right-censored (tau > bound); left-censored (tau < bound)
 EXPONENT_RANGE = (-5.0, 5.0)  # the profile of the exponent is searched inside this range; beyond it: unbounded

@@ -41,13 +41,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from .checkpoint import load_tensors, save_tensors
-from .errors import BiasgenError
-from .images.metrics import data_copying_z, frozen_noise_loss, loss_by_t, memorized_fraction, nearest_neighbors
-from .runs import append_jsonl, prepare_run_dir, progress_bar, read_json, read_jsonl, write_json
-from .sampler import sample, timesteps, x0_from_eps_model
-from .schedule import NoiseSchedule
-from .seeds import SeedPlan
+from ..checkpoint import load_tensors, save_tensors
+from ..errors import BiasgenError
+from .metrics import data_copying_z, frozen_noise_loss, loss_by_t, memorized_fraction, nearest_neighbors
+from ..runs import append_jsonl, prepare_run_dir, progress_bar, read_json, read_jsonl, write_json
+from ..sampler import sample, timesteps, x0_from_eps_model
+from ..schedule import NoiseSchedule
+from ..seeds import SeedPlan
 
 RUNTIME_KEYS = ("device", "batch_size", "figures", "verbose", "value_range")  # may change when a run continues
 FLAG_TEXT = {
@@ -113,7 +113,7 @@ def _evaluating(model):
 
 def _eps_model(model) -> Callable:
     """``model`` as an eps-predictor ``(x_t, t in 1..T) -> eps_hat``: a diffusers UNet2DModel is wrapped."""
-    from .images.diffusers_model import DiffusersEps, is_unet2d
+    from .diffusers_model import DiffusersEps, is_unet2d
 
     if is_unet2d(model):
         return DiffusersEps(unet=model)
@@ -297,7 +297,7 @@ class Monitor:
 
     def plot(self) -> None:
         """Draw ``fig_monitor.png`` from every record and ``fig_monitor_gallery.png`` from the last step's samples."""
-        from .images.figures import plot_gallery, plot_monitor
+        from .figures import plot_gallery, plot_monitor
 
         records = self.records
         if not records:
@@ -364,8 +364,8 @@ def monitor_checkpoints(
     ``train`` and ``heldout``, the monitor measures against the model's own split and the audit's
     test set, which no model trained on.
     """
-    from .images.audit import member_sidecar
-    from .images.diffusers_model import find_checkpoints
+    from .audit import member_sidecar
+    from .diffusers_model import find_checkpoints
 
     found = find_checkpoints(checkpoints, subfolder)
     prepare = _audit_inputs if member_sidecar(found[0].weights) is not None else _diffusers_inputs
@@ -384,7 +384,7 @@ def monitor_checkpoints(
 
 def _load_scaled(train: str | None, heldout: str | None, resolution: int | None, grayscale: bool) -> list[torch.Tensor]:
     """The training and held-out images scaled to [-1, 1]; a BiasgenError when either is missing."""
-    from .images.data import load_images, scale_images
+    from .data import load_images, scale_images
 
     if train is None or heldout is None:
         raise BiasgenError("Pass both --train and --heldout: the images the checkpoints trained on and images they "
@@ -394,7 +394,7 @@ def _load_scaled(train: str | None, heldout: str | None, resolution: int | None,
 
 def _diffusers_inputs(found, train, heldout, *, model_config, scheduler_config, resolution, grayscale):
     """Images, checkpoint loader and Monitor settings (schedule, meta) for UNet2DModel checkpoints."""
-    from .images.diffusers_model import (check_architectures, check_unet_fits, load_checkpoint_unet, load_unet_config,
+    from .diffusers_model import (check_architectures, check_unet_fits, load_checkpoint_unet, load_unet_config,
                                          schedule_from_scheduler_config)
 
     source = model_config or found[0].config
@@ -412,7 +412,7 @@ def _diffusers_inputs(found, train, heldout, *, model_config, scheduler_config, 
 def _audit_inputs(found, train, heldout, *, model_config, scheduler_config, resolution, grayscale):
     """Images, checkpoint loader and Monitor settings for one model's checkpoints of a biasgen audit: its schedule,
     and no clamp of the predicted clean image for images not in [-1, 1] (``--scaling center``), as the audit samples."""
-    from .images.audit import load_member, member_experiment, member_sidecar
+    from .audit import load_member, member_experiment, member_sidecar
 
     if model_config or scheduler_config:
         raise BiasgenError("These are a biasgen audit's checkpoints: their sidecars hold the network and the noise "
