@@ -94,7 +94,7 @@ def test_jsonl_and_json_roundtrip(tmp_path):
     write_json(tmp_path / "s.json", {"a": [1, 2]})
     assert not list(tmp_path.glob(".*tmp"))
     (tmp_path / "bad.jsonl").write_text('{"step": 1}\n{"ste')
-    with pytest.raises(BiasgenError, match="corrupt"):
+    with pytest.raises(BiasgenError, match="bad.jsonl line 2 is cut off mid-record.*remove that line.*--resume"):
         read_jsonl(tmp_path / "bad.jsonl")
 
 

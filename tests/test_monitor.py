@@ -91,6 +91,9 @@ def test_monitor_resumes_and_refuses_another_run(digits, tmp_path):
     model = memorizer(heldout)
     monitor = biasgen.Monitor(train, heldout, tmp_path / "mon", figures=False, **FAST)
     first = monitor.check(100, model)
+    with pytest.raises(BiasgenError, match="in use by pid"):  # one writer per folder
+        biasgen.Monitor(train, heldout, tmp_path / "mon", figures=False, **FAST)
+    monitor.close()
 
     def must_not_run(x_t, t):
         raise AssertionError("a recorded step was measured again")
@@ -101,6 +104,7 @@ def test_monitor_resumes_and_refuses_another_run(digits, tmp_path):
     assert [r["step"] for r in again.records] == [100, 200]
     # the same model measured at another step gives the same numbers: every input is fixed
     assert again.records[1]["val_loss"] == first["val_loss"] and again.records[1]["copy_z"] == first["copy_z"]
+    again.close()
 
     with pytest.raises(BiasgenError, match="different monitor run"):
         biasgen.Monitor(train, heldout, tmp_path / "mon", **dict(FAST, n_samples=13))

@@ -42,8 +42,13 @@ def _base_type(annotation):
     return annotation, False
 
 
-def coerce(cls, name: str, value):
-    """Convert ``value`` (from TOML or a flag string) to the type of field ``name`` of ``cls``."""
+def coerce(cls, name: str, value, strict: bool = False):
+    """Convert ``value`` (from TOML or a flag string) to the type of field ``name`` of ``cls``.
+
+    A bool is never taken for a number. ``strict`` (a TOML file's values, which have types): a number,
+    bool or list must be written as one, not as a string; ``"none"`` is the only string an optional
+    setting that is not a string accepts.
+    """
     hints = typing.get_type_hints(cls)
     base, optional = _base_type(hints[name])
     try:
@@ -52,23 +57,35 @@ def coerce(cls, name: str, value):
                 raise ValueError("this setting cannot be empty")
             return None
         if typing.get_origin(base) is tuple:
-            item = typing.get_args(base)[0]
+            if strict and not isinstance(value, list):
+                raise ValueError("write a list, e.g. [1, 2]")
             if isinstance(value, str):
                 value = [v for v in value.replace(" ", "").split(",") if v]
-            return tuple(item(v) for v in value)
-        if base is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(value).lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError("expected true or false")
-        if base is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError("expected an integer")
-        return base(value)
+            return tuple(_scalar(typing.get_args(base)[0], v, strict) for v in value)
+        return _scalar(base, value, strict)
     except (TypeError, ValueError) as e:
         raise BiasgenError(f"Bad value {value!r} for '{name}': {e}. Expected {hints[name]}.") from e
+
+
+def _scalar(base: type, value, strict: bool):
+    """``value`` as a ``base`` (bool, int, float or str); ValueError when it is not one."""
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if not strict and str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if not strict and str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected true or false")
+    if isinstance(value, bool):
+        raise ValueError(f"a bool is not {'a number' if base in (int, float) else 'text'}")
+    if strict and base in (int, float) and not isinstance(value, (int, float)):
+        raise ValueError("write a number without quotes")
+    if strict and base is str and not isinstance(value, str):
+        raise ValueError("write text in quotes")
+    if base is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError("expected an integer")
+    return base(value)
 
 
 def load_toml(path: str | Path) -> dict:
@@ -76,6 +93,8 @@ def load_toml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise BiasgenError(f"Config file {path} does not exist. Check the path given to --config.")
+    if not path.is_file():
+        raise BiasgenError(f"--config {path} is a folder, not a TOML file. Give the file itself.")
     try:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -91,6 +110,7 @@ def build_config(cls, presets: dict, preset: str | None = None, toml: str | Path
         if preset not in presets:
             raise BiasgenError(f"Unknown preset {preset!r}. Available presets: {', '.join(presets)}.")
         values.update(presets[preset])
+    values = {k: coerce(cls, k, v) for k, v in values.items()}
     layers = [("config file", load_toml(toml) if toml else {}), ("override", overrides or {})]
     for source, layer in layers:
         unknown = sorted(set(layer) - names)
@@ -98,8 +118,8 @@ def build_config(cls, presets: dict, preset: str | None = None, toml: str | Path
             raise BiasgenError(
                 f"Unknown setting(s) {', '.join(unknown)} in {source}. Valid settings: {', '.join(sorted(names))}."
             )
-        values.update(layer)
-    return cls(**{k: coerce(cls, k, v) for k, v in values.items()})
+        values.update({k: coerce(cls, k, v, strict=source == "config file") for k, v in layer.items()})
+    return cls(**values)
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
@@ -180,6 +200,7 @@ class TwinConfig:
 
     RUNTIME_KEYS = ("device", "workers", "threads", "backend", "ray_address", "cpus_per_job",
                     "gpus_per_job")  # settings that do not define the run
+    INPUT_KEYS = ()  # settings naming files or folders the run reads (never --out, never deleted)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -189,6 +210,8 @@ class TwinConfig:
         check_at_least(self, 1, "n", "n_test", "seeds_per_split", "steps", "batch_size", "checkpoints",
                        "first_checkpoint", "n_samples")
         check_at_least(self, 0, "n_boot", "workers", "threads")
+        check(self.first_checkpoint <= self.steps, f"--first-checkpoint {self.first_checkpoint} lies past the last "
+              f"step (--steps {self.steps}); give a first checkpoint at or before it.")
         check(self.T >= 10, f"--T must be at least 10, got {self.T}.")
         check(self.lr > 0, f"--lr must be positive, got {self.lr}.")
         check(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}.")
@@ -211,6 +234,11 @@ class TwinConfig:
               "Ray hides the GPUs from jobs that reserve none.")
         check(not self.device.startswith("cuda") or self.backend == "ray" or _cuda_available(),
               f"--device {self.device} is not available here (no CUDA GPU); pass --device cpu.")
+
+    def input_paths(self) -> list[Path]:
+        """The existing files and folders the settings in ``INPUT_KEYS`` name (a data set's name is not one)."""
+        values = [getattr(self, key) for key in self.INPUT_KEYS]
+        return [Path(v).expanduser() for v in values if isinstance(v, str) and Path(v).expanduser().exists()]
 
     @property
     def sample_step_count(self) -> int:

@@ -40,7 +40,8 @@ from .memorization import memorization_onset
 from .report import write_report
 from .onset import checkpoint_minimum, judge, public_tau
 from .errors import BiasgenError
-from .runs import append_jsonl, environment, prepare_run_dir, progress_bar, read_json, read_jsonl, write_json
+from .runs import (append_jsonl, check_out, environment, open_run_dir, progress_bar, read_json, read_jsonl,
+                   write_json)
 from .sampler import describe_sampler
 from .seeds import SeedPlan
 from .training import checkpoint_stem, checkpoint_steps
@@ -169,43 +170,55 @@ class TwinExperiment:
 
 
 def run_experiment(experiment: TwinExperiment, out: str | Path, *, resume: bool = False, force: bool = False,
-                   progress: bool = True) -> dict:
-    """Run (or resume) ``experiment`` in the folder ``out``; returns ``summary.json`` as a dict."""
+                   progress: bool = True, inputs: tuple[str | Path, ...] = ()) -> dict:
+    """Run (or resume) ``experiment`` in the folder ``out``; returns ``summary.json`` as a dict.
+
+    The run holds the folder's lock throughout (:class:`biasgen.runs.RunLock`); ``out`` may not overlap the
+    config's input paths (:meth:`TwinConfig.input_paths`) or the further ``inputs`` (e.g. the ``--config`` file).
+    """
     cfg = experiment.cfg
+    inputs = (*cfg.input_paths(), *inputs)
+    check_out(out, inputs, force=force)  # before the (possibly long) data loading
     with torch_threads(cfg.threads), job_session(cfg.backend, cfg.ray_address):
         started = time.time()
         data = experiment.load()
-        run = prepare_run_dir(out, dataclasses.asdict(cfg), resume=resume, force=force, kind=experiment.kind,
-                              runtime_keys=cfg.RUNTIME_KEYS).resolve()  # absolute: jobs may run in other folders
-        check_shared_storage(run, backend=cfg.backend, ray_address=cfg.ray_address)
-        members = make_members(cfg.splits, cfg.seeds_per_split)
-        steps = checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.first_checkpoint)
-        model_class, model_kwargs = experiment.network(data)
-        workers = resolve_workers(cfg.workers, cfg.device)
+        with open_run_dir(out, dataclasses.asdict(cfg), resume=resume, force=force, kind=experiment.kind,
+                          runtime_keys=cfg.RUNTIME_KEYS, inputs=inputs) as run:
+            return _train_and_evaluate(experiment, run.resolve(), data, started, progress)
 
-        t0 = time.time()
-        make_loss, loss_args = experiment.loss()
-        meta = {"config": dataclasses.asdict(cfg), "model": model_kwargs, "environment": environment()}
-        train_members(model_class, model_kwargs, make_loss, loss_args, data.train, members, run / "models",
-                      seeds=experiment.seeds, meta=meta, workers=workers, device=cfg.device, progress=progress,
-                      job_options=cfg.job_options,
-                      steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, checkpoints=steps,
-                      grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, lr_schedule=cfg.lr_schedule)
-        training_s = time.time() - t0
 
-        t0 = time.time()
-        shared = Shared(experiment, run, members, model_class, model_kwargs, experiment.reference(data, members))
-        evaluate_checkpoints(shared, steps, workers, progress, cfg.job_options)
-        evaluation_s = time.time() - t0
+def _train_and_evaluate(experiment: TwinExperiment, run: Path, data: Data, started: float, progress: bool) -> dict:
+    """The body of :func:`run_experiment` in the prepared, locked, absolute run folder ``run``."""
+    cfg = experiment.cfg
+    check_shared_storage(run, backend=cfg.backend, ray_address=cfg.ray_address)
+    members = make_members(cfg.splits, cfg.seeds_per_split)
+    steps = checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.first_checkpoint)
+    model_class, model_kwargs = experiment.network(data)
+    workers = resolve_workers(cfg.workers, cfg.device)
 
-        records = sorted(read_jsonl(run / "metrics.jsonl"), key=lambda r: r["step"])
-        summary = summarize(experiment, records, data, shared.reference, members, complete=len(records) == len(steps))
-        summary["timing"] = {"wall_s_this_invocation": round(time.time() - started, 1),
-                             "training_s_this_invocation": round(training_s, 1),
-                             "evaluation_s_this_invocation": round(evaluation_s, 1)}
-        write_json(run / "summary.json", summary)
-        experiment.plot(run, records, summary, data)
-        write_report(run)
+    t0 = time.time()
+    make_loss, loss_args = experiment.loss()
+    meta = {"config": dataclasses.asdict(cfg), "model": model_kwargs, "environment": environment()}
+    train_members(model_class, model_kwargs, make_loss, loss_args, data.train, members, run / "models",
+                  seeds=experiment.seeds, meta=meta, workers=workers, device=cfg.device, progress=progress,
+                  job_options=cfg.job_options,
+                  steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, checkpoints=steps,
+                  grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, lr_schedule=cfg.lr_schedule)
+    training_s = time.time() - t0
+
+    t0 = time.time()
+    shared = Shared(experiment, run, members, model_class, model_kwargs, experiment.reference(data, members))
+    evaluate_checkpoints(shared, steps, workers, progress, cfg.job_options)
+    evaluation_s = time.time() - t0
+
+    records = sorted(read_jsonl(run / "metrics.jsonl"), key=lambda r: r["step"])
+    summary = summarize(experiment, records, data, shared.reference, members, complete=len(records) == len(steps))
+    summary["timing"] = {"wall_s_this_invocation": round(time.time() - started, 1),
+                         "training_s_this_invocation": round(training_s, 1),
+                         "evaluation_s_this_invocation": round(evaluation_s, 1)}
+    write_json(run / "summary.json", summary)
+    experiment.plot(run, records, summary, data)
+    write_report(run)
     return summary
 
 
@@ -286,11 +299,13 @@ def rejudge(run_dir: str | Path, experiments: dict[str, type[TwinExperiment]], *
     run = Path(run_dir)
     if not (run / "run.json").exists():
         raise BiasgenError(f"{run} holds no biasgen run (no run.json); pass the --out folder of a run.")
-    info = read_json(run / "run.json")
+    info = read_json(run / "run.json", keys=("kind", "config"))
     table = experiments
     if info.get("kind") not in table:
         raise BiasgenError(f"{run} holds a {info.get('kind')!r} run; biasgen judge knows {', '.join(table)}.")
     exp_class = table[info["kind"]]
+    if not isinstance(info["config"], dict):
+        raise BiasgenError(f"{run / 'run.json'} holds no config object; restore the file from a copy.")
     config = {**info["config"], "device": "cpu"}  # judging needs no device; the run may have used a GPU
     experiment = exp_class(build_config(exp_class.config_class, {}, None, None, config))
     records = sorted(read_jsonl(run / "metrics.jsonl"), key=lambda r: r["step"])

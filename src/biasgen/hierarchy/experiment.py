@@ -76,6 +76,8 @@ class HierarchyConfig(TwinConfig):
     random_uturn_fracs: tuple[float, ...] = opt((0.05, 0.1), "U-turn depths t/T of uniformly random sequences")
     n_random_uturn: int = opt(32, "uniformly random sequences for their U-turns (>= 2)")
 
+    INPUT_KEYS = ("grammar_file",)
+
     def validate(self) -> None:
         super().validate()
         check_at_least(self, 1, "q", "depth", "q_eff", "pool", "layers", "width", "heads", "ffn", "n_eval", "n_loss",
@@ -188,6 +190,8 @@ def make_data(cfg: HierarchyConfig, seeds: SeedPlan) -> Data:
 def load_grammar(path: str, q: int, depth: int) -> Grammar:
     """A grammar tensor ``M[a, b, c] = P(left=b, right=c | parent=a)`` of shape ``(q, q, q)`` from ``.npy`` or
     ``.pt`` (read without running code: ``numpy.load(allow_pickle=False)``, ``torch.load(weights_only=True)``)."""
+    import pickle
+
     import numpy as np
 
     file = Path(path).expanduser()
@@ -199,11 +203,13 @@ def load_grammar(path: str, q: int, depth: int) -> Grammar:
             M = torch.load(file, weights_only=True, map_location="cpu")
         else:
             raise ValueError("the file must end in .npy or .pt")
-    except (ValueError, OSError, RuntimeError) as e:
-        raise BiasgenError(f"Cannot read the grammar tensor from {file}: {e}. Save M with numpy.save or torch.save.") from e
-    check(isinstance(M, torch.Tensor) and tuple(M.shape) == (q, q, q),
-          f"--grammar-file {path} must hold a tensor of shape (q, q, q) = ({q}, {q}, {q}) matching --q; got "
-          f"{tuple(M.shape) if isinstance(M, torch.Tensor) else type(M).__name__}.")
+    except (ValueError, TypeError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        reason = str(e).splitlines()[0][:200]  # torch's refusal of a pickle runs to many lines
+        raise BiasgenError(f"Cannot read the grammar tensor from {file} ({reason}); only plain arrays are read, never "
+                           "pickled objects. Save M, a float tensor, with numpy.save or torch.save.") from e
+    check(isinstance(M, torch.Tensor) and M.is_floating_point() and tuple(M.shape) == (q, q, q),
+          f"--grammar-file {path} must hold a float tensor of shape (q, q, q) = ({q}, {q}, {q}) matching --q; got "
+          f"{f'{M.dtype} {tuple(M.shape)}' if isinstance(M, torch.Tensor) else type(M).__name__}.")
     return Grammar(M, depth)
 
 

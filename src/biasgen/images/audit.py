@@ -86,6 +86,7 @@ class AuditConfig(TwinConfig):
     eval_batch: int = opt(256, "batch size of evaluation passes")
 
     RUNTIME_KEYS = TwinConfig.RUNTIME_KEYS + ("eval_batch",)
+    INPUT_KEYS = ("data", "data_dir", "model_config", "scheduler_config")
 
     def validate(self) -> None:
         super().validate()
@@ -94,6 +95,7 @@ class AuditConfig(TwinConfig):
         check(self.schedule in ("linear", "cosine"), f"--schedule must be linear or cosine, got {self.schedule!r}.")
         check(self.resolution is None or self.resolution >= 4, "--resolution must be at least 4 pixels.")
         scaled = ",".join(str(max(1, t * self.T // 1000)) for t in SCORE_TS)
+        check(len(self.score_ts) >= 1, f"--score-ts needs at least one diffusion step, e.g. --score-ts {scaled}.")
         check(all(1 <= t < self.T for t in self.score_ts),
               f"--score-ts must lie in [1, {self.T - 1}], got {self.score_ts} (the default is meant for T = 1000); "
               f"pass steps below --T, e.g. the default rescaled: --score-ts {scaled}.")

@@ -41,10 +41,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..checkpoint import load_tensors, save_tensors
+from ..checkpoint import check_safetensors, load_tensors, save_tensors
 from ..errors import BiasgenError
 from .metrics import data_copying_z, frozen_noise_loss, loss_by_t, memorized_fraction, nearest_neighbors
-from ..runs import append_jsonl, prepare_run_dir, progress_bar, read_json, read_jsonl, write_json
+from ..runs import append_jsonl, check_out, claim_run_dir, progress_bar, read_json, read_jsonl, write_json
 from ..sampler import sample, timesteps, x0_from_eps_model
 from ..schedule import NoiseSchedule
 from ..seeds import SeedPlan
@@ -154,8 +154,9 @@ class Monitor:
         batch_size: int = 256,  # images per forward pass
         figures: bool = True,  # redraw the figures at every check
         verbose: bool = True,  # print one line per check
-        force: bool = False,  # delete whatever is in `out` and start over
+        force: bool = False,  # delete the monitor run in `out` and start over
         meta: dict | None = None,  # extra JSON settings that define the run (recorded in run.json)
+        inputs: Sequence[str | Path] = (),  # files and folders the run reads: `out` may not overlap them
     ):
         self.train = _images(train_images, "train_images")
         self.heldout = _images(heldout_images, "heldout_images")
@@ -190,7 +191,8 @@ class Monitor:
             seed=seed, value_range=list(value_range), meta=meta or {},
             device=device, batch_size=batch_size, figures=figures, verbose=verbose,
         )
-        self.out = prepare_run_dir(out, config, resume=True, force=force, kind="monitor", runtime_keys=RUNTIME_KEYS)
+        self.out, self.lock = claim_run_dir(out, config, resume=True, force=force, kind="monitor",
+                                            runtime_keys=RUNTIME_KEYS, inputs=inputs)
         plan = SeedPlan(seed)
         self.seeds = {name: plan.evaluation(name) for name in MONITOR_STREAMS}
         self.seeds["sample_noise"] = plan.describe(0)["sample_noise"]
@@ -207,6 +209,17 @@ class Monitor:
         self.ref_train, self.ref_heldout = reference_sets(self.train, self.heldout, self.seeds)
         self.heldout_l2 = nearest_neighbors(self.ref_heldout, self.train)["l2"]
         self.sample_seeds = plan.sample_seeds(n_samples)
+
+    def close(self) -> None:
+        """Release the run folder's lock (:class:`biasgen.runs.RunLock`), so another Monitor may continue it;
+        the lock is also released when the process ends."""
+        self.lock.release()
+
+    def __enter__(self) -> "Monitor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- records ---------------------------------------------------------------------------------
     @property
@@ -367,19 +380,23 @@ def monitor_checkpoints(
     from .audit import member_sidecar
     from .diffusers_model import find_checkpoints
 
+    inputs = [p for p in (checkpoints, train, heldout, model_config, scheduler_config) if p is not None]
+    check_out(out, inputs, force=monitor_kwargs.get("force", False))
     found = find_checkpoints(checkpoints, subfolder)
+    for ck in found:  # every input is checked before the output folder exists
+        check_safetensors(ck.weights)
     prepare = _audit_inputs if member_sidecar(found[0].weights) is not None else _diffusers_inputs
     images, load, settings = prepare(found, train, heldout, model_config=model_config,
                                      scheduler_config=scheduler_config, resolution=resolution, grayscale=grayscale)
     meta = {"checkpoints": str(Path(checkpoints).resolve()), "subfolder": subfolder, "train": train and str(train),
             "heldout": heldout and str(heldout), "resolution": resolution, "grayscale": grayscale,
             **settings.pop("meta")}
-    monitor = Monitor(*images, out, meta=meta, figures=False, **{**settings, **monitor_kwargs})
-    done = monitor.steps
-    for ck in progress_bar([c for c in found if c.step not in done], progress, "checkpoints"):
-        monitor.check(ck.step, load(ck))
-    monitor.plot()  # once, at the end
-    return monitor.records
+    with Monitor(*images, out, meta=meta, figures=False, inputs=inputs, **{**settings, **monitor_kwargs}) as monitor:
+        done = monitor.steps
+        for ck in progress_bar([c for c in found if c.step not in done], progress, "checkpoints"):
+            monitor.check(ck.step, load(ck))
+        monitor.plot()  # once, at the end
+        return monitor.records
 
 
 def _load_scaled(train: str | None, heldout: str | None, resolution: int | None, grayscale: bool) -> list[torch.Tensor]:
@@ -470,7 +487,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-loss", type=int, default=512, help="images in each frozen-noise loss (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of every fixed input (default 0)")
     p.add_argument("--device", help="torch device (default cpu)")
-    p.add_argument("--force", action="store_true", help="delete whatever is in --out and start over")
+    p.add_argument("--force", action="store_true", help="delete the monitor run in --out and start over "
+                   "(never a folder biasgen did not write, never an input; docs/safety.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no per-checkpoint lines")
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import shlex
 from html import escape
 from pathlib import Path
 from typing import Callable
@@ -146,7 +147,7 @@ def render(run: Run) -> str:
         f"<title>biasgen {escape(run.kind)} report: {name}</title><style>{STYLE}</style></head><body>"
         f"<h1>biasgen {escape(kind.title if kind is not GENERIC else run.kind)} report: {name}</h1>"
         f"<p class=\"sub\">Run folder <code>{name}</code> · kind <code>{escape(run.kind)}</code> · {state} · "
-        f"rebuild with <code>biasgen report {name}</code></p>"
+        f"rebuild with <code>biasgen report {escape(shlex.quote(run.folder.resolve().name))}</code></p>"
         + (f"<ul class=\"notes\">{notes}</ul>" if notes else "")
         + "".join(body)
         + f"<script>{SCRIPT}</script></body></html>\n"

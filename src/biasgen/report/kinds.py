@@ -6,7 +6,6 @@ has its own sections (:mod:`biasgen.report.sweep_page`).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Callable
 
 from ..checkpoint import load_tensors
 from ..errors import BiasgenError
-from ..runs import read_json
+from ..runs import read_json, scan_jsonl
 from ..training import checkpoint_steps
 
 
@@ -35,7 +34,9 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        return self.summary is not None and self.summary.get("complete", True) is not False
+        """The run wrote its results: a complete summary and, for a twin run, its metrics."""
+        has_metrics = bool(self.records) or KINDS.get(self.kind, GENERIC).summary_file != "summary.json"
+        return self.summary is not None and self.summary.get("complete", True) is not False and has_metrics
 
     @property
     def planned_checkpoints(self) -> int | None:
@@ -56,37 +57,25 @@ def read_run(folder: Path | str) -> Run:
             "`biasgen hierarchy` or `biasgen sweep` wrote (its --out)."
         )
     meta = read_json(folder / "run.json")
-    if not isinstance(meta, dict):
-        raise BiasgenError(f"{folder / 'run.json'} is not a biasgen run description. Give another folder.")
     notes: list[str] = []
     summary = None
     summary_file = KINDS.get(str(meta.get("kind")), GENERIC).summary_file
     if (folder / summary_file).exists():
         try:
-            summary = json.loads((folder / summary_file).read_text())
-        except (OSError, ValueError) as e:
-            notes.append(f"{summary_file} could not be read ({e}).")
-    records: dict[int, dict] = {}
-    lines = []
-    if (folder / "metrics.jsonl").exists():
-        try:
-            lines = (folder / "metrics.jsonl").read_text().splitlines()
-        except OSError as e:
-            notes.append(f"metrics.jsonl could not be read ({e}).")
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line) if line.strip() else None
-            if record is not None:
-                records[int(record["step"])] = record
-        except (ValueError, TypeError, KeyError):
-            notes.append(f"metrics.jsonl line {number} is not a metrics record; it was skipped.")
+            summary = read_json(folder / summary_file, fix="")
+        except BiasgenError as e:
+            notes.append(f"{e} It was left out.")
+    records, problems = scan_jsonl(folder / "metrics.jsonl")
+    notes += [f"{folder / 'metrics.jsonl'} line {number} {problem}; it was skipped." for number, problem in problems]
+    if summary is not None and not records and (folder / "metrics.jsonl").exists():
+        notes.append("metrics.jsonl holds no records although summary.json exists: the file was emptied or replaced.")
     return Run(
         folder=folder,
         kind=str(meta.get("kind", "unknown")),
         config=meta.get("config") if isinstance(meta.get("config"), dict) else {},
         environment=meta.get("environment") if isinstance(meta.get("environment"), dict) else {},
         summary=summary if isinstance(summary, dict) else None,
-        records=[records[s] for s in sorted(records)],
+        records=sorted(records, key=lambda r: r["step"]),
         figures=sorted(folder.glob("fig_*.png")),
         notes=notes,
     )

@@ -29,7 +29,7 @@ from ..errors import BiasgenError, run_command
 from ..experiments import experiments
 from ..pipeline import TwinExperiment, run_experiment
 from ..report import write_report
-from ..runs import environment, prepare_run_dir, read_json, read_jsonl, write_bytes, write_json
+from ..runs import environment, open_run_dir, read_json, read_jsonl, write_bytes, write_json
 from ..memorization import memorization_onset
 from .fit import extrapolate, fit_power_law
 
@@ -161,33 +161,36 @@ def sweep(out: str | Path = "runs/sweep", kind: str | None = None, sizes=None, p
     started = time.time()
     plan = plan_sweep(kind, sizes, preset, config, steps_per_image, target_n, mem_level, max_exponent_ci_width,
                       **settings)
-    out = prepare_run_dir(out, plan.config, resume=resume, force=force, kind="sweep", runtime_keys=RUNTIME_KEYS)
-    rows, timing = [], {}
-    for n, experiment in zip(plan.sizes, plan.experiments):
-        folder = out / f"n{n:06d}"
-        summary = completed_summary(folder, experiment)
-        if summary is None:
-            t0 = time.time()
-            summary = run_experiment(experiment, folder, resume=True, progress=progress)
-            timing[str(n)] = round(time.time() - t0, 1)
-        rows.append(size_row(n, folder, summary, read_jsonl(folder / "metrics.jsonl"), plan, experiment))
-        write_bytes(out / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
-        write_report(out)  # "in progress: k of K sizes" until sweep.json exists
-    result = assemble(plan, rows)
-    result["timing"] = {"wall_s_this_invocation": round(time.time() - started, 1), "wall_s_per_size_run": timing}
-    from .figure import plot_phase_diagram
+    inputs = (*plan.experiments[0].cfg.input_paths(), *([config] if config else []))
+    with open_run_dir(out, plan.config, resume=resume, force=force, kind="sweep", runtime_keys=RUNTIME_KEYS,
+                      inputs=inputs) as out:
+        rows, timing = [], {}
+        for n, experiment in zip(plan.sizes, plan.experiments):
+            folder = out / f"n{n:06d}"
+            summary = completed_summary(folder, experiment)
+            if summary is None:
+                t0 = time.time()
+                summary = run_experiment(experiment, folder, resume=True, progress=progress)
+                timing[str(n)] = round(time.time() - t0, 1)
+            rows.append(size_row(n, folder, summary, read_jsonl(folder / "metrics.jsonl"), plan, experiment))
+            write_bytes(out / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+            write_report(out)  # "in progress: k of K sizes" until sweep.json exists
+        result = assemble(plan, rows)
+        result["timing"] = {"wall_s_this_invocation": round(time.time() - started, 1), "wall_s_per_size_run": timing}
+        from .figure import plot_phase_diagram
 
-    plot_phase_diagram(out / "fig_phase_diagram.png", result)
-    write_json(out / "sweep.json", result)
-    write_report(out)
-    return result
+        plot_phase_diagram(out / "fig_phase_diagram.png", result)
+        write_json(out / "sweep.json", result)
+        write_report(out)
+        return result
 
 
 def completed_summary(folder: Path, experiment: TwinExperiment) -> dict | None:
     """The size's ``summary.json`` when its run is complete and has this size's config, else ``None``."""
     if not (folder / "summary.json").exists():
         return None
-    summary = read_json(folder / "summary.json")
+    summary = read_json(folder / "summary.json", fix="Delete that file, then continue with --resume: the size's "
+                        "summary is rebuilt from its metrics and models, which are kept.")
     want = json.loads(json.dumps(dataclasses.asdict(experiment.cfg)))
     runtime = experiment.cfg.RUNTIME_KEYS
     same = all(summary.get("config", {}).get(k) == v for k, v in want.items() if k not in runtime)
@@ -290,7 +293,8 @@ def build_parser(kind: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE.toml", help="TOML file of the experiment's settings")
     parser.add_argument("--out", default="runs/sweep", help="sweep folder (default: runs/sweep)")
     parser.add_argument("--resume", action="store_true", help="continue the sweep in --out")
-    parser.add_argument("--force", action="store_true", help="delete whatever is in --out and start over")
+    parser.add_argument("--force", action="store_true", help="delete the biasgen sweep in --out and start over "
+                        "(never a folder biasgen did not write; docs/safety.md)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_flags(parser, experiments()[kind or "audit"].config_class)
     return parser
