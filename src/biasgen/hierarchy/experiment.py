@@ -191,6 +191,7 @@ def load_grammar(path: str, q: int, depth: int) -> Grammar:
     """A grammar tensor ``M[a, b, c] = P(left=b, right=c | parent=a)`` of shape ``(q, q, q)`` from ``.npy`` or
     ``.pt`` (read without running code: ``numpy.load(allow_pickle=False)``, ``torch.load(weights_only=True)``)."""
     import pickle
+    import warnings
 
     import numpy as np
 
@@ -200,7 +201,9 @@ def load_grammar(path: str, q: int, depth: int) -> Grammar:
         if file.suffix == ".npy":
             M = torch.from_numpy(np.load(file, allow_pickle=False))
         elif file.suffix == ".pt":
-            M = torch.load(file, weights_only=True, map_location="cpu")
+            with warnings.catch_warnings():  # torch warns about the protocol of a pickle it then refuses
+                warnings.simplefilter("ignore")
+                M = torch.load(file, weights_only=True, map_location="cpu")
         else:
             raise ValueError("the file must end in .npy or .pt")
     except (ValueError, TypeError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
