@@ -36,7 +36,7 @@ def load_tensors(stem: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         tensors = st_load(weights.read_bytes())
     except (SafetensorError, ValueError, OSError) as e:
-        raise BiasgenError(f"Checkpoint {weights} cannot be read ({e}): it is damaged. Restore it from a copy; "
+        raise BiasgenError(f"Checkpoint {weights} is corrupt ({e}). Restore it from a copy; "
                            f"{KEEP_MODELS}.") from e
     return tensors, read_json(sidecar)
 
