@@ -40,7 +40,7 @@ from .memorization import memorization_onset
 from .report import write_report
 from .onset import checkpoint_minimum, judge, public_tau
 from .errors import BiasgenError
-from .runs import (append_jsonl, check_out, environment, open_run_dir, progress_bar, read_json, read_jsonl,
+from .runs import (STEP, append_jsonl, check_out, environment, open_run_dir, progress_bar, read_json, read_jsonl,
                    write_json)
 from .sampler import describe_sampler
 from .seeds import SeedPlan
@@ -211,7 +211,7 @@ def _train_and_evaluate(experiment: TwinExperiment, run: Path, data: Data, start
     evaluate_checkpoints(shared, steps, workers, progress, cfg.job_options)
     evaluation_s = time.time() - t0
 
-    records = sorted(read_jsonl(run / "metrics.jsonl"), key=lambda r: r["step"])
+    records = sorted(read_jsonl(run / "metrics.jsonl", STEP), key=lambda r: r["step"])
     summary = summarize(experiment, records, data, shared.reference, members, complete=len(records) == len(steps))
     summary["timing"] = {"wall_s_this_invocation": round(time.time() - started, 1),
                          "training_s_this_invocation": round(training_s, 1),
@@ -227,7 +227,7 @@ def evaluate_checkpoints(shared: Shared, steps: list[int], workers: int, progres
     """Evaluate every checkpoint not yet in ``metrics.jsonl``, ``workers`` at a time (or as Ray places them),
     appending in step order. ``job_options``: the backend settings of :func:`biasgen.jobs.run_jobs`."""
     metrics = shared.run / "metrics.jsonl"
-    done = {r["step"] for r in read_jsonl(metrics)}
+    done = {r["step"] for r in read_jsonl(metrics, STEP)}
     todo = [step for step in steps if step not in done]
     order, pending = list(todo), {}
     results = run_jobs(_evaluate_step, todo, workers, shared, **(job_options or {}))
@@ -308,7 +308,7 @@ def rejudge(run_dir: str | Path, experiments: dict[str, type[TwinExperiment]], *
         raise BiasgenError(f"{run / 'run.json'} holds no config object; restore the file from a copy.")
     config = {**info["config"], "device": "cpu"}  # judging needs no device; the run may have used a GPU
     experiment = exp_class(build_config(exp_class.config_class, {}, None, None, config))
-    records = sorted(read_jsonl(run / "metrics.jsonl"), key=lambda r: r["step"])
+    records = sorted(read_jsonl(run / "metrics.jsonl", STEP), key=lambda r: r["step"])
     if not records:
         raise BiasgenError(f"{run} has no evaluated checkpoint yet (metrics.jsonl is empty); nothing to judge.")
     judged = judge_records(experiment, records, make_members(experiment.cfg.splits, experiment.cfg.seeds_per_split))

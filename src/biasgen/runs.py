@@ -33,6 +33,7 @@ from .errors import BiasgenError
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 LOCK_NAME = ".biasgen.lock"
+STEP = ("step",)  # what a metrics.jsonl record must hold (read_jsonl(path, STEP)): a step, once per file
 KEEP_MODELS = "do not use --force there, which would delete the trained models"
 
 
@@ -115,7 +116,7 @@ def read_json(path: Path | str, *, keys: tuple[str, ...] = (), fix: str | None =
     return obj
 
 
-def scan_jsonl(path: Path | str, required: tuple[str, ...] = ("step",)) -> tuple[list[dict], list[tuple[int, str]]]:
+def scan_jsonl(path: Path | str, required: tuple[str, ...] = ()) -> tuple[list[dict], list[tuple[int, str]]]:
     """The records of a JSON-lines file that read well, and ``(line number, problem)`` for every line that does not.
 
     A record must be a JSON object with the ``required`` keys; with ``"step"`` required, each step (an integer)
@@ -143,7 +144,7 @@ def scan_jsonl(path: Path | str, required: tuple[str, ...] = ("step",)) -> tuple
             problem = "is cut off mid-record" if cut else f"is not valid JSON ({e.msg})"
         else:
             if not isinstance(record, dict) or any(k not in record for k in required):
-                problem = f"is not a record with {', '.join(repr(k) for k in required)}"
+                problem = f"is not a record with {', '.join(repr(k) for k in required) or 'keys'}"
             elif "step" in required and (not isinstance(record["step"], int) or isinstance(record["step"], bool)):
                 problem = f"has step {record['step']!r}, not a whole number"
             elif "step" in required and record["step"] in steps:
@@ -157,7 +158,7 @@ def scan_jsonl(path: Path | str, required: tuple[str, ...] = ("step",)) -> tuple
     return records, problems
 
 
-def read_jsonl(path: Path | str, required: tuple[str, ...] = ("step",)) -> list[dict]:
+def read_jsonl(path: Path | str, required: tuple[str, ...] = ()) -> list[dict]:
     """Every record of a JSON-lines file (none if it does not exist); a BiasgenError naming the first bad line."""
     records, problems = scan_jsonl(path, required)
     if problems:

@@ -44,7 +44,7 @@ import torch
 from ..checkpoint import check_safetensors, load_tensors, save_tensors
 from ..errors import BiasgenError
 from .metrics import data_copying_z, frozen_noise_loss, loss_by_t, memorized_fraction, nearest_neighbors
-from ..runs import append_jsonl, check_out, claim_run_dir, progress_bar, read_json, read_jsonl, write_json
+from ..runs import STEP, append_jsonl, check_out, claim_run_dir, progress_bar, read_json, read_jsonl, write_json
 from ..sampler import sample, timesteps, x0_from_eps_model
 from ..schedule import NoiseSchedule
 from ..seeds import SeedPlan
@@ -225,12 +225,12 @@ class Monitor:
     @property
     def records(self) -> list[dict]:
         """Every check recorded so far, in step order."""
-        return sorted(read_jsonl(self.out / "metrics.jsonl"), key=lambda r: r["step"])
+        return sorted(read_jsonl(self.out / "metrics.jsonl", STEP), key=lambda r: r["step"])
 
     @property
     def steps(self) -> set[int]:
         """The steps already recorded."""
-        return {r["step"] for r in read_jsonl(self.out / "metrics.jsonl")}
+        return {r["step"] for r in read_jsonl(self.out / "metrics.jsonl", STEP)}
 
     # -- one check ------------------------------------------------------------------------------
     def check(self, step: int, model) -> dict:

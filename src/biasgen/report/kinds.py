@@ -13,7 +13,7 @@ from typing import Callable
 
 from ..checkpoint import load_tensors
 from ..errors import BiasgenError
-from ..runs import read_json, scan_jsonl
+from ..runs import STEP, read_json, scan_jsonl
 from ..training import checkpoint_steps
 
 
@@ -65,7 +65,7 @@ def read_run(folder: Path | str) -> Run:
             summary = read_json(folder / summary_file, fix="")
         except BiasgenError as e:
             notes.append(f"{e} It was left out.")
-    records, problems = scan_jsonl(folder / "metrics.jsonl")
+    records, problems = scan_jsonl(folder / "metrics.jsonl", STEP)
     notes += [f"{folder / 'metrics.jsonl'} line {number} {problem}; it was skipped." for number, problem in problems]
     if summary is not None and not records and (folder / "metrics.jsonl").exists():
         notes.append("metrics.jsonl holds no records although summary.json exists: the file was emptied or replaced.")

@@ -29,7 +29,7 @@ from ..errors import BiasgenError, run_command
 from ..experiments import experiments
 from ..pipeline import TwinExperiment, run_experiment
 from ..report import write_report
-from ..runs import environment, open_run_dir, read_json, read_jsonl, write_bytes, write_json
+from ..runs import STEP, environment, open_run_dir, read_json, read_jsonl, write_bytes, write_json
 from ..memorization import memorization_onset
 from .fit import extrapolate, fit_power_law
 
@@ -172,7 +172,7 @@ def sweep(out: str | Path = "runs/sweep", kind: str | None = None, sizes=None, p
                 t0 = time.time()
                 summary = run_experiment(experiment, folder, resume=True, progress=progress)
                 timing[str(n)] = round(time.time() - t0, 1)
-            rows.append(size_row(n, folder, summary, read_jsonl(folder / "metrics.jsonl"), plan, experiment))
+            rows.append(size_row(n, folder, summary, read_jsonl(folder / "metrics.jsonl", STEP), plan, experiment))
             write_bytes(out / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
             write_report(out)  # "in progress: k of K sizes" until sweep.json exists
         result = assemble(plan, rows)
