@@ -134,7 +134,8 @@ def config_is_a_folder(tmp, run):
     return ["audit", "--preset", "tiny", "--config", tmp / "conf", "--out", tmp / "out"]
 
 
-def run_in_use(tmp, run):
+def hold_lock(tmp, run):
+    """Another process that holds the lock of ``run`` (killed by the test afterwards)."""
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
         from biasgen.runs import RunLock
@@ -142,7 +143,16 @@ def run_in_use(tmp, run):
         stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(SRC)}, text=True)
     assert holder.stdout.readline().strip() == "locked"
     tmp.joinpath("holder").write_text(str(holder.pid))
+
+
+def resume_in_use(tmp, run):
+    hold_lock(tmp, run)
     return ["audit", "--preset", "tiny", "--out", run, "--resume"]
+
+
+def judge_write_in_use(tmp, run):
+    hold_lock(tmp, run)
+    return ["judge", run, "--write"]
 
 
 def metrics_binary_garbage_judge(tmp, run):
@@ -231,7 +241,8 @@ CASES = {  # name -> (build, exit status, patterns the error line must match)
     "--score-ts ''": (flag_empty_score_ts, 2, [r"--score-ts needs at least one"]),
     "--first-checkpoint past --steps": (first_checkpoint_past_steps, 2, [r"--first-checkpoint 50 lies past"]),
     "--config is a folder": (config_is_a_folder, 2, [r"--config .*conf is a folder"]),
-    "a second writer": (run_in_use, 2, [r"is in use by pid \d+ on host .*command"]),
+    "a second writer": (resume_in_use, 2, [r"is in use by pid \d+ on host .*command"]),
+    "judge --write during a run": (judge_write_in_use, 2, [r"is in use by pid \d+"]),
     "binary metrics.jsonl (judge)": (metrics_binary_garbage_judge, 2, [r"metrics\.jsonl line 4 holds bytes that are "
                                                                        "not text", "do not use --force"]),
     "binary metrics.jsonl (--resume)": (metrics_binary_garbage_resume, 2, [r"metrics\.jsonl line 4 holds bytes"]),

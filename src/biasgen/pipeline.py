@@ -40,8 +40,8 @@ from .memorization import memorization_onset
 from .report import write_report
 from .onset import checkpoint_minimum, judge, public_tau
 from .errors import BiasgenError
-from .runs import (STEP, append_jsonl, check_out, environment, open_run_dir, progress_bar, read_json, read_jsonl,
-                   write_json)
+from .runs import (STEP, RunLock, append_jsonl, check_out, environment, open_run_dir, progress_bar, read_json,
+                   read_jsonl, write_json)
 from .sampler import describe_sampler
 from .seeds import SeedPlan
 from .training import checkpoint_stem, checkpoint_steps
@@ -313,8 +313,9 @@ def rejudge(run_dir: str | Path, experiments: dict[str, type[TwinExperiment]], *
         raise BiasgenError(f"{run} has no evaluated checkpoint yet (metrics.jsonl is empty); nothing to judge.")
     judged = judge_records(experiment, records, make_members(experiment.cfg.splits, experiment.cfg.seeds_per_split))
     if write and (run / "summary.json").exists():
-        write_json(run / "summary.json", {**read_json(run / "summary.json"), **judged})
-        write_report(run)
+        with RunLock(run):  # not while the run itself writes
+            write_json(run / "summary.json", {**read_json(run / "summary.json"), **judged})
+            write_report(run)
     return judged
 
 
