@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .images import monitor
+from .images import monitor_command
 from .config import add_config_flags, build_config, flags_given
 from .errors import BiasgenError, run_command
 from .experiments import experiments
@@ -86,7 +86,7 @@ def _judge(args: argparse.Namespace) -> int:
 TOOLS = {  # name -> (add its arguments, run it (returns the exit code), help)
     "report": (_report_arguments, _report, "(re)build report.html, the page a person reads, from a run folder"),
     "judge": (_judge_arguments, _judge, "re-judge a run from its metrics.jsonl alone (no models needed)"),
-    "monitor": (monitor.add_arguments, monitor.main, monitor.HELP),
+    "monitor": (monitor_command.add_arguments, monitor_command.main, monitor_command.HELP),
 }
 
 

@@ -158,8 +158,20 @@ def check_at_least(cfg, minimum: int, *names: str) -> None:
         check(value >= minimum, f"--{name.replace('_', '-')} must be at least {minimum}, got {value}.")
 
 
+class ReadsInputs:
+    """A config whose settings named in ``INPUT_KEYS`` are files or folders the run reads: the run's ``--out``
+    may never equal, contain or lie inside one (:func:`biasgen.runs.check_out`), so ``--force`` cannot delete it."""
+
+    INPUT_KEYS: typing.ClassVar[tuple[str, ...]] = ()
+
+    def input_paths(self) -> list[Path]:
+        """The existing files and folders the settings in ``INPUT_KEYS`` name (a data set's name is not one)."""
+        values = [getattr(self, key) for key in self.INPUT_KEYS]
+        return [Path(v).expanduser() for v in values if isinstance(v, str) and Path(v).expanduser().exists()]
+
+
 @dataclasses.dataclass
-class TwinConfig:
+class TwinConfig(ReadsInputs):
     """The settings every twin experiment shares. Subclasses add theirs and extend :meth:`validate`."""
 
     # splits and models
@@ -200,7 +212,6 @@ class TwinConfig:
 
     RUNTIME_KEYS = ("device", "workers", "threads", "backend", "ray_address", "cpus_per_job",
                     "gpus_per_job")  # settings that do not define the run
-    INPUT_KEYS = ()  # settings naming files or folders the run reads (never --out, never deleted)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -234,11 +245,6 @@ class TwinConfig:
               "Ray hides the GPUs from jobs that reserve none.")
         check(not self.device.startswith("cuda") or self.backend == "ray" or _cuda_available(),
               f"--device {self.device} is not available here (no CUDA GPU); pass --device cpu.")
-
-    def input_paths(self) -> list[Path]:
-        """The existing files and folders the settings in ``INPUT_KEYS`` name (a data set's name is not one)."""
-        values = [getattr(self, key) for key in self.INPUT_KEYS]
-        return [Path(v).expanduser() for v in values if isinstance(v, str) and Path(v).expanduser().exists()]
 
     @property
     def sample_step_count(self) -> int:

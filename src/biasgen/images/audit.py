@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_tensors
-from ..config import TwinConfig, build_config, check, check_at_least, opt
+from ..config import TwinConfig, check, check_at_least, opt
 from ..errors import BiasgenError
 from ..losses import eps_mse_loss
 from ..drift import noise_sd
@@ -31,7 +31,7 @@ from ..runs import read_json
 from ..sampler import sample, x0_from_eps_model
 from ..schedule import NoiseSchedule
 from ..training import checkpoint_stem
-from ..twins import load_model, model_pairs
+from ..twins import model_pairs
 from . import figures
 from .data import describe, load_images, make_splits, scale_images, unscale_images
 from .diffusers_model import (DiffusersEps, check_unet_fits, export_pipeline, load_unet_config,
@@ -236,27 +236,6 @@ def export_checkpoint(run: str | Path, model: int, step: int, out: str | Path) -
                            "[-1, 1] (--scaling minus1to1).")
     stem = checkpoint_stem(Path(run) / "models" / f"model{model}", step)
     return export_pipeline(stem, out, noise_schedule(cfg["schedule"], cfg["T"], cfg["scheduler_config"]))
-
-
-def member_sidecar(weights: str | Path) -> dict | None:
-    """The sidecar of one audit model's checkpoint ``<stem>.safetensors`` (``<stem>.json``: the audit's
-    config, the network's arguments, the model's split), or None when ``weights`` is no such checkpoint."""
-    sidecar = Path(weights).with_suffix(".json")
-    if Path(weights).suffix != ".safetensors" or not sidecar.is_file():
-        return None
-    meta = read_json(sidecar)
-    keys_ok = isinstance(meta, dict) and {"config", "model", "split", "step"} <= set(meta)
-    return meta if keys_ok and "scaling" in meta["config"] else None
-
-
-def member_experiment(sidecar: dict) -> ImageAudit:
-    """The audit a model checkpoint (its :func:`member_sidecar`) belongs to, on the CPU."""
-    return ImageAudit(build_config(AuditConfig, {}, None, None, {**sidecar["config"], "device": "cpu"}))
-
-
-def load_member(weights: str | Path, sidecar: dict) -> torch.nn.Module:
-    """The network of an audit model's checkpoint, in eval mode on the CPU (either kind of network)."""
-    return load_model(network_class(sidecar["config"]["model"]), sidecar["model"], Path(weights).with_suffix(""), "cpu")
 
 
 def audit(out: str | Path, preset: str | None = "default", config: str | Path | None = None, *,
