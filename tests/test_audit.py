@@ -50,8 +50,10 @@ def test_tiny_audit_writes_every_output(tiny_run, capsys):
     assert (tiny_run / "samples" / "step_0000012.safetensors").exists()
 
 
-def test_python_api_matches_cli(tiny_run, tmp_path):
-    summary = audit(tmp_path / "api", preset="tiny", progress=False)  # in-process, one worker
+def test_python_api_matches_cli_and_logs_lines_not_bars(tiny_run, tmp_path, capsys):
+    summary = audit(tmp_path / "api", preset="tiny", progress=True)  # in-process, one worker
+    log = capsys.readouterr().err  # stderr is no terminal here, as in a cluster job's log file
+    assert "\r" not in log and log.count("\n") <= 5, log[-500:]  # tqdm here would write a line per update
     cli = json.loads((tiny_run / "summary.json").read_text())
     for tau in ("tau_loss", "tau_bias"):  # a pool (1 thread per worker) vs in-process: equal up to float rounding
         assert summary[tau]["step"] == cli[tau]["step"] and summary[tau]["ci"] == cli[tau]["ci"]
