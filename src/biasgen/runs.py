@@ -22,6 +22,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -308,10 +309,52 @@ def open_run_dir(out: Path | str, config: dict, **options):
 
 def progress_bar(items, enabled: bool, desc: str, total: int | None = None, initial: int = 0,
                  position: int | None = None):
-    """``items`` wrapped in a tqdm bar when ``enabled``; with ``items=None``, a bar to ``update()`` by hand
-    (or None when not ``enabled``). ``position`` is the bar's line when several processes show bars."""
+    """``items`` wrapped in a progress display when ``enabled``; with ``items=None``, a display to
+    ``update()`` by hand (or None when not ``enabled``). On a terminal it is a tqdm bar (``position`` is
+    its line when several processes show bars); off a terminal (a log file, a cluster job) it is a
+    :class:`LineProgress`, one plain line per ``LineProgress.interval_s`` at most."""
     if not enabled:
         return items
+    if not sys.stderr.isatty():
+        return LineProgress(items, desc=desc, total=total, initial=initial)
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, total=total, initial=initial, leave=False, dynamic_ncols=True, position=position)
+
+
+class LineProgress:
+    """Progress for logs: ``desc: n/total (elapsed, postfix)`` on stderr when ``interval_s`` has passed
+    since the last line (never per step), and a last line at the end when the work took that long.
+    Offers what the code uses of tqdm: iteration, ``update``, ``set_postfix``, ``close``."""
+
+    interval_s = 30.0
+
+    def __init__(self, items=None, *, desc: str, total: int | None = None, initial: int = 0):
+        self.items, self.desc, self.n, self.postfix = items, desc, initial, ""
+        self.total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+        self.start = self.last = time.monotonic()
+
+    def __iter__(self):
+        for item in self.items:
+            yield item
+            self.update(1)
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.last >= self.interval_s:
+            self._line()
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def close(self) -> None:
+        if self.last > self.start or time.monotonic() - self.start >= self.interval_s:
+            self._line()
+        self.last = self.start = time.monotonic()  # a second close writes nothing
+
+    def _line(self) -> None:
+        self.last = now = time.monotonic()
+        done = f"{self.n}/{self.total}" if self.total is not None else f"{self.n}"
+        extra = f", {self.postfix}" if self.postfix else ""
+        print(f"{self.desc}: {done} ({now - self.start:.0f} s{extra})", file=sys.stderr, flush=True)
