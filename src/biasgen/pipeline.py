@@ -38,7 +38,8 @@ from .config import TwinConfig, build_config
 from .jobs import check_shared_storage, job_session, resolve_workers, run_jobs, torch_threads
 from .memorization import memorization_onset
 from .report import write_report
-from .onset import checkpoint_minimum, judge, public_tau
+from .onset import checkpoint_minimum, public_tau
+from .verdict import judge
 from .errors import BiasgenError
 from .runs import append_jsonl, environment, prepare_run_dir, progress_bar, read_json, read_jsonl, write_json
 from .sampler import describe_sampler
@@ -246,7 +247,7 @@ def judge_records(experiment: TwinExperiment, records: list[dict], members: list
     reason notes a sampler not validated against the paper's.
 
     The twin curve, the control curve (when the experiment has same-split pairs), the test loss and the members
-    go to :func:`biasgen.onset.judge` (which also runs the negative controls and their placebo gate); any further
+    go to :func:`biasgen.verdict.judge` (which also runs the negative controls and their placebo gate); any further
     curve of the experiment (e.g. ``tau_nn``) is located with :func:`biasgen.onset.checkpoint_minimum`.
     """
     cfg, seeds = experiment.cfg, experiment.seeds
