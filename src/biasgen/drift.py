@@ -231,7 +231,7 @@ def hinge_fit(y) -> tuple[np.ndarray, np.ndarray]:
 
     For every knot ``k`` the model is ``a`` up to checkpoint ``k`` and ``a + b (c - k)`` after it, ``b >= 0``
     (checkpoint index ``c``, so log-spaced checkpoints give a rise linear in log step); ``knot`` ``(...)`` is
-    the best ``k`` (a curve that never rises fits best with ``b = 0``: knot at the last checkpoint), ``fit``
+    the best ``k`` (ties go to the later knot, so a curve that never rises has its knot at the last checkpoint), ``fit``
     ``(..., n)`` its fitted values.
     """
     y = np.asarray(y, dtype=np.float64)
@@ -245,7 +245,7 @@ def hinge_fit(y) -> tuple[np.ndarray, np.ndarray]:
         level = y.mean(-1) - slope * x.mean()
         f = level[..., None] + slope[..., None] * x
         rss = ((y - f) ** 2).sum(-1)
-        better = rss < best_rss - 1e-15
+        better = rss <= best_rss * (1 + 1e-9) + 1e-15  # ties go to the later knot: no rise yet
         best_rss, knot = np.where(better, rss, best_rss), np.where(better, k, knot)
         fit = np.where(better[..., None], f, fit)
     return knot, fit
