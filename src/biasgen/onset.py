@@ -104,15 +104,6 @@ def score_crossing(steps: Sequence[int], train_sim, test_sim) -> int | None:
     return int(steps[first])
 
 
-def biased_window(tau_bias: int, tau_loss: int) -> dict:
-    """The biased-generalization window ``[tau_bias, tau_loss]``: ``{start, end, length, exists}``.
-
-    ``length`` is in steps, 0 if the window does not exist.
-    """
-    tau_bias, tau_loss = int(tau_bias), int(tau_loss)
-    return {"start": tau_bias, "end": tau_loss, "length": max(0, tau_loss - tau_bias), "exists": tau_bias < tau_loss}
-
-
 def prob_before(boot_a: Sequence[int], boot_b: Sequence[int]) -> float:
     """``P(a < b) + P(a == b) / 2`` for independent draws from two bootstrap sets of steps."""
     a = np.asarray(boot_a)

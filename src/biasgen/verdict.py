@@ -22,7 +22,7 @@ import numpy as np
 from .drift import (DIFF_ORDER, LEVEL, N_BOOT, PERSIST, check_pairs, check_steps, check_table, drift_test,
                     min_checkpoints, noise_sd, rise_onset)
 from .errors import BiasgenError
-from .onset import biased_window, checkpoint_minimum, prob_before, public_tau
+from .onset import checkpoint_minimum, prob_before, public_tau
 from .verdict_text import CONFOUNDED, placebo_reason, reason_for, recommendation_text, too_few_reason
 
 VERDICTS = ("biased-generalization-detected", "overfitting", "no-bias-detected", "inconclusive")
@@ -49,7 +49,7 @@ class VerdictBlock(TypedDict):
     tau_data: dict | None  # last checkpoint before the contrast's rise (None without controls)
     tau_loss_open: bool  # the test loss is smallest at the last checkpoint
     p_bias_before_loss: float  # P(tau_bias < tau_loss), reported only
-    window: dict  # [tau_bias, tau_loss] as {start, end, length, exists}
+    window: list[int] | None  # [tau_bias, tau_loss], None when tau_bias does not come first
     control: dict | None  # {n_pairs, balanced, noise_sd, argmin_step}; None without controls
     curves: dict  # steps, twin, test_loss (and control, contrast) mean curves
     candidate_costs: dict  # name -> {step, test_loss, excess_loss} for tau_bias, tau_data, tau_loss
@@ -60,6 +60,8 @@ class VerdictBlock(TypedDict):
     n_models: int
     settings: dict
     negative_controls: NotRequired[dict]  # with controls and members: the placebo and controls-as-twins checks
+    tau_mem: NotRequired[dict]  # added by biasgen.pipeline.judge_records where samples are checked for copies
+    units: NotRequired[dict]  # added by biasgen.pipeline.judge_records: what a unit of each curve is
 
 
 class Inputs(NamedTuple):
@@ -187,6 +189,11 @@ def decide(tests: dict, tau_bias: dict, tau_loss: dict, tau_loss_open: bool, lev
     return "no-bias-detected", reason_for("no-rise", tests, tau_loss, tau_loss_open, level, control)
 
 
+def window_steps(tau_bias: int, tau_loss: int) -> list[int] | None:
+    """The biased window ``[tau_bias, tau_loss]``, or None when tau_bias does not come first."""
+    return [int(tau_bias), int(tau_loss)] if tau_bias < tau_loss else None
+
+
 def candidate_costs(steps: np.ndarray, loss_curve: np.ndarray, candidates: dict) -> dict:
     """What stopping at each candidate step costs: ``{name: {step, test_loss, excess_loss}}``.
 
@@ -255,7 +262,7 @@ def judge(
         "tau_loss_open": bool(loss_open),
         "p_bias_before_loss": prob_before(tau_bias["boot_steps"],
                                           [int(steps[-1])] if loss_open else tau_loss["boot_steps"]),
-        "window": biased_window(tau_bias["step"], tau_loss["step"]), "control": control, "curves": curves,
+        "window": window_steps(tau_bias["step"], tau_loss["step"]), "control": control, "curves": curves,
         "candidate_costs": candidate_costs(steps, np.asarray(tau_loss["curve"]),
                                            {"tau_bias": tau_bias, "tau_data": tau_data, "tau_loss": tau_loss}),
         "n_models": inputs.n_models,
