@@ -164,6 +164,15 @@ def drift_tests(steps: np.ndarray, curve: np.ndarray, tau_loss: dict, *, level: 
             "tested_steps": [int(steps[i]) for i in range(lo, hi + 1)], "at": tests[worst], "end": end}
 
 
+def test_entries(tests: dict) -> dict:
+    """The :class:`VerdictBlock` entries of :func:`drift_tests`' result."""
+    at, end = tests["at"], tests["end"]
+    return {"p_value": tests["p_value"], "p_value_at_tau_loss": tests["p_value_at_tau_loss"],
+            "p_value_end": end["p_value"], "tested_until": tests["tested_until"], "tested_steps": tests["tested_steps"],
+            "drift": at and at["drift"], "drift_end": end["drift"], "detectable_drift": at and at["detectable_drift"],
+            "decision_noise_sd": end["noise_sd"]}
+
+
 def decide(tests: dict, tau_bias: dict, tau_loss: dict, tau_loss_open: bool, level: float,
            control: dict | None) -> tuple[str, str]:
     """``(verdict, reason)`` from :func:`drift_tests` and the onsets (rules: docs/method.md §10, "The verdict").
@@ -271,17 +280,11 @@ def judge(
     if n_ckpt < min_checkpoints(persist):
         verdict = "inconclusive"
         reason = too_few_reason(n_ckpt, persist)
-        block |= {"p_value": None, "p_value_at_tau_loss": None, "p_value_end": None, "tested_until": None,
-                  "tested_steps": [], "drift": None, "drift_end": None, "detectable_drift": None,
-                  "decision_noise_sd": None}
+        block |= dict.fromkeys(("p_value", "p_value_at_tau_loss", "p_value_end", "tested_until", "drift", "drift_end",
+                                "detectable_drift", "decision_noise_sd")) | {"tested_steps": []}
     else:
         tests = drift_tests(steps, curve, tau_loss, level=level, persist=persist, n_boot=n_boot, seed=seed + 2)
-        at = tests["at"]
-        block |= {"p_value": tests["p_value"], "p_value_at_tau_loss": tests["p_value_at_tau_loss"],
-                  "p_value_end": tests["end"]["p_value"], "tested_until": tests["tested_until"],
-                  "tested_steps": tests["tested_steps"], "drift": at and at["drift"],
-                  "drift_end": tests["end"]["drift"], "detectable_drift": at and at["detectable_drift"],
-                  "decision_noise_sd": tests["end"]["noise_sd"]}
+        block |= test_entries(tests)
         verdict, reason = decide(tests, tau_bias, tau_loss, loss_open, level, control)
         reason = f"Evidence: {evidence}. {reason[0].upper()}{reason[1:]}" + ("" if control else CONFOUNDED)
     rising = block["p_value_at_tau_loss"] is not None and block["p_value_at_tau_loss"] <= level

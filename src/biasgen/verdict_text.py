@@ -115,5 +115,6 @@ def recommendation_text(basis: str, verdict: str, block: dict) -> str:
         text += "; the loss was still falling at the last checkpoint, so training longer may lower it further"
     cautious = "tau_data" if block["tau_data"] else "tau_bias"
     if block[cautious]["step"] < loss["step"]:
-        text += f" (if privacy matters, {cautious} = {block[cautious]['step']} is the cautious choice: {_cost(block, cautious)})"
+        text += (f" (if privacy matters, {cautious} = {block[cautious]['step']} is the cautious choice: "
+                 f"{_cost(block, cautious)})")
     return text + "."
