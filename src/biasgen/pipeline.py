@@ -38,7 +38,8 @@ from .config import TwinConfig, build_config
 from .jobs import check_shared_storage, job_session, resolve_workers, run_jobs, torch_threads
 from .memorization import memorization_onset
 from .report import write_report
-from .onset import checkpoint_minimum, judge, public_tau
+from .onset import checkpoint_minimum, public_tau
+from .verdict import VerdictBlock, judge
 from .errors import BiasgenError
 from .runs import (STEP, RunLock, append_jsonl, check_out, environment, open_run_dir, progress_bar, read_json,
                    read_jsonl, write_json)
@@ -252,14 +253,14 @@ def _evaluate_step(step: int, shared: Shared) -> tuple[int, dict]:
 
 
 def judge_records(experiment: TwinExperiment, records: list[dict], members: list[tuple[int, int]],
-                  sampler: dict | None = None) -> dict:
+                  sampler: dict | None = None) -> VerdictBlock:
     """The verdict part of ``summary.json`` from ``metrics.jsonl`` records alone (``biasgen judge`` reruns it).
 
     ``sampler``: the run's :func:`sampler_summary` when the caller has it (default: computed here); the
     reason notes a sampler not validated against the paper's.
 
     The twin curve, the control curve (when the experiment has same-split pairs), the test loss and the members
-    go to :func:`biasgen.onset.judge` (which also runs the negative controls and their placebo gate); any further
+    go to :func:`biasgen.verdict.judge` (which also runs the negative controls and their placebo gate); any further
     curve of the experiment (e.g. ``tau_nn``) is located with :func:`biasgen.onset.checkpoint_minimum`.
     """
     cfg, seeds = experiment.cfg, experiment.seeds
@@ -267,13 +268,12 @@ def judge_records(experiment: TwinExperiment, records: list[dict], members: list
     curves = experiment.curves(records)
     twins, controls = model_pairs(members)
     control = curves.get("control")
-    judged = judge(steps, curves["tau_bias"].table, twins, curves["tau_loss"].table,
-                   control.table if control else None, controls if control else None,
-                   members=members, n_boot=cfg.n_boot, seed=seeds.bootstrap())
+    judged: VerdictBlock = judge(steps, curves["tau_bias"].table, twins, curves["tau_loss"].table,
+                                 control.table if control else None, controls if control else None,
+                                 members=members, n_boot=cfg.n_boot, seed=seeds.bootstrap())
     others = {name: public_tau(checkpoint_minimum(steps, c.table, n_boot=cfg.n_boot, seed=seeds.bootstrap(i + 1),
                                                   reduce=c.reduce))
               for i, (name, c) in enumerate(curves.items()) if name not in ("tau_bias", "tau_loss", "control")}
-    window = judged.pop("window")
     sampler = sampler or sampler_summary(cfg, experiment.sampler_validated)
     if not sampler["validated"]:
         judged["reason"] += (f" Note: sampled with {sampler['name']}, which was not validated against the paper's "
@@ -284,7 +284,6 @@ def judge_records(experiment: TwinExperiment, records: list[dict], members: list
     return {
         **judged,
         **others,
-        "window": [window["start"], window["end"]] if window["exists"] else None,
         "units": {name: c.units for name, c in curves.items()},
     }
 
@@ -350,7 +349,7 @@ def sampler_summary(cfg: TwinConfig, validated: Callable[[str], bool]) -> dict:
             "validated": paper or validated(name)}
 
 
-def terminal_summary(experiment: TwinExperiment, summary: dict, out: Path) -> str:
+def terminal_summary(experiment: TwinExperiment, summary: VerdictBlock, out: Path) -> str:
     """A few lines for the terminal: the verdict, the taus with their intervals, the window and the advice."""
     def tau(name: str) -> str:
         t = summary[name]
@@ -364,10 +363,15 @@ def terminal_summary(experiment: TwinExperiment, summary: dict, out: Path) -> st
     return "\n".join([
         f"biasgen {experiment.kind}: {summary['verdict']}",
         f"  tau_bias (twins agree most)  = {tau('tau_bias')}",
+        *([f"  tau_data (data-specific onset) = step {summary['tau_data']['step']:>6}  (68% interval "
+           f"{summary['tau_data']['ci'][0]}..{summary['tau_data']['ci'][1]}, from the contrast's checkpoint noise)"]
+          if summary.get("tau_data") else []),
         f"  tau_loss (test-loss minimum) = {tau('tau_loss')}",
         *([f"  tau_mem (copies appear)     = {describe_tau_mem(summary['tau_mem'])}"] if "tau_mem" in summary else []),
         *[f"  {line}" for line in experiment.terminal_lines(summary)],
         f"  biased window: {window}",
+        f"  test loss at each candidate: " + ", ".join(f"{name} (step {c['step']}) {c['test_loss']:.4g}"
+                                                      for name, c in summary["candidate_costs"].items()),
         f"  recommended stopping checkpoint: step {summary['recommended_step']} — {summary['recommendation']}",
         f"  why: {summary['reason']}",
         f"  results in {out}: summary.json, metrics.jsonl, fig_*.png",

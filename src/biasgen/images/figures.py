@@ -35,8 +35,8 @@ NN_STYLE = [  # (record key part, colour, line style, legend) of the nearest-nei
     ("other", "tab:orange", "--", "other split"),
     ("test", "tab:green", ":", "test set"),
 ]
-TAU_STYLE = {"tau_bias": ("tab:red", "$\\tau_{bias}$"), "tau_loss": ("tab:blue", "$\\tau_{loss}$"),
-             "tau_mem": ("tab:purple", "$\\tau_{mem}$")}
+TAU_STYLE = {"tau_bias": ("tab:red", "$\\tau_{bias}$"), "tau_data": ("tab:green", "$\\tau_{data}$"),
+             "tau_loss": ("tab:blue", "$\\tau_{loss}$"), "tau_mem": ("tab:purple", "$\\tau_{mem}$")}
 
 
 # -- helpers ---------------------------------------------------------------
@@ -119,7 +119,8 @@ def _step_axis(ax: Axes, records: Sequence[dict]) -> None:
 
 
 def _mark_taus(ax: Axes, summary: dict | None, label: bool = True) -> None:
-    """Vertical lines at tau_bias, tau_loss and tau_mem (when located) with their intervals, and the biased window shaded."""
+    """Vertical lines at tau_bias, tau_data, tau_loss and tau_mem (when located) with their intervals, and the biased
+    window shaded."""
     summary = summary or {}
     window = _pair(summary.get("window"))
     if window:
@@ -156,6 +157,10 @@ def plot_loss_and_twin_distance(records: Sequence[dict], summary: dict | None, p
                            "twins, different splits (mean over pairs)", color="tab:red")
     _plot_band(ax2, records, _pair_mean("same_split_distance_pairs"), lambda r: None,
                "same-split control (mean over pairs)", color="tab:gray", linestyle="--")
+    curves = (summary or {}).get("curves") or {}
+    if curves.get("contrast"):  # the curve the verdict decides on when there are controls
+        ax2.plot(curves["steps"], curves["contrast"], color="tab:green", linestyle="-.", marker=".",
+                 label="contrast: twins − controls")
     ax2.set_ylabel("cosine distance of shared-noise samples $D_{cos}$", color="tab:red")
     if not (drew_loss or drew_twin):
         _empty(ax, "loss or twin distance")

@@ -14,6 +14,8 @@ from .kinds import Column, Kind, Run, _dict, _summary
 
 VERDICTS = {  # verdict -> (plain wording, tone)
     "biased-generalization-detected": ("Biased generalization detected", "bad"),
+    "overfitting": ("Overfitting, not biased generalization: the twins drift apart only after the test-loss minimum",
+                    "warn"),
     "no-bias-detected": ("No biased generalization detected", "good"),
     "inconclusive": ("Inconclusive", "warn"),
 }
@@ -21,6 +23,8 @@ VERDICTS = {  # verdict -> (plain wording, tone)
 TERMS = {  # plain meaning of each onset time, said where it first appears
     "tau_bias": "the checkpoint where the twins (the same network trained on disjoint splits of the data) agree "
                 "most; after it they drift apart because each leans on its own training split",
+    "tau_data": "the last checkpoint before the twins start drifting apart more than same-split control pairs (two "
+                "seeds on the same data) do: the onset of the part of the divergence that is due to the data",
     "tau_loss": "the checkpoint with the lowest test loss, where ordinary early stopping would stop",
     "tau_mem": "the first checkpoint at which generated samples clearly copy training examples (the 95% lower bound "
                "of the share of copies is above zero): memorization proper",
@@ -32,18 +36,24 @@ TERMS = {  # plain meaning of each onset time, said where it first appears
 }
 
 EVIDENCE = {  # summary key -> label, in display order; absent keys are skipped
+    "p_value": "P value of a rise by the test-loss minimum (largest over its 95% interval)",
+    "tested_until": "decisive test taken at step",
+    "p_value_at_tau_loss": "P value at tau_loss itself",
+    "p_value_end": "P value of a rise by the end of training",
+    "candidate_costs": "test loss at each candidate stopping step",
     "p_bias_before_loss": "P(tau_bias < tau_loss)",
-    "p_value": "P value",
     "window": "biased window [tau_bias, tau_loss]",
     "control": "control",
-    "drift": "drift",
+    "drift": "rise by the decisive step",
+    "drift_end": "rise by the end of training",
     "evidence": "evidence",
     "n_twin_pairs": "twin pairs",
     "n_control_pairs": "same-split control pairs",
     "recommendation_basis": "recommendation based on",
     "coarse_to_fine": "coarse-to-fine learning",
 }
-SHOWN_ELSEWHERE = {"verdict", "reason", "recommended_step", "recommendation", "tau_loss_open", "units", "checkpoints",
+SHOWN_ELSEWHERE = {"verdict", "reason", "recommended_step", "recommended_ci", "recommendation", "tau_loss_open", "units",
+                   "checkpoints",
                    "complete", "data", "models", "config", "seeds", "environment", "sampler", "timing"}
 
 
