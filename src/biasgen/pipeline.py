@@ -38,6 +38,7 @@ from .config import TwinConfig, build_config
 from .jobs import check_shared_storage, job_session, resolve_workers, run_jobs, torch_threads
 from .memorization import memorization_onset
 from .report import write_report
+from .report.kinds import ReportView
 from .onset import checkpoint_minimum, judge, public_tau
 from .errors import BiasgenError
 from .runs import append_jsonl, environment, prepare_run_dir, progress_bar, read_json, read_jsonl, write_json
@@ -100,6 +101,11 @@ class TwinExperiment:
     memorization_rule: ClassVar[str] = "not measured"  # what counts as a memorized sample, for people
     # what a sampler other than the paper's may change, for the note in the verdict of such a run
     sampler_caveat: ClassVar[str] = "every quantity computed from samples may differ from the paper's answer"
+    # how report.html shows a run (captions, table columns, gallery); None: every metric, figures by file name
+    report_view: ClassVar[ReportView | None] = None
+    # biasgen sweep presets, name -> {"sizes", "steps_per_image", "experiment_preset", "settings"} (each optional;
+    # see biasgen.sweep); the first is the default of `biasgen sweep --kind KIND`
+    sweep_presets: ClassVar[dict[str, dict]] = {}
 
     def __init__(self, cfg: TwinConfig):
         self.cfg = cfg
@@ -153,6 +159,11 @@ class TwinExperiment:
     def terminal_lines(self, summary: dict) -> list[str]:
         """Extra lines of the terminal summary."""
         return []
+
+    def largest_size(self) -> int | None:
+        """The largest training-set size per split the data holds with ``cfg.splits`` splits and ``cfg.n_test``
+        test examples (``biasgen sweep`` refuses larger sizes); default: None, no limit (generated data)."""
+        return None
 
     def memorized_share(self, records: list[dict]) -> list[dict] | None:
         """Per checkpoint ``{"step", "share", "ci": [lo, hi], "key"}``: the share of generated samples that copy a

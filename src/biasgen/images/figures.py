@@ -5,7 +5,7 @@ Every figure tolerates partial runs: a record may lack any metric (or hold
 object API (no pyplot, no display, no backend switch) and written atomically
 (:func:`biasgen.runs.write_figure`).
 
-    plot_all(run_dir, records, summary, gallery_rows)
+    plot_all(run_dir, records, summary, gallery_rows(run_dir, summary, train_sets, members))
     # -> fig_loss_twin.png, fig_score_similarity.png, fig_memorization.png, fig_loss_bands.png, fig_gallery.png
 
 A record looks like ``{"step": 120, "test_loss": 0.31, "test_loss_sem": 0.01,
@@ -27,8 +27,11 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from ..checkpoint import load_tensors
 from ..errors import BiasgenError
 from ..runs import write_figure
+from ..twins import model_pairs
+from .metrics import nearest_neighbors
 
 NN_STYLE = [  # (record key part, colour, line style, legend) of the nearest-neighbour curves
     ("own", "tab:red", "-", "own split"),
@@ -288,6 +291,21 @@ def plot_gallery(
         ax.set_axis_off()
     fig.tight_layout()
     return _save(fig, path)
+
+
+def gallery_rows(run: Path, summary: dict, train_sets, members, n: int = 10):
+    """Rows for the gallery: twin samples at tau_bias and at the last checkpoint, with their nearest training images."""
+    (a, b) = model_pairs(members)[0][0]
+    rows = []
+    for label, step in (("tau_bias", summary["tau_bias"]["step"]), ("final", summary["checkpoints"][-1])):
+        samples = load_tensors(run / "samples" / f"step_{step:07d}")[0]["samples"]
+        sa, sb = samples[a][:n], samples[b][:n]
+        own = nearest_neighbors(sa, train_sets[members[a][0]])["index"]
+        oth = nearest_neighbors(sa, train_sets[members[b][0]])["index"]
+        rows += [(f"{label} (step {step}): model A", sa), (f"{label}: model B, same noise", sb),
+                 (f"{label}: nearest to A in A's split", train_sets[members[a][0]][own]),
+                 (f"{label}: nearest to A in B's split", train_sets[members[b][0]][oth])]
+    return rows
 
 
 def plot_loss_bands(records: Sequence[dict], summary: dict, path: str | Path) -> Path:
