@@ -42,7 +42,7 @@ from .report.kinds import ReportView
 from .onset import checkpoint_minimum, judge, public_tau
 from .errors import BiasgenError
 from .runs import append_jsonl, environment, prepare_run_dir, progress_bar, read_json, read_jsonl, write_json
-from .sampler import describe_sampler
+from .sampler import describe_sampler, is_paper_sampler
 from .seeds import SeedPlan
 from .training import checkpoint_stem, checkpoint_steps
 from .twins import load_model, make_members, model_pairs, train_members
@@ -340,7 +340,7 @@ def summarize(experiment: TwinExperiment, records: list[dict], data: Data, refer
 def sampler_summary(cfg: TwinConfig, validated: Callable[[str], bool]) -> dict:
     """``summary.json``'s "sampler" block; ``validated`` is true for the paper's all-T DDPM and where ``validated(name)``."""
     name = describe_sampler(cfg.sampler, cfg.sample_step_count, cfg.eta, cfg.T)
-    paper = cfg.sampler == "ddpm" and cfg.sample_step_count == cfg.T
+    paper = is_paper_sampler(cfg.sampler, cfg.sample_steps, cfg.T)
     return {"method": cfg.sampler, "steps": cfg.sample_step_count, "eta": cfg.eta, "name": name,
             "validated": paper or validated(name)}
 

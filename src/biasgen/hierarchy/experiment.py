@@ -23,6 +23,7 @@ from ..errors import BiasgenError
 from ..losses import x0_cross_entropy_loss
 from ..memorization import wilson
 from ..pipeline import Curve, Data, Shared, TwinExperiment, metric_table as table, run_experiment
+from ..sampler import DEFAULT_SAMPLER, SAMPLER_HELP
 from ..schedule import NoiseSchedule
 from ..seeds import SeedPlan
 from ..twins import model_pairs
@@ -47,9 +48,8 @@ class HierarchyConfig(TwinConfig):
     dropout: float = opt(0.0, "dropout rate")
     batch_size: int = opt(128, "batch size")
     ema_decay: float | None = opt(0.99, "EMA decay of the evaluated weights (none: raw weights; EMA smooths Adam noise but lags)")
-    sampler: str = opt("ddpm", "ddpm (ancestral: draws of the posterior, as the paper) or ddim (deterministic unless "
-                               "--eta > 0; it collapses an undertrained model's samples onto the most likely symbols)")
-    sample_steps: int | None = opt(None, "sampling steps, evenly spaced from T to 1 (none: all T, the paper's DDPM)")
+    sampler: str = opt(DEFAULT_SAMPLER, SAMPLER_HELP + "; ddim collapses an undertrained model's samples onto the "
+                                                       "most likely symbols")
     threads: int = opt(1, "torch CPU threads in the main process (0: torch's default); small models run fastest on 1")
     # grammar
     q: int = opt(6, "vocabulary size")

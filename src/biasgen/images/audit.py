@@ -78,9 +78,6 @@ class AuditConfig(TwinConfig):
     scheduler_config: str | None = opt(None, "a diffusers scheduler_config.json as the noise schedule, instead of "
                                              "--schedule (its num_train_timesteps must equal --T)")
     # evaluation
-    sampler: str = opt("ddpm", "ddpm (ancestral: draws of the DDPM posterior) or ddim (deterministic unless --eta > 0)")
-    sample_steps: int | None = opt(None, "sampling steps, evenly spaced from T to 1 (none: all T, the paper's sampler; "
-                                         "docs/samplers.md compares the choices)")
     score_ts: tuple[int, ...] = opt(SCORE_TS, "diffusion steps t for the score-level twin similarity")
     n_score_inputs: int = opt(128, "training and test inputs for the score-level similarity")
     eval_batch: int = opt(256, "batch size of evaluation passes")
