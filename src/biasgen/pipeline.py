@@ -16,7 +16,7 @@ sampler, config, versions).
         config_class, presets = MyConfig, {"default": {}}
         def load(self): ...                       # -> Data(train=[...], description={...}, ...)
         def network(self, data): ...              # -> (model class, constructor kwargs)
-        def loss(self): ...                       # -> (top-level loss factory, its args)
+        def loss(self): ...                       # -> a picklable loss(model, x0_batch, generator)
         def evaluate(self, models, shared): ...   # -> (metrics record, {name: tensor} to store)
         def curves(self, records): ...            # -> {"tau_bias": ..., "tau_loss": ...}
     summary = run_experiment(MyExperiment(cfg), "runs/mine")
@@ -44,7 +44,7 @@ from .errors import BiasgenError
 from .runs import append_jsonl, environment, prepare_run_dir, progress_bar, read_json, read_jsonl, write_json
 from .sampler import describe_sampler, is_paper_sampler
 from .seeds import SeedPlan
-from .training import checkpoint_stem, checkpoint_steps
+from .training import LossFn, checkpoint_stem, checkpoint_steps
 from .twins import load_model, make_members, model_pairs, train_members
 
 
@@ -125,8 +125,9 @@ class TwinExperiment:
         """``(model class, constructor kwargs)``; the class knows nothing of the noise schedule."""
         raise NotImplementedError
 
-    def loss(self) -> tuple[Callable, tuple]:
-        """``(factory, args)``: ``factory(*args)`` is ``loss(model, x0_batch, generator)`` (top-level, picklable)."""
+    def loss(self) -> LossFn:
+        """The training loss ``loss(model, x0_batch, generator) -> scalar``, picklable (it is sent to worker processes):
+        e.g. :class:`biasgen.losses.EpsMSELoss`."""
         raise NotImplementedError
 
     def reference(self, data: Data, members: list[tuple[int, int]]) -> Any:
@@ -195,9 +196,8 @@ def run_experiment(experiment: TwinExperiment, out: str | Path, *, resume: bool 
         workers = resolve_workers(cfg.workers, cfg.device)
 
         t0 = time.time()
-        make_loss, loss_args = experiment.loss()
         meta = {"config": dataclasses.asdict(cfg), "model": model_kwargs, "environment": environment()}
-        train_members(model_class, model_kwargs, make_loss, loss_args, data.train, members, run / "models",
+        train_members(model_class, model_kwargs, experiment.loss(), data.train, members, run / "models",
                       seeds=experiment.seeds, meta=meta, workers=workers, device=cfg.device, progress=progress,
                       job_options=cfg.job_options,
                       steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, checkpoints=steps,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -18,7 +18,7 @@ from .checkpoint import load_checkpoint
 from .jobs import run_jobs
 from .runs import progress_bar
 from .seeds import SeedPlan
-from .training import train
+from .training import LossFn, train
 
 
 def make_members(splits: int, seeds_per_split: int) -> list[tuple[int, int]]:
@@ -52,8 +52,7 @@ def load_model(cls, kwargs: dict, stem: Path, device: str) -> torch.nn.Module:
 def train_members(
     model_cls,  # the network class, e.g. UNet or SequenceDenoiser
     model_kwargs: dict,  # its constructor arguments (recorded in every sidecar)
-    make_loss: Callable,  # top-level (picklable) factory: make_loss(*loss_args) -> loss(model, x0, gen)
-    loss_args: tuple,  # arguments of make_loss, e.g. (schedule,)
+    loss: LossFn,  # picklable loss(model, x0, gen), e.g. biasgen.losses.EpsMSELoss
     train_sets: Sequence[torch.Tensor],  # one training set per split
     members: list[tuple[int, int]],  # (split, seed_index) per model
     models_dir: Path,  # model m writes to models_dir / f"model{m}"
@@ -75,7 +74,7 @@ def train_members(
     job_options = job_options or {}
     bar_per_model = progress and job_options.get("backend", "local") == "local"
     jobs = [dict(model_cls=model_cls, model_kwargs=model_kwargs, init_seed=seeds.model_init(m),
-                 make_loss=make_loss, loss_args=loss_args, split=split, device=device,
+                 loss=loss, split=split, device=device,
                  train_kwargs=dict(train_kwargs, seed=seeds.training(m), out_dir=Path(models_dir) / f"model{m}",
                                    meta={**meta, "split": split, "split_seed": s}, resume=True, progress=bar_per_model,
                                    desc=f"model {m + 1}/{len(members)} (split {split})",
@@ -90,4 +89,4 @@ def _train_member(job: dict, train_sets: list[torch.Tensor]) -> None:
     """One model of :func:`train_members` (a worker job)."""
     model = build_model(job["model_cls"], job["model_kwargs"], job["init_seed"]).to(job["device"])
     data = train_sets[job["split"]].to(job["device"])
-    train(model, job["make_loss"](*job["loss_args"]), data, **job["train_kwargs"])
+    train(model, job["loss"], data, **job["train_kwargs"])

@@ -20,7 +20,7 @@ import torch
 
 from ..config import TwinConfig, check, check_at_least, opt
 from ..errors import BiasgenError
-from ..losses import x0_cross_entropy_loss
+from ..losses import X0CrossEntropyLoss
 from ..memorization import wilson
 from ..pipeline import Curve, Data, Shared, TwinExperiment, metric_table as table, run_experiment
 from ..sampler import DEFAULT_SAMPLER, SAMPLER_HELP
@@ -256,7 +256,7 @@ class HierarchyExperiment(TwinExperiment):
                                       heads=cfg.heads, ffn=cfg.ffn, dropout=cfg.dropout)
 
     def loss(self):
-        return x0_cross_entropy_loss, (NoiseSchedule.onehot(self.cfg.T), self.cfg.q)
+        return X0CrossEntropyLoss(NoiseSchedule.onehot(self.cfg.T), self.cfg.q)
 
     def reference(self, data: Data, members) -> Reference:
         return make_reference(data, self.cfg, self.seeds)

@@ -22,7 +22,7 @@ import torch
 
 from ..config import TwinConfig, build_config, check, check_at_least, opt
 from ..errors import BiasgenError
-from ..losses import eps_mse_loss
+from ..losses import EpsMSELoss
 from ..drift import noise_sd
 from ..onset import checkpoint_minimum, score_crossing
 from ..pipeline import Curve, Data, Shared, TwinExperiment, metric_table, run_experiment
@@ -189,7 +189,7 @@ class ImageAudit(TwinExperiment):
         return network_class(cfg.model), kwargs
 
     def loss(self):
-        return eps_mse_loss, (self.schedule(),)
+        return EpsMSELoss(self.schedule())
 
     def reference(self, data: Data, members) -> dict:
         """The data, and the held-out reference of the data-copying test: the test images' nearest-neighbour
