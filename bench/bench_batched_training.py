@@ -4,7 +4,7 @@
     python bench/bench_batched_training.py --steps 300 --repeats 2
 
 A sweep trains many small models. Today each model is one job of
-``biasgen.jobs.run_jobs`` (one worker process per CPU core, one thread each).
+``biasgen.jobs.LocalBackend`` (one worker process per CPU core, one thread each).
 The alternative is PyTorch's model-ensembling recipe: stack the weights of the
 M models (``torch.func.stack_module_state``), run one ``vmap`` of
 ``functional_call`` over them, and step one Adam over the stacked weights
@@ -39,6 +39,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from biasgen.checkpoint import load_tensors
 from biasgen.hierarchy.experiment import HierarchyExperiment
 from biasgen.images.audit import ImageAudit
+from biasgen.jobs import LocalBackend
 from biasgen.losses import EpsMSELoss, X0CrossEntropyLoss
 from biasgen.schedule import NoiseSchedule
 from biasgen.training import checkpoint_stem, step_generator
@@ -148,7 +149,7 @@ def per_model(experiment, data, members, loss_fn, steps: int, workers: int) -> t
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         train_members(model_cls, kwargs, loss_fn, data.train, members, Path(tmp), seeds=experiment.seeds,
-                      meta={}, workers=workers, device="cpu", progress=False, steps=steps, batch_size=cfg.batch_size,
+                      meta={}, backend=LocalBackend(workers), device="cpu", progress=False, steps=steps, batch_size=cfg.batch_size,
                       lr=cfg.lr, checkpoints=[1, steps], grad_clip=cfg.grad_clip, ema_decay=None)
         seconds = time.perf_counter() - t0
         first, last = ([load_tensors(checkpoint_stem(Path(tmp) / f"model{m}", s))[0] for m in range(len(members))]

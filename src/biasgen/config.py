@@ -19,6 +19,7 @@ import typing
 from pathlib import Path
 
 from .errors import BiasgenError
+from .jobs import BACKENDS, Backend, make_backend
 from .sampler import DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, SAMPLE_STEPS_HELP, SAMPLER_HELP, SAMPLERS
 
 if sys.version_info >= (3, 11):
@@ -203,7 +204,7 @@ class TwinConfig:
         check(0 <= self.eta <= 1, f"--eta must be in [0, 1], got {self.eta}.")
         check(self.eta == 0 or self.sampler == "ddim",
               f"--eta is a DDIM setting; the ddpm sampler always draws the full posterior noise (got --eta {self.eta}).")
-        check(self.backend in ("local", "ray"), f"--backend must be local or ray, got {self.backend!r}.")
+        check(self.backend in BACKENDS, f"--backend must be {' or '.join(BACKENDS)}, got {self.backend!r}.")
         check(self.ray_address is None or self.backend == "ray", "--ray-address is used only with --backend ray: add --backend ray.")
         check(self.cpus_per_job > 0 and self.gpus_per_job >= 0,
               "--cpus-per-job must be positive and --gpus-per-job at least 0.")
@@ -219,10 +220,10 @@ class TwinConfig:
         return self.T if self.sample_steps is None else self.sample_steps
 
     @property
-    def job_options(self) -> dict:
-        """The backend settings of :func:`biasgen.jobs.run_jobs` (keyword arguments)."""
-        return dict(backend=self.backend, ray_address=self.ray_address, cpus_per_job=self.cpus_per_job,
-                    gpus_per_job=self.gpus_per_job)
+    def job_backend(self) -> Backend:
+        """Where the run's jobs (models to train, checkpoints to evaluate) run: :func:`biasgen.jobs.make_backend`."""
+        return make_backend(self.backend, workers=self.workers, device=self.device, ray_address=self.ray_address,
+                            cpus_per_job=self.cpus_per_job, gpus_per_job=self.gpus_per_job)
 
 
 def _cuda_available() -> bool:

@@ -35,7 +35,7 @@ import torch
 
 from .checkpoint import save_tensors
 from .config import TwinConfig, build_config
-from .jobs import check_shared_storage, job_session, resolve_workers, run_jobs, torch_threads
+from .jobs import Backend, torch_threads
 from .memorization import memorization_onset
 from .report import write_report
 from .report.kinds import ReportView
@@ -184,29 +184,28 @@ def run_experiment(experiment: TwinExperiment, out: str | Path, *, resume: bool 
                    progress: bool = True) -> dict:
     """Run (or resume) ``experiment`` in the folder ``out``; returns ``summary.json`` as a dict."""
     cfg = experiment.cfg
-    with torch_threads(cfg.threads), job_session(cfg.backend, cfg.ray_address):
+    backend = cfg.job_backend
+    with torch_threads(cfg.threads), backend.session():
         started = time.time()
         data = experiment.load()
         run = prepare_run_dir(out, dataclasses.asdict(cfg), resume=resume, force=force, kind=experiment.kind,
                               runtime_keys=cfg.RUNTIME_KEYS).resolve()  # absolute: jobs may run in other folders
-        check_shared_storage(run, backend=cfg.backend, ray_address=cfg.ray_address)
+        backend.check_shared_storage(run)
         members = make_members(cfg.splits, cfg.seeds_per_split)
         steps = checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.first_checkpoint)
         model_class, model_kwargs = experiment.network(data)
-        workers = resolve_workers(cfg.workers, cfg.device)
 
         t0 = time.time()
         meta = {"config": dataclasses.asdict(cfg), "model": model_kwargs, "environment": environment()}
         train_members(model_class, model_kwargs, experiment.loss(), data.train, members, run / "models",
-                      seeds=experiment.seeds, meta=meta, workers=workers, device=cfg.device, progress=progress,
-                      job_options=cfg.job_options,
+                      seeds=experiment.seeds, meta=meta, backend=backend, device=cfg.device, progress=progress,
                       steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, checkpoints=steps,
                       grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, lr_schedule=cfg.lr_schedule)
         training_s = time.time() - t0
 
         t0 = time.time()
         shared = Shared(experiment, run, members, model_class, model_kwargs, experiment.reference(data, members))
-        evaluate_checkpoints(shared, steps, workers, progress, cfg.job_options)
+        evaluate_checkpoints(shared, steps, backend, progress)
         evaluation_s = time.time() - t0
 
         records = sorted(read_jsonl(run / "metrics.jsonl"), key=lambda r: r["step"])
@@ -220,15 +219,14 @@ def run_experiment(experiment: TwinExperiment, out: str | Path, *, resume: bool 
     return summary
 
 
-def evaluate_checkpoints(shared: Shared, steps: list[int], workers: int, progress: bool,
-                         job_options: dict | None = None) -> None:
-    """Evaluate every checkpoint not yet in ``metrics.jsonl``, ``workers`` at a time (or as Ray places them),
-    appending in step order. ``job_options``: the backend settings of :func:`biasgen.jobs.run_jobs`."""
+def evaluate_checkpoints(shared: Shared, steps: list[int], backend: Backend, progress: bool) -> None:
+    """Evaluate every checkpoint not yet in ``metrics.jsonl`` on ``backend`` (local workers at a time, or as Ray
+    places them), appending in step order."""
     metrics = shared.run / "metrics.jsonl"
     done = {r["step"] for r in read_jsonl(metrics)}
     todo = [step for step in steps if step not in done]
     order, pending = list(todo), {}
-    results = run_jobs(_evaluate_step, todo, workers, shared, **(job_options or {}))
+    results = backend.run(_evaluate_step, todo, shared)
     for step, record in progress_bar(results, progress, "evaluating checkpoints", len(todo)):
         pending[step] = record
         while order and order[0] in pending:  # keep metrics.jsonl in step order

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from .checkpoint import load_checkpoint
-from .jobs import run_jobs
+from .jobs import Backend
 from .runs import progress_bar
 from .seeds import SeedPlan
 from .training import LossFn, train
@@ -59,28 +59,26 @@ def train_members(
     *,
     seeds: SeedPlan,  # the run's seeds: model_init(m) and training(m)
     meta: dict,  # recorded in every sidecar, plus the model's split and seed index
-    workers: int,  # models trained at once (local worker processes)
+    backend: Backend,  # where the models train: biasgen.jobs.LocalBackend (worker processes) or RayBackend
     device: str,  # torch device
     progress: bool,  # tqdm bars
-    job_options: dict | None = None,  # backend, ray_address, cpus_per_job, gpus_per_job: see biasgen.jobs.run_jobs
     **train_kwargs,  # steps, batch_size, lr, checkpoints, grad_clip, ema_decay: see biasgen.training.train
 ) -> None:
-    """Train (or resume) every model of a twin experiment, ``workers`` at a time (or as Ray places them).
+    """Train (or resume) every model of a twin experiment on ``backend`` (local workers at a time, or as Ray places them).
 
     The training sets go to the workers once (``shared``), not with every model's job. Locally each
     model shows its own progress bar; Ray workers cannot draw one, so the Ray backend shows one bar
     of finished models instead.
     """
-    job_options = job_options or {}
-    bar_per_model = progress and job_options.get("backend", "local") == "local"
+    bar_per_model = progress and backend.draws_bars
     jobs = [dict(model_cls=model_cls, model_kwargs=model_kwargs, init_seed=seeds.model_init(m),
                  loss=loss, split=split, device=device,
                  train_kwargs=dict(train_kwargs, seed=seeds.training(m), out_dir=Path(models_dir) / f"model{m}",
                                    meta={**meta, "split": split, "split_seed": s}, resume=True, progress=bar_per_model,
                                    desc=f"model {m + 1}/{len(members)} (split {split})",
-                                   position=m % workers if workers > 1 else None))
+                                   position=backend.bar_position(m)))
             for m, (split, s) in enumerate(members)]
-    trained = run_jobs(_train_member, jobs, workers, list(train_sets), **job_options)
+    trained = backend.run(_train_member, jobs, list(train_sets))
     for _ in progress_bar(trained, progress and not bar_per_model, "training models", len(jobs)):
         pass
 
