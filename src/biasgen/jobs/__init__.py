@@ -53,7 +53,7 @@ def torch_threads(threads: int):
         torch.set_num_threads(before)
 
 
-_SHARED = None  # the ``shared`` argument of run_jobs, set once in each worker process
+_SHARED = None  # the ``shared`` argument of LocalBackend.run, set once in each worker process
 
 
 def _init_worker(threads: int, parent: int, shared) -> None:
