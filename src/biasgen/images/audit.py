@@ -33,6 +33,7 @@ from ..training import checkpoint_stem
 from ..twins import load_model, model_pairs
 from . import figures
 from .data import describe, load_images, make_splits, scale_images, unscale_images
+from .gallery import gallery_rows
 from .diffusers_model import (DiffusersEps, check_unet_fits, export_pipeline, load_unet_config,
                               schedule_from_scheduler_config)
 from .metrics import (
@@ -222,7 +223,7 @@ class ImageAudit(TwinExperiment):
         cfg = self.cfg
         members = [(m["split"], m["split_seed"]) for m in summary["models"]]
         rows = [(label, unscale_images(x, cfg.scaling, data.extra["mean"]).clamp(0, 1))
-                for label, x in figures.gallery_rows(run, summary, data.train, members)]
+                for label, x in gallery_rows(run, summary, data.train, members)]
         figures.plot_all(run, records, summary, rows, value_range=(0.0, 1.0))
 
 
