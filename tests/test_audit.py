@@ -79,7 +79,7 @@ def test_python_api_matches_cli(tiny_run, api_run):
 
 def test_resume_after_kill_gives_the_same_metrics(api_run, tmp_path, monkeypatch):
     out = tmp_path / "killed"
-    real_loss = audit_module.eps_mse_loss
+    real_loss = audit_module.EpsMSELoss
     calls = {"n": 0}
 
     def dying_loss(schedule):  # killed during the second model's training
@@ -93,10 +93,10 @@ def test_resume_after_kill_gives_the_same_metrics(api_run, tmp_path, monkeypatch
 
         return loss
 
-    monkeypatch.setattr(audit_module, "eps_mse_loss", dying_loss)
+    monkeypatch.setattr(audit_module, "EpsMSELoss", dying_loss)
     with pytest.raises(KeyboardInterrupt):
         audit(out, preset="tiny", progress=False)  # in-process (workers=1), so the patch applies
-    monkeypatch.setattr(audit_module, "eps_mse_loss", real_loss)
+    monkeypatch.setattr(audit_module, "EpsMSELoss", real_loss)
 
     real_eval = audit_module.evaluate_checkpoint
     evaluated = {"n": 0}

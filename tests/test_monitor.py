@@ -8,7 +8,7 @@ import biasgen
 from biasgen.errors import BiasgenError
 from biasgen.images.data import load_images, scale_images
 from biasgen.images.unet import UNet
-from biasgen.losses import eps_mse_loss
+from biasgen.losses import EpsMSELoss
 from biasgen.images.monitor import reference_sets
 from biasgen.runs import read_jsonl
 from biasgen.schedule import NoiseSchedule
@@ -28,7 +28,7 @@ def toy_loop(train, steps=50, monitor=None, every=10):
     torch.manual_seed(0)
     net = UNet(channels=1, base_width=8, channel_mults=(1, 2), attention_levels=(), res_blocks=1, dropout=0.1)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    loss_fn = eps_mse_loss(SCHEDULE)
+    loss_fn = EpsMSELoss(SCHEDULE)
     gen = torch.Generator().manual_seed(1)
     for step in range(1, steps + 1):
         loss = loss_fn(net, train[torch.randint(len(train), (16,), generator=gen)], gen)  # dropout uses the global RNG
@@ -197,7 +197,7 @@ def test_monitor_ddpm_sampler_takes_a_step_count(digits, tmp_path):
     train, heldout = digits
     settings = dict(FAST, sampler="ddpm", figures=False)
     few = biasgen.Monitor(train, heldout, tmp_path / "few", **dict(settings, sample_steps=4))
-    every = biasgen.Monitor(train, heldout, tmp_path / "all", **dict(settings, sample_steps=None))
+    biasgen.Monitor(train, heldout, tmp_path / "all", **dict(settings, sample_steps=None))
     assert few.cfg.sample_steps == 4 and json.loads((tmp_path / "few" / "run.json").read_text())["config"]["sample_steps"] == 4
     assert json.loads((tmp_path / "all" / "run.json").read_text())["config"]["sample_steps"] == 1000
     calls = []

@@ -19,6 +19,8 @@ import typing
 from pathlib import Path
 
 from .errors import BiasgenError
+from .jobs import BACKENDS, Backend, make_backend
+from .sampler import DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, SAMPLE_STEPS_HELP, SAMPLER_HELP, SAMPLERS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -195,8 +197,8 @@ class TwinConfig(ReadsInputs):
     lr_schedule: str = opt("constant", "learning-rate schedule: constant, or halve-cosine (1x, then 0.5x, then cosine to 0.1x)")
     # evaluation
     n_samples: int = opt(128, "samples per model and checkpoint, from shared noise")
-    sampler: str = opt("ddim", "ddpm (ancestral: draws of the DDPM posterior) or ddim (deterministic unless --eta > 0)")
-    sample_steps: int | None = opt(50, "sampling steps, evenly spaced from T to 1 (none: all T, the paper's DDPM)")
+    sampler: str = opt(DEFAULT_SAMPLER, SAMPLER_HELP)
+    sample_steps: int | None = opt(DEFAULT_SAMPLE_STEPS, SAMPLE_STEPS_HELP)
     eta: float = opt(0.0, "DDIM noise in [0, 1]: 0 deterministic, 1 the DDPM posterior noise (ddim only)")
     n_boot: int = opt(1000, "bootstrap resamples for the uncertainty of each tau")
     # runtime (may change when a run is resumed)
@@ -230,13 +232,13 @@ class TwinConfig(ReadsInputs):
         check(self.ema_decay is None or 0 < self.ema_decay < 1, "--ema-decay must be in (0, 1) (or none).")
         check(self.lr_schedule in ("constant", "halve-cosine"),
               f"--lr-schedule must be constant or halve-cosine, got {self.lr_schedule!r}.")
-        check(self.sampler in ("ddpm", "ddim"), f"--sampler must be ddpm or ddim, got {self.sampler!r}.")
+        check(self.sampler in SAMPLERS, f"--sampler must be {' or '.join(SAMPLERS)}, got {self.sampler!r}.")
         check(self.sample_steps is None or 1 <= self.sample_steps <= self.T,
               f"--sample-steps must be in [1, {self.T}] (or none for all T), got {self.sample_steps}.")
         check(0 <= self.eta <= 1, f"--eta must be in [0, 1], got {self.eta}.")
         check(self.eta == 0 or self.sampler == "ddim",
               f"--eta is a DDIM setting; the ddpm sampler always draws the full posterior noise (got --eta {self.eta}).")
-        check(self.backend in ("local", "ray"), f"--backend must be local or ray, got {self.backend!r}.")
+        check(self.backend in BACKENDS, f"--backend must be {' or '.join(BACKENDS)}, got {self.backend!r}.")
         check(self.ray_address is None or self.backend == "ray", "--ray-address is used only with --backend ray: add --backend ray.")
         check(self.cpus_per_job > 0 and self.gpus_per_job >= 0,
               "--cpus-per-job must be positive and --gpus-per-job at least 0.")
@@ -252,10 +254,10 @@ class TwinConfig(ReadsInputs):
         return self.T if self.sample_steps is None else self.sample_steps
 
     @property
-    def job_options(self) -> dict:
-        """The backend settings of :func:`biasgen.jobs.run_jobs` (keyword arguments)."""
-        return dict(backend=self.backend, ray_address=self.ray_address, cpus_per_job=self.cpus_per_job,
-                    gpus_per_job=self.gpus_per_job)
+    def job_backend(self) -> Backend:
+        """Where the run's jobs (models to train, checkpoints to evaluate) run: :func:`biasgen.jobs.make_backend`."""
+        return make_backend(self.backend, workers=self.workers, device=self.device, ray_address=self.ray_address,
+                            cpus_per_job=self.cpus_per_job, gpus_per_job=self.gpus_per_job)
 
 
 def _cuda_available() -> bool:

@@ -16,7 +16,7 @@ sampler, config, versions).
         config_class, presets = MyConfig, {"default": {}}
         def load(self): ...                       # -> Data(train=[...], description={...}, ...)
         def network(self, data): ...              # -> (model class, constructor kwargs)
-        def loss(self): ...                       # -> (top-level loss factory, its args)
+        def loss(self): ...                       # -> a picklable loss(model, x0_batch, generator)
         def evaluate(self, models, shared): ...   # -> (metrics record, {name: tensor} to store)
         def curves(self, records): ...            # -> {"tau_bias": ..., "tau_loss": ...}
     summary = run_experiment(MyExperiment(cfg), "runs/mine")
@@ -35,17 +35,18 @@ import torch
 
 from .checkpoint import save_tensors
 from .config import TwinConfig, build_config
-from .jobs import check_shared_storage, job_session, resolve_workers, run_jobs, torch_threads
+from .jobs import Backend, torch_threads
 from .memorization import memorization_onset
 from .report import write_report
+from .report.kinds import ReportView
 from .onset import checkpoint_minimum, public_tau
 from .verdict import VerdictBlock, judge
 from .errors import BiasgenError
 from .runs import (STEP, RunLock, append_jsonl, check_out, environment, open_run_dir, progress_bar, read_json,
                    read_jsonl, write_json)
-from .sampler import describe_sampler
+from .sampler import describe_sampler, is_paper_sampler
 from .seeds import SeedPlan
-from .training import checkpoint_stem, checkpoint_steps
+from .training import LossFn, checkpoint_stem, checkpoint_steps
 from .twins import load_model, make_members, model_pairs, train_members
 
 
@@ -102,6 +103,11 @@ class TwinExperiment:
     memorization_rule: ClassVar[str] = "not measured"  # what counts as a memorized sample, for people
     # what a sampler other than the paper's may change, for the note in the verdict of such a run
     sampler_caveat: ClassVar[str] = "every quantity computed from samples may differ from the paper's answer"
+    # how report.html shows a run (captions, table columns, gallery); None: every metric, figures by file name
+    report_view: ClassVar[ReportView | None] = None
+    # biasgen sweep presets, name -> {"sizes", "steps_per_image", "experiment_preset", "settings"} (each optional;
+    # see biasgen.sweep); the first is the default of `biasgen sweep --kind KIND`
+    sweep_presets: ClassVar[dict[str, dict]] = {}
 
     def __init__(self, cfg: TwinConfig):
         self.cfg = cfg
@@ -121,8 +127,9 @@ class TwinExperiment:
         """``(model class, constructor kwargs)``; the class knows nothing of the noise schedule."""
         raise NotImplementedError
 
-    def loss(self) -> tuple[Callable, tuple]:
-        """``(factory, args)``: ``factory(*args)`` is ``loss(model, x0_batch, generator)`` (top-level, picklable)."""
+    def loss(self) -> LossFn:
+        """The training loss ``loss(model, x0_batch, generator) -> scalar``, picklable (it is sent to worker processes):
+        e.g. :class:`biasgen.losses.EpsMSELoss`."""
         raise NotImplementedError
 
     def reference(self, data: Data, members: list[tuple[int, int]]) -> Any:
@@ -156,6 +163,11 @@ class TwinExperiment:
         """Extra lines of the terminal summary."""
         return []
 
+    def largest_size(self) -> int | None:
+        """The largest training-set size per split the data holds with ``cfg.splits`` splits and ``cfg.n_test``
+        test examples (``biasgen sweep`` refuses larger sizes); default: None, no limit (generated data)."""
+        return None
+
     def memorized_share(self, records: list[dict]) -> list[dict] | None:
         """Per checkpoint ``{"step", "share", "ci": [lo, hi], "key"}``: the share of generated samples that copy a
         training example, with its 95% interval, and the ``metrics.jsonl`` key it was read from
@@ -180,36 +192,35 @@ def run_experiment(experiment: TwinExperiment, out: str | Path, *, resume: bool 
     cfg = experiment.cfg
     inputs = (*cfg.input_paths(), *inputs)
     check_out(out, inputs, force=force)  # before the (possibly long) data loading
-    with torch_threads(cfg.threads), job_session(cfg.backend, cfg.ray_address):
+    backend = cfg.job_backend
+    with torch_threads(cfg.threads), backend.session():
         started = time.time()
         data = experiment.load()
         with open_run_dir(out, dataclasses.asdict(cfg), resume=resume, force=force, kind=experiment.kind,
                           runtime_keys=cfg.RUNTIME_KEYS, inputs=inputs) as run:
-            return _train_and_evaluate(experiment, run.resolve(), data, started, progress)
+            return _train_and_evaluate(experiment, run.resolve(), data, backend, started, progress)
 
 
-def _train_and_evaluate(experiment: TwinExperiment, run: Path, data: Data, started: float, progress: bool) -> dict:
+def _train_and_evaluate(experiment: TwinExperiment, run: Path, data: Data, backend: Backend, started: float,
+                        progress: bool) -> dict:
     """The body of :func:`run_experiment` in the prepared, locked, absolute run folder ``run``."""
     cfg = experiment.cfg
-    check_shared_storage(run, backend=cfg.backend, ray_address=cfg.ray_address)
+    backend.check_shared_storage(run)
     members = make_members(cfg.splits, cfg.seeds_per_split)
     steps = checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.first_checkpoint)
     model_class, model_kwargs = experiment.network(data)
-    workers = resolve_workers(cfg.workers, cfg.device)
 
     t0 = time.time()
-    make_loss, loss_args = experiment.loss()
     meta = {"config": dataclasses.asdict(cfg), "model": model_kwargs, "environment": environment()}
-    train_members(model_class, model_kwargs, make_loss, loss_args, data.train, members, run / "models",
-                  seeds=experiment.seeds, meta=meta, workers=workers, device=cfg.device, progress=progress,
-                  job_options=cfg.job_options,
+    train_members(model_class, model_kwargs, experiment.loss(), data.train, members, run / "models",
+                  seeds=experiment.seeds, meta=meta, backend=backend, device=cfg.device, progress=progress,
                   steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, checkpoints=steps,
                   grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, lr_schedule=cfg.lr_schedule)
     training_s = time.time() - t0
 
     t0 = time.time()
     shared = Shared(experiment, run, members, model_class, model_kwargs, experiment.reference(data, members))
-    evaluate_checkpoints(shared, steps, workers, progress, cfg.job_options)
+    evaluate_checkpoints(shared, steps, backend, progress)
     evaluation_s = time.time() - t0
 
     records = sorted(read_jsonl(run / "metrics.jsonl", STEP), key=lambda r: r["step"])
@@ -223,15 +234,14 @@ def _train_and_evaluate(experiment: TwinExperiment, run: Path, data: Data, start
     return summary
 
 
-def evaluate_checkpoints(shared: Shared, steps: list[int], workers: int, progress: bool,
-                         job_options: dict | None = None) -> None:
-    """Evaluate every checkpoint not yet in ``metrics.jsonl``, ``workers`` at a time (or as Ray places them),
-    appending in step order. ``job_options``: the backend settings of :func:`biasgen.jobs.run_jobs`."""
+def evaluate_checkpoints(shared: Shared, steps: list[int], backend: Backend, progress: bool) -> None:
+    """Evaluate every checkpoint not yet in ``metrics.jsonl`` on ``backend`` (local workers at a time, or as Ray
+    places them), appending in step order."""
     metrics = shared.run / "metrics.jsonl"
     done = {r["step"] for r in read_jsonl(metrics, STEP)}
     todo = [step for step in steps if step not in done]
     order, pending = list(todo), {}
-    results = run_jobs(_evaluate_step, todo, workers, shared, **(job_options or {}))
+    results = backend.run(_evaluate_step, todo, shared)
     for step, record in progress_bar(results, progress, "evaluating checkpoints", len(todo)):
         pending[step] = record
         while order and order[0] in pending:  # keep metrics.jsonl in step order
@@ -344,7 +354,7 @@ def summarize(experiment: TwinExperiment, records: list[dict], data: Data, refer
 def sampler_summary(cfg: TwinConfig, validated: Callable[[str], bool]) -> dict:
     """``summary.json``'s "sampler" block; ``validated`` is true for the paper's all-T DDPM and where ``validated(name)``."""
     name = describe_sampler(cfg.sampler, cfg.sample_step_count, cfg.eta, cfg.T)
-    paper = cfg.sampler == "ddpm" and cfg.sample_step_count == cfg.T
+    paper = is_paper_sampler(cfg.sampler, cfg.sample_steps, cfg.T)
     return {"method": cfg.sampler, "steps": cfg.sample_step_count, "eta": cfg.eta, "name": name,
             "validated": paper or validated(name)}
 
@@ -370,7 +380,7 @@ def terminal_summary(experiment: TwinExperiment, summary: VerdictBlock, out: Pat
         *([f"  tau_mem (copies appear)     = {describe_tau_mem(summary['tau_mem'])}"] if "tau_mem" in summary else []),
         *[f"  {line}" for line in experiment.terminal_lines(summary)],
         f"  biased window: {window}",
-        f"  test loss at each candidate: " + ", ".join(f"{name} (step {c['step']}) {c['test_loss']:.4g}"
+        "  test loss at each candidate: " + ", ".join(f"{name} (step {c['step']}) {c['test_loss']:.4g}"
                                                       for name, c in summary["candidate_costs"].items()),
         f"  recommended stopping checkpoint: step {summary['recommended_step']} — {summary['recommendation']}",
         f"  why: {summary['reason']}",

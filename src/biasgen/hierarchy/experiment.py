@@ -20,9 +20,10 @@ import torch
 
 from ..config import TwinConfig, check, check_at_least, opt
 from ..errors import BiasgenError
-from ..losses import x0_cross_entropy_loss
+from ..losses import X0CrossEntropyLoss
 from ..memorization import wilson
 from ..pipeline import Curve, Data, Shared, TwinExperiment, metric_table as table, run_experiment
+from ..sampler import DEFAULT_SAMPLER, SAMPLER_HELP
 from ..schedule import NoiseSchedule
 from ..seeds import SeedPlan
 from ..twins import model_pairs
@@ -33,6 +34,7 @@ from .metrics import (bp_predictions, distance_divergence, is_near_copy, loss_te
                       nearest_two_hamming, nn_histogram,
                       noised_inputs, oracle_kl, oracle_kl_along_t, symmetric_kl, uturn_overlap, uturn_random, uturn_ratio)
 from .model import SequenceDenoiser, as_denoiser
+from .report_view import VIEW
 
 
 @dataclass
@@ -46,9 +48,8 @@ class HierarchyConfig(TwinConfig):
     dropout: float = opt(0.0, "dropout rate")
     batch_size: int = opt(128, "batch size")
     ema_decay: float | None = opt(0.99, "EMA decay of the evaluated weights (none: raw weights; EMA smooths Adam noise but lags)")
-    sampler: str = opt("ddpm", "ddpm (ancestral: draws of the posterior, as the paper) or ddim (deterministic unless "
-                               "--eta > 0; it collapses an undertrained model's samples onto the most likely symbols)")
-    sample_steps: int | None = opt(None, "sampling steps, evenly spaced from T to 1 (none: all T, the paper's DDPM)")
+    sampler: str = opt(DEFAULT_SAMPLER, SAMPLER_HELP + "; ddim collapses an undertrained model's samples onto the "
+                                                       "most likely symbols")
     threads: int = opt(1, "torch CPU threads in the main process (0: torch's default); small models run fastest on 1")
     # grammar
     q: int = opt(6, "vocabulary size")
@@ -114,6 +115,19 @@ PRESETS: dict[str, dict] = {
                  steps=12, batch_size=16, checkpoints=3, first_checkpoint=4, n_eval=32, n_loss=32, n_samples=16,
                  sample_steps=5, uturn_fracs=(0.04,), n_uturn=8, uturn_reps=1, kl_t_fracs=(0.1, 0.5), n_boot=50,
                  random_uturn_fracs=(0.04,), n_random_uturn=4, workers=1),
+}
+
+SWEEP_PRESETS: dict[str, dict] = {  # biasgen sweep's presets of the grammar lab (biasgen.sweep; docs/sweep.md)
+    # The grammar lab at CPU sizes: the experiment's 'cpu' preset (2 splits x 3 seeds, checkpoints from step 2) at
+    # each size; docs/sweep.md gives what it shows. 25-step ancestral sampling (not the paper's all-T sampler, noted
+    # in each verdict) keeps it within 30 minutes; the hierarchy's tau_bias does not depend on sampling.
+    "hierarchy-cpu": dict(experiment_preset="cpu", sizes=(16, 32, 64, 128), steps_per_image=25.0,
+                          settings=dict(splits=2, sample_steps=25)),
+    # The paper's hierarchical sizes (Garnier-Brun et al. 2026, Sec. 4: n = 5k, 12k, 70k), for a GPU.
+    "paper": dict(experiment_preset="paper", sizes=(5_000, 12_000, 70_000)),
+    # A seconds-long smoke sweep (used by the tests); far too small to show anything.
+    "tiny-hierarchy": dict(experiment_preset="tiny", sizes=(8, 16, 24), steps_per_image=0.5,
+                           settings=dict(threads=1, n_boot=30)),
 }
 
 
@@ -229,6 +243,8 @@ class HierarchyExperiment(TwinExperiment):
     config_class = HierarchyConfig
     presets = PRESETS
     default_preset = "cpu"
+    report_view = VIEW
+    sweep_presets = SWEEP_PRESETS
     memorization_rule = ("gen_mem_share: generated sequences whose Hamming distances to the nearest and second-nearest "
                          "distinct sequence of their own split have d1/d2 < 1/3 (exact copies included); Wilson 95% interval")
     sampler_caveat = ("tau_bias does not depend on it (it is measured on the denoisers), but the generated sequences "
@@ -240,13 +256,16 @@ class HierarchyExperiment(TwinExperiment):
     def load(self) -> Data:
         return make_data(self.cfg, self.seeds)
 
+    def largest_size(self) -> int:
+        return (self.cfg.pool - self.cfg.n_test) // self.cfg.splits
+
     def network(self, data: Data) -> tuple[type, dict]:
         cfg = self.cfg
         return SequenceDenoiser, dict(q=cfg.q, length=2 ** cfg.depth, T=cfg.T, layers=cfg.layers, width=cfg.width,
                                       heads=cfg.heads, ffn=cfg.ffn, dropout=cfg.dropout)
 
     def loss(self):
-        return x0_cross_entropy_loss, (NoiseSchedule.onehot(self.cfg.T), self.cfg.q)
+        return X0CrossEntropyLoss(NoiseSchedule.onehot(self.cfg.T), self.cfg.q)
 
     def reference(self, data: Data, members) -> Reference:
         return make_reference(data, self.cfg, self.seeds)

@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import load_tensors
 from ..config import TwinConfig, check, check_at_least, opt
 from ..errors import BiasgenError
-from ..losses import eps_mse_loss
+from ..losses import EpsMSELoss
 from ..drift import noise_sd
 from ..onset import checkpoint_minimum, score_crossing
 from ..pipeline import Curve, Data, Shared, TwinExperiment, metric_table, run_experiment
@@ -34,6 +33,7 @@ from ..training import checkpoint_stem
 from ..twins import model_pairs
 from . import figures
 from .data import describe, load_images, make_splits, scale_images, unscale_images
+from .gallery import gallery_rows
 from .diffusers_model import (DiffusersEps, check_unet_fits, export_pipeline, load_unet_config,
                               schedule_from_scheduler_config)
 from .metrics import (
@@ -45,6 +45,7 @@ from .metrics import (
     score_similarity,
     twin_distance,
 )
+from .report_view import VIEW
 from .unet import UNet
 
 
@@ -78,9 +79,6 @@ class AuditConfig(TwinConfig):
     scheduler_config: str | None = opt(None, "a diffusers scheduler_config.json as the noise schedule, instead of "
                                              "--schedule (its num_train_timesteps must equal --T)")
     # evaluation
-    sampler: str = opt("ddpm", "ddpm (ancestral: draws of the DDPM posterior) or ddim (deterministic unless --eta > 0)")
-    sample_steps: int | None = opt(None, "sampling steps, evenly spaced from T to 1 (none: all T, the paper's sampler; "
-                                         "docs/samplers.md compares the choices)")
     score_ts: tuple[int, ...] = opt(SCORE_TS, "diffusion steps t for the score-level twin similarity")
     n_score_inputs: int = opt(128, "training and test inputs for the score-level similarity")
     eval_batch: int = opt(256, "batch size of evaluation passes")
@@ -133,6 +131,18 @@ PRESETS: dict[str, dict] = {
                  sample_steps=5, score_ts=(50,), n_score_inputs=8, n_boot=50, batch_size=16, workers=1),
 }
 
+SWEEP_PRESETS: dict[str, dict] = {  # biasgen sweep's presets of the audit (biasgen.sweep; docs/sweep.md)
+    # Bundled 8x8 digits, 2 splits x 2 seeds per size, 25 steps per image (the same epochs at every size): every
+    # tau, tau_mem included, is located inside the runs; docs/sweep.md gives what it shows. Sampled with 50-step
+    # ancestral sampling (128 samples) to stay within 30 minutes on 2 CPU cores: not the paper's sampler, so every
+    # size's verdict carries the note (docs/samplers.md; --sample-steps none --n-samples 48 for the paper's).
+    "default": dict(experiment_preset="default", sizes=(16, 32, 64, 128), steps_per_image=25.0,
+                    settings=dict(splits=2, seeds_per_split=2, n_test=512, checkpoints=14, first_checkpoint=20,
+                                  sample_steps=50, n_samples=128)),
+    # Seconds-long smoke sweeps (used by the tests); far too small to show anything.
+    "tiny": dict(experiment_preset="tiny", sizes=(8, 12, 16), steps_per_image=1.0, settings=dict(threads=1, n_boot=30)),
+}
+
 
 class ImageAudit(TwinExperiment):
     """Twins on disjoint splits of an image data set, each an eps-predicting U-Net."""
@@ -144,6 +154,8 @@ class ImageAudit(TwinExperiment):
                       "copy, and tau_bias may sit a checkpoint or more away from the paper's answer")
     config_class = AuditConfig
     presets = PRESETS
+    report_view = VIEW
+    sweep_presets = SWEEP_PRESETS
     default_out = "runs/audit"
     help = "twin-split audit of an image data set: when does training start favouring the training data?"
     cfg: AuditConfig
@@ -160,6 +172,12 @@ class ImageAudit(TwinExperiment):
             check_unet_fits(load_unet_config(cfg.model_config), train[0].shape[1:])
         return Data(train=train, test=test, description=describe(images, splits), extra={"mean": mean})
 
+    def largest_size(self) -> int:
+        cfg = self.cfg
+        pool = load_images(cfg.data, data_dir=cfg.data_dir, resolution=cfg.resolution, grayscale=cfg.grayscale,
+                           center_crop=cfg.center_crop).images
+        return (len(pool) - cfg.n_test) // cfg.splits
+
     def schedule(self) -> NoiseSchedule:
         return noise_schedule(self.cfg.schedule, self.cfg.T, self.cfg.scheduler_config)
 
@@ -174,7 +192,7 @@ class ImageAudit(TwinExperiment):
         return network_class(cfg.model), kwargs
 
     def loss(self):
-        return eps_mse_loss, (self.schedule(),)
+        return EpsMSELoss(self.schedule())
 
     def reference(self, data: Data, members) -> dict:
         """The data, and the held-out reference of the data-copying test: the test images' nearest-neighbour
@@ -355,17 +373,3 @@ def loss_bands(records: list[dict], n_boot: int, seed: int) -> dict:
             "rule": "a band's test-minus-train gap opens at the first checkpoint from which it stays above its "
                     "early level (first 3 checkpoints) by more than 3x its checkpoint noise"}
 
-
-def gallery_rows(run: Path, summary: dict, train_sets, members, n: int = 10):
-    """Rows for the gallery: twin samples at tau_bias and at the last checkpoint, with their nearest training images."""
-    (a, b) = model_pairs(members)[0][0]
-    rows = []
-    for label, step in (("tau_bias", summary["tau_bias"]["step"]), ("final", summary["checkpoints"][-1])):
-        samples = load_tensors(run / "samples" / f"step_{step:07d}")[0]["samples"]
-        sa, sb = samples[a][:n], samples[b][:n]
-        own = nearest_neighbors(sa, train_sets[members[a][0]])["index"]
-        oth = nearest_neighbors(sa, train_sets[members[b][0]])["index"]
-        rows += [(f"{label} (step {step}): model A", sa), (f"{label}: model B, same noise", sb),
-                 (f"{label}: nearest to A in A's split", train_sets[members[a][0]][own]),
-                 (f"{label}: nearest to A in B's split", train_sets[members[b][0]][oth])]
-    return rows

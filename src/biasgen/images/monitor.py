@@ -330,7 +330,8 @@ class Monitor:
 
     def plot(self) -> None:
         """Draw ``fig_monitor.png`` from every record and ``fig_monitor_gallery.png`` from the last step's samples."""
-        from .figures import plot_gallery, plot_monitor
+        from .figures import plot_monitor
+        from .gallery import plot_gallery
 
         records = self.records
         if not records:

@@ -9,7 +9,7 @@ import base64
 from html import escape
 from pathlib import Path
 
-from .kinds import Column, Kind, Run, _dict, _summary
+from .kinds import Column, ReportView, Run, _dict, _summary
 
 
 VERDICTS = {  # verdict -> (plain wording, tone)
@@ -59,7 +59,7 @@ SHOWN_ELSEWHERE = {"verdict", "reason", "recommended_step", "recommended_ci", "r
 
 # -- page sections -----------------------------------------------------------------------------
 
-def verdict_section(run: Run, kind: Kind) -> str:
+def verdict_section(run: Run, view: ReportView) -> str:
     if not run.finished:
         k, c = len(run.records), run.planned_checkpoints
         last = f" (last: step {run.records[-1]['step']})" if run.records else ""
@@ -143,20 +143,20 @@ def _figure(path: Path, caption: str) -> str:
             f"<figcaption>{escape(caption)} <span class=\"file\">({escape(path.name)})</span></figcaption></figure>")
 
 
-def _caption(kind: Kind, path: Path) -> str:
-    return kind.captions.get(path.name) or "Figure: " + path.stem.removeprefix("fig_").replace("_", " ") + "."
+def _caption(view: ReportView, path: Path) -> str:
+    return view.captions.get(path.name) or "Figure: " + path.stem.removeprefix("fig_").replace("_", " ") + "."
 
 
-def figures_section(run: Run, kind: Kind) -> str:
-    shown = sorted((f for f in run.figures if f.name not in kind.gallery_figures), key=lambda f: f.name != kind.main_figure)
+def figures_section(run: Run, view: ReportView) -> str:
+    shown = sorted((f for f in run.figures if f.name not in view.gallery_figures), key=lambda f: f.name != view.main_figure)
     if not shown:
         return "<p>The figures are drawn when the run finishes.</p>"
-    return "".join(_figure(f, _caption(kind, f)) for f in shown)
+    return "".join(_figure(f, _caption(view, f)) for f in shown)
 
 
-def gallery_section(run: Run, kind: Kind) -> str:
-    figures = "".join(_figure(f, _caption(kind, f)) for f in run.figures if f.name in kind.gallery_figures)
-    return figures + (kind.gallery(run) if kind.gallery else "")
+def gallery_section(run: Run, view: ReportView) -> str:
+    figures = "".join(_figure(f, _caption(view, f)) for f in run.figures if f.name in view.gallery_figures)
+    return figures + (view.gallery(run) if view.gallery else "")
 
 
 def _scalar(value, reduce: str) -> float | None:
@@ -173,8 +173,8 @@ def _scalar(value, reduce: str) -> float | None:
     return None
 
 
-def _columns(run: Run, kind: Kind) -> list[Column]:
-    present = [c for c in kind.columns if any(_scalar(r.get(c.key), c.reduce) is not None for r in run.records)]
+def _columns(run: Run, view: ReportView) -> list[Column]:
+    present = [c for c in view.columns if any(_scalar(r.get(c.key), c.reduce) is not None for r in run.records)]
     if present:
         return present
     keys = dict.fromkeys(k for r in run.records for k in r if k != "step" and not k.endswith(("_sem", "_ci")))
@@ -196,10 +196,10 @@ def _cell(record: dict, column: Column) -> str:
     return f'<td data-v="{v!r}">{escape(_num(v))}{extra}</td>'
 
 
-def table_section(run: Run, kind: Kind) -> str:
+def table_section(run: Run, view: ReportView) -> str:
     if not run.records:
         return "<p>No checkpoint has been evaluated yet.</p>"
-    columns = _columns(run, kind)
+    columns = _columns(run, view)
     s = _summary(run)
     marks = {}
     for name in (n for n in s if n.startswith("tau_")):
@@ -221,7 +221,7 @@ def table_section(run: Run, kind: Kind) -> str:
             f"<th scope=\"col\">marks</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
 
 
-def settings_section(run: Run, kind: Kind) -> str:
+def settings_section(run: Run, view: ReportView) -> str:
     s = _summary(run)
     data = f"<h3>Data</h3>{_value(s['data'])}" if "data" in s else "<p>The data are described when the run finishes.</p>"
     config = "".join(f"<li><code>{escape(str(k))}</code> = {_value(v)}</li>" for k, v in run.config.items())
@@ -236,7 +236,7 @@ def settings_section(run: Run, kind: Kind) -> str:
     return f"{data}<div class=\"cards\">{cards}</div><h3>Config</h3><ul class=\"config\">{config}</ul>"
 
 
-def others_section(run: Run, kind: Kind) -> str:
+def others_section(run: Run, view: ReportView) -> str:
     s = _summary(run)
     rest = {k: v for k, v in s.items() if k not in SHOWN_ELSEWHERE and k not in EVIDENCE
             and not (k.startswith("tau_") and isinstance(v, dict))}
