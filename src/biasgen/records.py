@@ -1,6 +1,6 @@
 """The keys of a metrics record: one line of a run's ``metrics.jsonl``, one checkpoint of all models.
 
-    from biasgen.records import MetricRecord, IMAGE_KEYS, HIERARCHY_KEYS
+    from biasgen.records import MetricRecord, MonitorRecord, IMAGE_KEYS, HIERARCHY_KEYS
     record: MetricRecord = {"step": 120, "test_loss": 0.31, ...}
 
 ``M`` is the number of models, ``P`` of twin pairs (models on different splits), ``P_c`` of
@@ -82,6 +82,26 @@ class MetricRecord(TypedDict, total=False):
     uturn_ratio_test_sem: list[list[float]]
     uturn_random: list[list[float]]  # (M, len(random_uturn_steps)) U-turn overlap on uniformly random sequences
     uturn_random_sem: list[list[float]]
+
+
+class MonitorRecord(TypedDict, total=False):
+    """One check of ``biasgen.Monitor`` (a single model during its own training): a line of its ``metrics.jsonl``."""
+
+    step: int  # training step of the check
+    val_loss: float  # frozen-noise loss on the held-out images (the per-pixel noise-prediction error)
+    val_loss_sem: float  # its standard error over images
+    train_loss: float  # the same on a training slice of the same size
+    train_loss_sem: float
+    gap_by_t: dict  # per band of t: {"t_lo", "t_hi", "val", "train", "gap" (val - train; None: empty), "count"}
+    nn_train_l2: float  # L2 distance of a sample to its nearest image of the training reference slice, mean
+    nn_heldout_l2: float  # the same to the held-out reference slice
+    nn_train_sim: float  # cosine similarity to the nearest training reference image, mean
+    nn_heldout_sim: float  # the same, held-out
+    copy_z: float  # data-copying z statistic (negative: samples closer to training than held-out data)
+    f_mem: float  # memorized fraction: samples with d1/d2 < 1/3 to the whole training set
+    f_mem_ci: list[float]  # [lo, hi] its bootstrap 95% interval
+    flags: dict  # {"val_loss_minimum", "closer_to_train", "copies", "first_copies"}: bools (docs/your-model.md)
+    wall_s: float  # seconds the check took
 
 
 # the keys the hierarchical lab's curves and verdict pick by name
