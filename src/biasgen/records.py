@@ -1,7 +1,7 @@
 """The keys of a metrics record: one line of a run's ``metrics.jsonl``, one checkpoint of all models.
 
-    from biasgen.records import MetricRecord, MonitorRecord, IMAGE_KEYS, HIERARCHY_KEYS
-    record: MetricRecord = {"step": 120, "test_loss": 0.31, ...}
+    from biasgen.records import MetricRecord, ImageRecord, HierarchyRecord, MonitorRecord
+    record: ImageRecord = {"step": 120, "test_loss": 0.31, ...}     # IMAGE_KEYS, HIERARCHY_KEYS: the key sets
 
 ``M`` is the number of models, ``P`` of twin pairs (models on different splits), ``P_c`` of
 control pairs (models on the same split). Image losses are the mean squared noise-prediction
@@ -16,14 +16,15 @@ from __future__ import annotations
 from typing import Optional, TypedDict
 
 
-class MetricRecord(TypedDict, total=False):
-    """One checkpoint's metrics; an image audit writes the common and image keys, the hierarchical lab the
-    common and hierarchy keys (``typing.get_type_hints`` lists them all)."""
+class _Step(TypedDict, total=False):
+    """The key every record holds."""
 
-    # common
     step: int  # training step of the checkpoint
 
-    # image audit (biasgen.images.audit)
+
+class ImageRecord(_Step, total=False):
+    """One checkpoint of an image audit (``biasgen.images.audit``)."""
+
     test_loss: float  # frozen-noise test loss, mean over test images of the per-image mean over models
     test_loss_sem: float  # its standard error over test images
     test_loss_per_model: list[float]  # (M,) each model's frozen-noise test loss
@@ -46,10 +47,13 @@ class MetricRecord(TypedDict, total=False):
     nn_test_l2: float  # the same to the test slice
     f_mem: float  # memorized fraction: samples with d1/d2 < 1/3 to the own split, pooled over models
     f_mem_ci: list[float]  # [lo, hi] its bootstrap 95% interval
-    copy_z: float  # data-copying z statistic (negative: samples closer to training than held-out data), mean over models
-    score_sim: dict  # {str(t): {"train", "train_sem", "test", "test_sem"}}: twins' score cosine similarity at step t
+    copy_z: float  # data-copying z (negative: samples closer to training than held-out data), mean over models
+    score_sim: dict  # {str(t): {"train", "train_sem", "test", "test_sem"}}: twins' score cosine similarity at t
 
-    # hierarchical lab (biasgen.hierarchy.evaluation)
+
+class HierarchyRecord(_Step, total=False):
+    """One checkpoint of the hierarchical lab (``biasgen.hierarchy.evaluation``)."""
+
     skl_test_pairs: list[float]  # (P,) symmetric KL between twins' x0 predictions on test inputs at t_c
     skl_train_pairs: list[float]  # (P,) the same on both twins' training inputs, averaged over the two
     skl_control_pairs: list[float]  # (P_c,) the same as skl_test_pairs for same-split pairs ([] without them)
@@ -69,7 +73,7 @@ class MetricRecord(TypedDict, total=False):
     train_l_at_t: list[float]  # (M,)
     train_l_star_at_t: list[float]  # (M,)
     train_l_tilde_at_t: list[float]  # (M,)
-    d_nn: list[float]  # (M,) D_NN: divergence of the generated sequences' nearest-training distances from the test ones'
+    d_nn: list[float]  # (M,) D_NN: divergence of generated sequences' nearest-training distances from test ones'
     gen_nn_hist: list[list[int]]  # (M, L + 1) counts of generated sequences at each Hamming distance to the own split
     gen_nn_mean: list[float]  # (M,) mean Hamming distance of a generated sequence to its nearest own-split sequence
     gen_copy_share: list[float]  # (M,) share of generated sequences that are exact copies of the own split
@@ -82,6 +86,10 @@ class MetricRecord(TypedDict, total=False):
     uturn_ratio_test_sem: list[list[float]]
     uturn_random: list[list[float]]  # (M, len(random_uturn_steps)) U-turn overlap on uniformly random sequences
     uturn_random_sem: list[list[float]]
+
+
+class MetricRecord(ImageRecord, HierarchyRecord, total=False):
+    """A record of either experiment: what the shared readers (pipeline, report, judge) take."""
 
 
 class MonitorRecord(TypedDict, total=False):
@@ -105,9 +113,9 @@ class MonitorRecord(TypedDict, total=False):
 
 
 # the keys the hierarchical lab's curves and verdict pick by name
-SKL_TEST_PAIRS, SKL_CONTROL_PAIRS, ORACLE_KL, D_NN, TEST_L = "skl_test_pairs", "skl_control_pairs", "oracle_kl", "d_nn", "test_l"
+SKL_TEST_PAIRS, SKL_CONTROL_PAIRS, ORACLE_KL = "skl_test_pairs", "skl_control_pairs", "oracle_kl"
+D_NN, TEST_L = "d_nn", "test_l"
 GEN_MEM_SHARE, GEN_COPY_SHARE = "gen_mem_share", "gen_copy_share"
 
-_ALL = list(MetricRecord.__annotations__)
-IMAGE_KEYS = frozenset(_ALL[_ALL.index("test_loss"):_ALL.index("skl_test_pairs")]) | {"step"}
-HIERARCHY_KEYS = frozenset(_ALL[_ALL.index("skl_test_pairs"):]) | {"step"}
+IMAGE_KEYS = frozenset(ImageRecord.__annotations__)
+HIERARCHY_KEYS = frozenset(HierarchyRecord.__annotations__)

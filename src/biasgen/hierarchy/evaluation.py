@@ -4,7 +4,7 @@
     ref = make_reference(data, cfg, seeds)                          # BP_0..BP_depth on frozen noise, once
     record, outputs = evaluate_checkpoint(models, members, ref, cfg, seeds)   # models' forward passes only
 
-Keys and units of the record: :class:`biasgen.records.MetricRecord`; what each means: docs/method.md §7.
+Keys and units of the record: :class:`biasgen.records.HierarchyRecord`; their meaning: docs/method.md §7.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..pipeline import Data
-from ..records import MetricRecord
+from ..records import HierarchyRecord
 from ..schedule import NoiseSchedule
 from ..seeds import SeedPlan
 from ..twins import model_pairs
@@ -112,7 +112,8 @@ def make_reference(data: Data, cfg: HierarchyConfig, seeds: SeedPlan) -> Referen
     )
 
 
-def evaluate_checkpoint(models, members, ref: Reference, cfg: HierarchyConfig, seeds: SeedPlan) -> tuple[MetricRecord, dict]:
+def evaluate_checkpoint(models, members, ref: Reference, cfg: HierarchyConfig,
+                        seeds: SeedPlan) -> tuple[HierarchyRecord, dict]:
     """Every hierarchical diagnostic (docs/method.md §7) for one checkpoint of all models.
 
     ``models``: networks predicting x0 logits; ``members[m] = (split, seed)``. Divergences and losses
@@ -122,7 +123,7 @@ def evaluate_checkpoint(models, members, ref: Reference, cfg: HierarchyConfig, s
     """
     dens = [as_denoiser(m) for m in models]
     splits = [s for s, _ in members]
-    rec: MetricRecord = {**_disagreement(dens, splits, members, ref), **_losses(dens, splits, ref)}
+    rec: HierarchyRecord = {**_disagreement(dens, splits, members, ref), **_losses(dens, splits, ref)}
     gen = [sample_sequences(d, 2 ** cfg.depth, cfg.q, seeds.sample_seeds(cfg.n_samples), NoiseSchedule.onehot(cfg.T),
                             cfg.sampler, cfg.sample_steps, eta=cfg.eta, batch_size=1024) for d in dens]
     rec.update(_generation(gen, splits, ref, 2 ** cfg.depth))
@@ -130,13 +131,13 @@ def evaluate_checkpoint(models, members, ref: Reference, cfg: HierarchyConfig, s
     return rec, {"samples": torch.stack(gen)}
 
 
-def _disagreement(dens, splits: list[int], members, ref: Reference) -> MetricRecord:
+def _disagreement(dens, splits: list[int], members, ref: Reference) -> HierarchyRecord:
     """Twin disagreement at t_c (test inputs, both twins' training inputs, same-split controls) and the sequential
     learning: KL(BP_k || model) for every k at t_c, and along t on test and own training inputs."""
     twins, controls = model_pairs(members)
     pred_test = [d(ref.test_c.x_t, ref.test_c.t) for d in dens]
     pred_train = [[d(f.x_t, f.t) for f in ref.train_c] for d in dens]
-    rec: MetricRecord = {
+    rec: HierarchyRecord = {
         "skl_test_pairs": [symmetric_kl(pred_test[a], pred_test[b]) for a, b in twins],
         "skl_train_pairs": [0.5 * sum(symmetric_kl(pred_train[a][s], pred_train[b][s]) for s in (splits[a], splits[b]))
                             for a, b in twins],
@@ -149,9 +150,9 @@ def _disagreement(dens, splits: list[int], members, ref: Reference) -> MetricRec
     return rec
 
 
-def _losses(dens, splits: list[int], ref: Reference) -> MetricRecord:
+def _losses(dens, splits: list[int], ref: Reference) -> HierarchyRecord:
     """Cross-entropy ``l = l* + l~`` on test and on each model's own split: frozen random t, then all at loss_t_frac."""
-    rec: MetricRecord = {}
+    rec: HierarchyRecord = {}
     for suffix, test, train in (("", ref.test_l, ref.train_l), ("_at_t", ref.test_lt, ref.train_lt)):
         test_terms = [frozen_loss_terms(d, test) for d in dens]
         train_terms = [frozen_loss_terms(d, train[s]) for d, s in zip(dens, splits)]
@@ -161,7 +162,7 @@ def _losses(dens, splits: list[int], ref: Reference) -> MetricRecord:
     return rec
 
 
-def _generation(gen: list[torch.Tensor], splits: list[int], ref: Reference, L: int) -> MetricRecord:
+def _generation(gen: list[torch.Tensor], splits: list[int], ref: Reference, L: int) -> HierarchyRecord:
     """Of the sequences generated from shared noise (``gen[m]``: (n_samples, L)): D_NN and its histogram,
     copies and near-copies of the own split, grammaticality and exact log-probability."""
     two = [nearest_two_hamming(x, ref.train[s]) for x, s in zip(gen, splits)]  # (N, 2) per model: d1, d2
@@ -178,14 +179,15 @@ def _generation(gen: list[torch.Tensor], splits: list[int], ref: Reference, L: i
     }
 
 
-def _uturns(dens, splits: list[int], ref: Reference, cfg: HierarchyConfig, seeds: SeedPlan) -> MetricRecord:
+def _uturns(dens, splits: list[int], ref: Reference, cfg: HierarchyConfig, seeds: SeedPlan) -> HierarchyRecord:
     """U-turn overlap ratio model / BP (mean, SEM over sequences) on the model's own training vs test sequences,
     and the U-turns of uniformly random sequences (the same sequences and noise as the reference's)."""
     q, L, schedule, n = cfg.q, 2 ** cfg.depth, NoiseSchedule.onehot(cfg.T), ref.uturn_own
-    rec: MetricRecord = {key: [] for key in ("uturn_ratio_train", "uturn_ratio_train_sem", "uturn_ratio_test",
+    rec: HierarchyRecord = {key: [] for key in ("uturn_ratio_train", "uturn_ratio_train_sem", "uturn_ratio_test",
                                              "uturn_ratio_test_sem")}
     for d, s in zip(dens, splits):
-        model = uturn_overlap(d, ref.uturn_inputs[s], q, ref.uturn_steps, schedule, cfg.uturn_reps, seeds.evaluation("uturn"))
+        model = uturn_overlap(d, ref.uturn_inputs[s], q, ref.uturn_steps, schedule, cfg.uturn_reps,
+                              seeds.evaluation("uturn"))
         for side, cols in (("train", slice(None, n)), ("test", slice(n, None))):
             ratio = uturn_ratio(model[:, cols], ref.uturn_bp[s][:, cols])
             rec[f"uturn_ratio_{side}"].append(ratio["mean"])

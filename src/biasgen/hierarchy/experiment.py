@@ -24,7 +24,7 @@ from ..losses import X0CrossEntropyLoss
 from ..memorization import wilson
 from ..pipeline import Curve, Data, Shared, TwinExperiment, metric_table as table, run_experiment
 from ..records import (D_NN, GEN_COPY_SHARE, GEN_MEM_SHARE, ORACLE_KL, SKL_CONTROL_PAIRS, SKL_TEST_PAIRS, TEST_L,
-                       MetricRecord)
+                       HierarchyRecord)
 from ..sampler import DEFAULT_SAMPLER, SAMPLER_HELP
 from ..schedule import NoiseSchedule
 from ..seeds import SeedPlan
@@ -231,7 +231,7 @@ class HierarchyExperiment(TwinExperiment):
     def evaluate(self, models, shared: Shared):
         return evaluate_checkpoint(models, shared.members, shared.reference, self.cfg, self.seeds)
 
-    def curves(self, records: list[MetricRecord]) -> dict[str, Curve]:
+    def curves(self, records: list[HierarchyRecord]) -> dict[str, Curve]:
         return {
             "tau_bias": Curve(table(records, SKL_TEST_PAIRS), "mean", "twin pairs"),
             **({"control": Curve(table(records, SKL_CONTROL_PAIRS), "mean", "control pairs")}
@@ -241,7 +241,7 @@ class HierarchyExperiment(TwinExperiment):
             "tau_loss": Curve(table(records, TEST_L), "mean", "models"),
         }
 
-    def memorized_share(self, records: list[MetricRecord]) -> list[dict]:
+    def memorized_share(self, records: list[HierarchyRecord]) -> list[dict]:
         """``gen_mem_share`` (near-copies: Hamming distances d1/d2 < 1/3 to the own split's distinct sequences, exact
         copies included) pooled over models, with the Wilson 95% interval over the ``n_samples x models`` generated
         sequences; runs recorded before ``gen_mem_share`` existed fall back to exact copies (``gen_copy_share``)."""
@@ -282,7 +282,7 @@ def hierarchy(out: str | Path, preset: str | None = "cpu", config: str | Path | 
                           force=force, progress=progress)
 
 
-def coarse_to_fine(records: list[MetricRecord], cfg: HierarchyConfig, seeds: SeedPlan) -> dict:
+def coarse_to_fine(records: list[HierarchyRecord], cfg: HierarchyConfig, seeds: SeedPlan) -> dict:
     """The checkpoint where the model is closest to each BP_k, and whether they come coarse (large k) first."""
     from ..onset import checkpoint_minimum
 
