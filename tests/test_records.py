@@ -12,9 +12,8 @@ def test_image_and_hierarchy_keys_split_the_record_type():
 
 def test_every_report_column_reads_a_documented_key_of_its_experiment():
     keys = {"audit": IMAGE_KEYS, "hierarchy": HIERARCHY_KEYS}
-    assert set(experiments()) == set(keys)
-    for kind, experiment in experiments().items():
-        columns = experiment.report_view.columns
+    for kind, documented in keys.items():
+        columns = experiments()[kind].report_view.columns
         assert columns, kind
         read = {c.key for c in columns} | {c.err for c in columns if c.err}
-        assert read <= keys[kind], (kind, read - keys[kind])
+        assert read <= documented, (kind, read - documented)
