@@ -12,6 +12,7 @@ import biasgen.images.audit as audit_module
 from biasgen.images.audit import audit
 from biasgen.cli import main
 from biasgen.runs import read_jsonl
+from biasgen.records import IMAGE_KEYS
 
 TINY = ["audit", "--preset", "tiny", "--quiet"]
 
@@ -37,6 +38,8 @@ def test_tiny_audit_writes_every_output(tiny_run, capsys):
     assert summary["environment"]["torch"] == torch.__version__
     assert summary["sampler"] == {"method": "ddim", "steps": 5, "eta": 0.0, "name": "ddim-5", "validated": False}
     assert "Note: sampled with ddim-5, which was not validated" in summary["reason"]
+    for r in records:
+        assert set(r) <= IMAGE_KEYS, set(r) - IMAGE_KEYS  # every key documented in biasgen.records
     r = records[-1]
     for key in ("test_loss", "train_loss", "twin_distance", "twin_distance_sem", "nn_own_sim", "nn_other_sim",
                 "nn_test_sim", "nn_own_l2", "f_mem", "f_mem_ci", "copy_z", "score_sim"):

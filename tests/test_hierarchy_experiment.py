@@ -6,9 +6,11 @@ import torch
 
 from biasgen.cli import main
 from biasgen.errors import BiasgenError
+from biasgen.records import HIERARCHY_KEYS
 from biasgen.hierarchy import experiment
 from biasgen.hierarchy.denoisers import bp_denoise_fn
-from biasgen.hierarchy.experiment import PRESETS, HierarchyConfig, evaluate_checkpoint, hierarchy, make_data, make_reference
+from biasgen.hierarchy.evaluation import evaluate_checkpoint, make_reference
+from biasgen.hierarchy.experiment import PRESETS, HierarchyConfig, hierarchy, make_data
 from biasgen.schedule import NoiseSchedule
 from biasgen.seeds import SeedPlan
 from biasgen.runs import read_jsonl
@@ -62,7 +64,7 @@ def test_tiny_run_records_every_analysis_in_the_papers_shape(tiny_run):
     M, K, L = 2, cfg.depth + 1, 2 ** cfg.depth
     n_kl, n_u, n_r = len(cfg.kl_t_fracs), len(cfg.uturn_fracs), len(cfg.random_uturn_fracs)
     for rec in read_jsonl(out / "metrics.jsonl"):
-        assert set(rec) == RECORD_KEYS
+        assert set(rec) == RECORD_KEYS == HIERARCHY_KEYS  # every key documented in biasgen.records
         for side in ("test", "train"):  # Fig. 3b in full: KL(BP_k || model) for every k along t, >= 0
             curves = torch.tensor(rec[f"oracle_kl_along_t_{side}"])
             assert curves.shape == (M, K, n_kl) and bool((curves >= 0).all())

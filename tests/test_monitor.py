@@ -1,5 +1,6 @@
 """The single-run monitor: inside a toy training loop, resume, flags on known copiers, and bad input."""
 import json
+import typing
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from biasgen.images.data import load_images, scale_images
 from biasgen.images.unet import UNet
 from biasgen.losses import EpsMSELoss
 from biasgen.images.monitor import reference_sets
+from biasgen.records import MonitorRecord
 from biasgen.runs import read_jsonl
 from biasgen.schedule import NoiseSchedule
 
@@ -69,6 +71,7 @@ def test_monitor_in_a_toy_training_loop(digits, tmp_path):
     first, last = records[0], records[-1]
     assert last["val_loss"] < first["val_loss"]  # the network learns
     for r in records:
+        assert set(r) == set(typing.get_type_hints(MonitorRecord))  # every key documented in biasgen.records
         assert set(r["flags"]) == {"val_loss_minimum", "closer_to_train", "copies", "first_copies"}
         assert len(r["gap_by_t"]["gap"]) == 10 and sum(r["gap_by_t"]["count"]) == 48
         assert r["f_mem_ci"][0] <= r["f_mem"] <= r["f_mem_ci"][1]

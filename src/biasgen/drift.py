@@ -162,6 +162,8 @@ def drift_test(steps: Sequence[int], curve, *, until: int | None = None, level: 
                n_boot: int = N_BOOT, seed: int = 0) -> dict:
     """Has ``curve`` ``(n_ckpt,)`` risen persistently above its floor by checkpoint index ``until``, beyond noise?
 
+    (Long for this docstring, the statistic's definition; the body computes it in the order described.)
+
     ``until``: the last checkpoint of the end level (default: the last checkpoint). The checkpoints after it
     play no part in the statistic; they only sharpen the noise estimate, which uses the whole curve.
 

@@ -246,6 +246,8 @@ def judge(
 ) -> VerdictBlock:
     """Decide whether the twins' data-specific divergence starts before the test loss bottoms out (§10).
 
+    (Long for its documented signature; the decision is a sequence of named steps, each a helper of this module.)
+
     ``steps``: ``(C,)`` increasing checkpoint steps. ``twin_distance``: ``(n_twin_pairs, C)`` each twin
     pair's mean divergence (larger = more different); ``twin_pairs``: the ``(i, j)`` model indices of each row.
     ``test_loss``: ``(n_units, C)`` frozen-noise test loss per example (or per model), or ``(C,)``.

@@ -23,17 +23,16 @@ from ..errors import BiasgenError
 from ..losses import X0CrossEntropyLoss
 from ..memorization import wilson
 from ..pipeline import Curve, Data, Shared, TwinExperiment, metric_table as table, run_experiment
+from ..records import (D_NN, GEN_COPY_SHARE, GEN_MEM_SHARE, ORACLE_KL, SKL_CONTROL_PAIRS, SKL_TEST_PAIRS, TEST_L,
+                       HierarchyRecord)
 from ..sampler import DEFAULT_SAMPLER, SAMPLER_HELP
 from ..schedule import NoiseSchedule
 from ..seeds import SeedPlan
-from ..twins import model_pairs
 from . import figures
-from .denoisers import bp_denoise_fn, empirical_denoise_fn, sample_sequences
+from .evaluation import Reference, evaluate_checkpoint, frozen_loss_terms, make_reference
 from .grammar import Grammar
-from .metrics import (bp_predictions, distance_divergence, is_near_copy, loss_terms, near_copies, nearest_hamming,
-                      nearest_two_hamming, nn_histogram,
-                      noised_inputs, oracle_kl, oracle_kl_along_t, symmetric_kl, uturn_overlap, uturn_random, uturn_ratio)
-from .model import SequenceDenoiser, as_denoiser
+from .metrics import near_copies, nn_histogram
+from .model import SequenceDenoiser
 from .report_view import VIEW
 
 
@@ -129,47 +128,6 @@ SWEEP_PRESETS: dict[str, dict] = {  # biasgen sweep's presets of the grammar lab
     "tiny-hierarchy": dict(experiment_preset="tiny", sizes=(8, 16, 24), steps_per_image=0.5,
                            settings=dict(threads=1, n_boot=30)),
 }
-
-
-def steps_of(fracs, T: int) -> list[int]:
-    """Diffusion steps ``round(f * T)`` (clamped to 1..T) of the fractions ``fracs``."""
-    return [max(1, min(T, round(f * T))) for f in fracs]
-
-
-@dataclass
-class Frozen:
-    """Sequences noised once with a fixed seed (reused at every checkpoint) and the exact denoisers on them."""
-
-    x0: torch.Tensor  # LongTensor (N, L): the clean sequences
-    x_t: torch.Tensor  # (N, L, q) float64: their noised one-hot encodings
-    t: torch.Tensor  # (N,) long: the step of each input
-    bp: torch.Tensor  # (K, N, L, q) float64: BP_0..BP_{K-1} on (x_t, t); K = 0 where no exact prediction is needed
-
-
-@dataclass
-class Reference:
-    """Evaluation inputs noised once (frozen noise) and what the exact denoisers say about them."""
-
-    grammar: Grammar
-    train: list[torch.Tensor]  # one training split per entry, LongTensor (n, L)
-    test: torch.Tensor  # LongTensor (n_test, L)
-    test_c: Frozen  # n_eval test inputs at the critical step, BP_0..BP_depth
-    train_c: list[Frozen]  # per split, its first n_eval sequences at the critical step (no BP)
-    test_l: Frozen  # n_loss test inputs, each at its own random step (frozen-noise cross-entropy), BP_0
-    train_l: list[Frozen]  # per split, the same for its first n_loss sequences
-    test_lt: Frozen  # the same n_loss test sequences, all at the step of loss_t_frac, BP_0
-    train_lt: list[Frozen]  # per split
-    kl_test: list[Frozen]  # per step of kl_steps, n_eval test inputs, BP_0..BP_depth
-    kl_train: list[list[Frozen]]  # per split, per step of kl_steps, its first n_eval sequences, BP_0..BP_depth
-    kl_steps: list[int]  # the t grid of the KL-along-t curves
-    kl_bp: list[list[float]]  # KL(BP_0 || BP_k) along t on the test inputs: (depth + 1) lists of len(kl_steps)
-    test_nn_dist: list[torch.Tensor]  # per split, LongTensor (n_test,): each test sequence's distance to its nearest training one
-    uturn_steps: list[int]
-    uturn_own: int  # training sequences at the head of each uturn_inputs entry: min(n_uturn, n)
-    uturn_inputs: list[torch.Tensor]  # per split: its first uturn_own sequences then n_uturn test sequences (., L)
-    uturn_bp: list[torch.Tensor]  # per split: BP overlaps on uturn_inputs, (len(uturn_steps), len(uturn_inputs[i]))
-    random_uturn_steps: list[int]
-    random_uturn: dict  # U-turns of random sequences: {"bp_k" / "empirical_split_i": {"mean", "sem"}}
 
 
 def make_data(cfg: HierarchyConfig, seeds: SeedPlan) -> Data:
@@ -273,21 +231,21 @@ class HierarchyExperiment(TwinExperiment):
     def evaluate(self, models, shared: Shared):
         return evaluate_checkpoint(models, shared.members, shared.reference, self.cfg, self.seeds)
 
-    def curves(self, records: list[dict]) -> dict[str, Curve]:
+    def curves(self, records: list[HierarchyRecord]) -> dict[str, Curve]:
         return {
-            "tau_bias": Curve(table(records, "skl_test_pairs"), "mean", "twin pairs"),
-            **({"control": Curve(table(records, "skl_control_pairs"), "mean", "control pairs")}
-               if records[0]["skl_control_pairs"] else {}),
-            "tau_nn": Curve(table(records, "d_nn"), "median", "models"),
-            "tau_oracle": Curve(table(records, "oracle_kl", 0), "mean", "models"),
-            "tau_loss": Curve(table(records, "test_l"), "mean", "models"),
+            "tau_bias": Curve(table(records, SKL_TEST_PAIRS), "mean", "twin pairs"),
+            **({"control": Curve(table(records, SKL_CONTROL_PAIRS), "mean", "control pairs")}
+               if records[0][SKL_CONTROL_PAIRS] else {}),
+            "tau_nn": Curve(table(records, D_NN), "median", "models"),
+            "tau_oracle": Curve(table(records, ORACLE_KL, 0), "mean", "models"),
+            "tau_loss": Curve(table(records, TEST_L), "mean", "models"),
         }
 
-    def memorized_share(self, records: list[dict]) -> list[dict]:
+    def memorized_share(self, records: list[HierarchyRecord]) -> list[dict]:
         """``gen_mem_share`` (near-copies: Hamming distances d1/d2 < 1/3 to the own split's distinct sequences, exact
         copies included) pooled over models, with the Wilson 95% interval over the ``n_samples x models`` generated
         sequences; runs recorded before ``gen_mem_share`` existed fall back to exact copies (``gen_copy_share``)."""
-        key = "gen_mem_share" if all("gen_mem_share" in r for r in records) else "gen_copy_share"
+        key = GEN_MEM_SHARE if all(GEN_MEM_SHARE in r for r in records) else GEN_COPY_SHARE
         out = []
         for r in records:
             total = self.cfg.n_samples * len(r[key])
@@ -298,8 +256,8 @@ class HierarchyExperiment(TwinExperiment):
     def summarize(self, records, data, ref: Reference, judged) -> dict:
         last = records[-1]
         return {"coarse_to_fine": coarse_to_fine(records, self.cfg, self.seeds), "bp_reference": {
-            "kl_bp_along_t": ref.kl_bp, "kl_t_steps": ref.kl_steps, "test_ce": _loss_terms(None, ref.test_l)["l"],
-            "loss_t_step": int(ref.test_lt.t[0]), "test_ce_at_t": _loss_terms(None, ref.test_lt)["l"],
+            "kl_bp_along_t": ref.kl_bp, "kl_t_steps": ref.kl_steps, "test_ce": frozen_loss_terms(None, ref.test_l)["l"],
+            "loss_t_step": int(ref.test_lt.t[0]), "test_ce_at_t": frozen_loss_terms(None, ref.test_lt)["l"],
             "uturn_steps": ref.uturn_steps,
             "uturn_overlap_bp_test": torch.stack(ref.uturn_bp)[:, :, ref.uturn_own:].mean((0, 2)).tolist()},
             "nn_histograms": {"distance": list(range(2 ** self.cfg.depth + 1)), "test_per_split": [nn_histogram(d, 2 ** self.cfg.depth).tolist() for d in ref.test_nn_dist]},
@@ -324,134 +282,12 @@ def hierarchy(out: str | Path, preset: str | None = "cpu", config: str | Path | 
                           force=force, progress=progress)
 
 
-def make_reference(data: Data, cfg: HierarchyConfig, seeds: SeedPlan) -> Reference:
-    """Noise the evaluation inputs once and run the exact (BP) and empirical denoisers on them."""
-    g, q, L, schedule = data.extra["grammar"], cfg.q, 2 ** cfg.depth, NoiseSchedule.onehot(cfg.T)
-    every_k = cfg.depth + 1
-
-    def frozen(x0: torch.Tensor, t: int | None, seed: int, levels: int) -> Frozen:
-        x_t, tt = noised_inputs(x0, q, schedule, t, seed)
-        bp = bp_predictions(g, schedule, x_t, tt, levels) if levels else torch.zeros((0, *x_t.shape), dtype=x_t.dtype)
-        return Frozen(x0, x_t, tt, bp)
-
-    t_c, t_l = steps_of([cfg.t_frac, cfg.loss_t_frac], cfg.T)
-    kl_steps = steps_of(cfg.kl_t_fracs, cfg.T)
-    kl_test = [frozen(data.test[: cfg.n_eval], t, seeds.evaluation("kl_along_t"), every_k) for t in kl_steps]
-    uturn_steps = steps_of(cfg.uturn_fracs, cfg.T)
-    uturn_inputs = [torch.cat([s[: cfg.n_uturn], data.test[: cfg.n_uturn]]) for s in data.train]
-    random_uturn_steps = steps_of(cfg.random_uturn_fracs, cfg.T)
-    exact = {f"bp_{k}": bp_denoise_fn(g, schedule, k) for k in range(every_k)}
-    empirical = {f"empirical_split_{i}": empirical_denoise_fn(s, q, schedule) for i, s in enumerate(data.train)}
-    splits = list(enumerate(data.train))
-    return Reference(
-        grammar=g, train=data.train, test=data.test,
-        test_c=frozen(data.test[: cfg.n_eval], t_c, seeds.evaluation("critical_test"), every_k),
-        train_c=[frozen(s[: cfg.n_eval], t_c, seeds.evaluation("critical_train", i), 0) for i, s in splits],
-        test_l=frozen(data.test[: cfg.n_loss], None, seeds.evaluation("loss_test"), 1),
-        train_l=[frozen(s[: cfg.n_loss], None, seeds.evaluation("loss_train", i), 1) for i, s in splits],
-        test_lt=frozen(data.test[: cfg.n_loss], t_l, seeds.evaluation("loss_at_t_test"), 1),
-        train_lt=[frozen(s[: cfg.n_loss], t_l, seeds.evaluation("loss_at_t_train", i), 1) for i, s in splits],
-        kl_test=kl_test,
-        kl_train=[[frozen(s[: cfg.n_eval], t, seeds.evaluation("kl_along_t_train", i), every_k) for t in kl_steps]
-                  for i, s in splits],
-        kl_steps=kl_steps,
-        kl_bp=[oracle_kl_along_t([f.bp[:1] for f in kl_test], [f.bp[k] for f in kl_test])[0] for k in range(every_k)],
-        test_nn_dist=[nearest_hamming(data.test, s) for s in data.train],
-        uturn_steps=uturn_steps, uturn_own=min(cfg.n_uturn, cfg.n), uturn_inputs=uturn_inputs,
-        uturn_bp=[uturn_overlap(exact["bp_0"], x, q, uturn_steps, schedule, cfg.uturn_reps, seeds.evaluation("uturn"))
-                  for x in uturn_inputs],
-        random_uturn_steps=random_uturn_steps,
-        random_uturn=uturn_random(exact | empirical, cfg.n_random_uturn, L, q, random_uturn_steps, schedule,
-                                  cfg.uturn_reps, seeds.evaluation("uturn_random")),
-    )
-
-
-def evaluate_checkpoint(models, members, ref: Reference, cfg: HierarchyConfig, seeds: SeedPlan) -> tuple[dict, dict]:
-    """Every hierarchical diagnostic (docs/method.md §7) for one checkpoint of all models.
-
-    ``models``: networks predicting x0 logits; ``members[m] = (split, seed)``. Divergences and losses
-    are in nats per sequence (summed over the ``2**depth`` positions). The exact (BP) side comes
-    precomputed in ``ref``: a checkpoint costs only the models' forward passes. Returns the metrics
-    record and ``{"samples": LongTensor (M, n_samples, 2**depth)}``, the generated sequences.
-    """
-    q, L, schedule = cfg.q, 2 ** cfg.depth, NoiseSchedule.onehot(cfg.T)
-    dens = [as_denoiser(m) for m in models]
-    splits = [s for s, _ in members]
-    twins, controls = model_pairs(members)
-    rec: dict = {}
-
-    # twin disagreement at t_c on test inputs, on both twins' training inputs, and for same-split controls
-    pred_test = [d(ref.test_c.x_t, ref.test_c.t) for d in dens]
-    pred_train = [[d(f.x_t, f.t) for f in ref.train_c] for d in dens]
-    rec["skl_test_pairs"] = [symmetric_kl(pred_test[a], pred_test[b]) for a, b in twins]
-    rec["skl_train_pairs"] = [0.5 * sum(symmetric_kl(pred_train[a][s], pred_train[b][s]) for s in (splits[a], splits[b]))
-                              for a, b in twins]
-    rec["skl_control_pairs"] = [symmetric_kl(pred_test[a], pred_test[b]) for a, b in controls]
-
-    # sequential learning: KL(BP_k || model) for every k at t_c, and along t on test and own training inputs
-    rec["oracle_kl"] = [oracle_kl(ref.test_c.bp, p) for p in pred_test]  # (M, depth + 1)
-    rec["oracle_kl_along_t_test"] = [_kl_along_t(d, ref.kl_test) for d in dens]  # (M, depth + 1, len(kl_steps))
-    rec["oracle_kl_along_t_train"] = [_kl_along_t(d, ref.kl_train[s]) for d, s in zip(dens, splits)]
-    rec["kl_along_t"] = [curves[0] for curves in rec["oracle_kl_along_t_test"]]  # k = 0 alone, (M, len(kl_steps))
-
-    # cross-entropy l = l* + l~ on test and on each model's own split: frozen random t, then all at loss_t_frac
-    for suffix, test, train in (("", ref.test_l, ref.train_l), ("_at_t", ref.test_lt, ref.train_lt)):
-        test_terms = [_loss_terms(d, test) for d in dens]
-        train_terms = [_loss_terms(d, train[s]) for d, s in zip(dens, splits)]
-        for key in ("l", "l_star", "l_tilde"):
-            rec[f"test_{key}{suffix}"] = [r[key] for r in test_terms]
-            rec[f"train_{key}{suffix}"] = [r[key] for r in train_terms]
-
-    # generation from shared noise: D_NN and its histogram, grammaticality, exact log-probability
-    gen = [sample_sequences(d, L, q, seeds.sample_seeds(cfg.n_samples), schedule, cfg.sampler,
-                            cfg.sample_steps, eta=cfg.eta, batch_size=1024) for d in dens]
-    two = [nearest_two_hamming(x, ref.train[s]) for x, s in zip(gen, splits)]  # (N, 2) per model: d1, d2
-    nearest = [d[:, 0] for d in two]
-    rec["d_nn"] = [distance_divergence(d, ref.test_nn_dist[s], L) for d, s in zip(nearest, splits)]
-    rec["gen_nn_hist"] = [nn_histogram(d, L).tolist() for d in nearest]  # (M, L + 1); the test one: in the summary
-    rec["gen_nn_mean"] = [float(d.double().mean()) for d in nearest]
-    rec["gen_copy_share"] = [float((d == 0).double().mean()) for d in nearest]
-    rec["gen_mem_share"] = [float(is_near_copy(d).double().mean()) for d in two]
-    logp = [ref.grammar.log_prob(x) for x in gen]
-    rec["gen_grammatical"] = [float(lp.isfinite().double().mean()) for lp in logp]
-    rec["gen_logprob"] = [float(lp[lp.isfinite()].mean()) if lp.isfinite().any() else None for lp in logp]
-
-    # U-turns: per-sequence overlap ratio model / BP (mean, SEM) on the model's own training vs test sequences
-    n = ref.uturn_own
-    for key in ("uturn_ratio_train", "uturn_ratio_train_sem", "uturn_ratio_test", "uturn_ratio_test_sem"):
-        rec[key] = []
-    for d, s in zip(dens, splits):
-        model = uturn_overlap(d, ref.uturn_inputs[s], q, ref.uturn_steps, schedule, cfg.uturn_reps, seeds.evaluation("uturn"))
-        for side, cols in (("train", slice(None, n)), ("test", slice(n, None))):
-            ratio = uturn_ratio(model[:, cols], ref.uturn_bp[s][:, cols])
-            rec[f"uturn_ratio_{side}"].append(ratio["mean"])
-            rec[f"uturn_ratio_{side}_sem"].append(ratio["sem"])
-
-    # U-turns of uniformly random sequences (the same sequences and noise as the reference's BP and empirical ones)
-    rand = [uturn_random({"model": d}, cfg.n_random_uturn, L, q, ref.random_uturn_steps, schedule, cfg.uturn_reps,
-                         seeds.evaluation("uturn_random"))["model"] for d in dens]
-    rec["uturn_random"] = [r["mean"] for r in rand]  # (M, len(random_uturn_steps))
-    rec["uturn_random_sem"] = [r["sem"] for r in rand]
-    return rec, {"samples": torch.stack(gen)}
-
-
-def _kl_along_t(den, inputs: list[Frozen]) -> list[list[float]]:
-    """``KL(BP_k || den)`` for every k at each step of ``inputs`` (one :class:`Frozen` per step): ``(K, len(inputs))``."""
-    return oracle_kl_along_t([f.bp for f in inputs], [den(f.x_t, f.t) for f in inputs])
-
-
-def _loss_terms(den, inputs: Frozen) -> dict:
-    """``l = l* + l~`` of the denoiser ``den`` on ``inputs`` (``None``: of BP_0 itself, the floor of ``l``)."""
-    pred = inputs.bp[0] if den is None else den(inputs.x_t, inputs.t)
-    return loss_terms(pred, inputs.bp[0], inputs.x0)
-
-
-def coarse_to_fine(records: list[dict], cfg: HierarchyConfig, seeds: SeedPlan) -> dict:
+def coarse_to_fine(records: list[HierarchyRecord], cfg: HierarchyConfig, seeds: SeedPlan) -> dict:
     """The checkpoint where the model is closest to each BP_k, and whether they come coarse (large k) first."""
     from ..onset import checkpoint_minimum
 
     steps = [r["step"] for r in records]
-    by_k = [checkpoint_minimum(steps, table(records, "oracle_kl", k), n_boot=cfg.n_boot, seed=seeds.bootstrap(),
+    by_k = [checkpoint_minimum(steps, table(records, ORACLE_KL, k), n_boot=cfg.n_boot, seed=seeds.bootstrap(),
                                reduce="mean") for k in range(cfg.depth + 1)]
     argmins = [m["step"] for m in by_k]
     return {

@@ -13,12 +13,13 @@ from matplotlib.figure import Figure
 
 from ..runs import write_figure
 from ..pipeline import metric_table as table
+from ..records import HierarchyRecord
 
 
 MARKS = {"tau_bias": "C3", "tau_data": "C1", "tau_nn": "C2", "tau_oracle": "C4", "tau_loss": "k"}  # vertical lines at each tau
 
 
-def plot_all(run: Path, records: list[dict], summary: dict) -> None:
+def plot_all(run: Path, records: list[HierarchyRecord], summary: dict) -> None:
     """Write ``fig_kl.png``, ``fig_kl_along_t.png``, ``fig_nn.png``, ``fig_nn_histograms.png``,
     ``fig_loss_decomposition.png``, ``fig_uturn.png`` and ``fig_uturn_random.png``."""
     for name, plot in (("fig_kl.png", plot_kl), ("fig_kl_along_t.png", plot_kl_along_t), ("fig_nn.png", plot_nn),
@@ -30,7 +31,7 @@ def plot_all(run: Path, records: list[dict], summary: dict) -> None:
         write_figure(fig, run / name, dpi=110)
 
 
-def _mean(records: list[dict], key: str, column: int | None = None) -> list[float]:
+def _mean(records: list[HierarchyRecord], key: str, column: int | None = None) -> list[float]:
     return table(records, key, column).mean(0).tolist()
 
 
@@ -48,7 +49,7 @@ def _mean_and_error(means, sems, dim: int = 0) -> tuple[torch.Tensor, torch.Tens
     return m.mean(dim), e.pow(2).sum(dim).sqrt() / e.shape[dim]
 
 
-def _moments(records: list[dict], summary: dict, first: bool = False) -> list[tuple[str, int]]:
+def _moments(records: list[HierarchyRecord], summary: dict, first: bool = False) -> list[tuple[str, int]]:
     """``(label, record index)`` of the first checkpoint (with ``first``), tau_bias, tau_loss and the last
     checkpoint, one entry per distinct checkpoint, in training order."""
     picks = [("first", 0)] * first + [(n, summary[n]["index"]) for n in ("tau_bias", "tau_loss")] + [("last", len(records) - 1)]
@@ -64,7 +65,7 @@ def _mark_taus(ax, summary: dict) -> None:
             ax.axvline(summary[name]["step"], color=color, ls="--", lw=1, label=name)
 
 
-def plot_kl(records: list[dict], summary: dict) -> Figure:
+def plot_kl(records: list[HierarchyRecord], summary: dict) -> Figure:
     """Fig. 1b: sample-split KL (twins, training inputs, controls) and KL(BP_k || model) vs training time."""
     steps = [r["step"] for r in records]
     fig = Figure(figsize=(11, 4))
@@ -85,7 +86,7 @@ def plot_kl(records: list[dict], summary: dict) -> Figure:
     return fig
 
 
-def plot_kl_along_t(records: list[dict], summary: dict) -> Figure:
+def plot_kl_along_t(records: list[HierarchyRecord], summary: dict) -> Figure:
     """Fig. 3b: KL(BP_k || model) for every k along t/T on test (top) and own training inputs (bottom), at tau_bias,
     tau_loss and the last checkpoint; dotted: KL(BP_0 || BP_k) on the test inputs."""
     t_fracs = summary["config"]["kl_t_fracs"]
@@ -107,7 +108,7 @@ def plot_kl_along_t(records: list[dict], summary: dict) -> Figure:
     return fig
 
 
-def plot_nn(records: list[dict], summary: dict) -> Figure:
+def plot_nn(records: list[HierarchyRecord], summary: dict) -> Figure:
     """Fig. 4a: D_NN with the frozen-noise train and test cross-entropies."""
     steps = [r["step"] for r in records]
     fig = Figure(figsize=(6, 4))
@@ -123,7 +124,7 @@ def plot_nn(records: list[dict], summary: dict) -> Figure:
     return fig
 
 
-def plot_nn_histograms(records: list[dict], summary: dict) -> Figure:
+def plot_nn_histograms(records: list[HierarchyRecord], summary: dict) -> Figure:
     """Fig. 4a (appendix Figs. 9, 10): Hamming distance of generated sequences to their nearest training sequence
     (mean over models) beside that of the test sequences (mean over splits), at a few checkpoints."""
     hist = summary["nn_histograms"]
@@ -141,7 +142,7 @@ def plot_nn_histograms(records: list[dict], summary: dict) -> Figure:
     return fig
 
 
-def plot_loss_decomposition(records: list[dict], summary: dict) -> Figure:
+def plot_loss_decomposition(records: list[HierarchyRecord], summary: dict) -> Figure:
     """Fig. 4b: l* (distillation of BP) and l~ (data-dependent excess) on training and test inputs, averaged over t
     (top) and at t/T = loss_t_frac (bottom, the paper's panel)."""
     steps = [r["step"] for r in records]
@@ -161,7 +162,7 @@ def plot_loss_decomposition(records: list[dict], summary: dict) -> Figure:
     return fig
 
 
-def plot_uturn(records: list[dict], summary: dict) -> Figure:
+def plot_uturn(records: list[HierarchyRecord], summary: dict) -> Figure:
     """Fig. 5: U-turn overlap ratio model / BP (mean over sequences, ± standard error) on training vs test
     sequences, at tau_bias, tau_loss and the last checkpoint."""
     u_fracs = summary["config"]["uturn_fracs"]
@@ -177,7 +178,7 @@ def plot_uturn(records: list[dict], summary: dict) -> Figure:
     return fig
 
 
-def plot_uturn_random(records: list[dict], summary: dict) -> Figure:
+def plot_uturn_random(records: list[HierarchyRecord], summary: dict) -> Figure:
     """Appendix Fig. 11: U-turn overlap of uniformly random sequences over training (mean over models ± standard
     error), one panel per depth, beside BP_0..BP_depth and the empirical denoisers of the splits (horizontal)."""
     ref = summary["uturn_random"]

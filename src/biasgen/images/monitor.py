@@ -46,6 +46,7 @@ from ..checkpoint import load_tensors, save_tensors
 from ..config import ReadsInputs, check, check_at_least, opt
 from ..errors import BiasgenError
 from .metrics import data_copying_z, frozen_noise_loss, loss_by_t, memorized_fraction, nearest_neighbors
+from ..records import MonitorRecord
 from ..runs import STEP, append_jsonl, claim_run_dir, read_json, read_jsonl, write_json
 from ..sampler import sample, timesteps, x0_from_eps_model
 from ..schedule import NoiseSchedule
@@ -243,7 +244,7 @@ class Monitor:
 
     # -- records ---------------------------------------------------------------------------------
     @property
-    def records(self) -> list[dict]:
+    def records(self) -> list[MonitorRecord]:
         """Every check recorded so far, in step order."""
         return sorted(read_jsonl(self.out / "metrics.jsonl", STEP), key=lambda r: r["step"])
 
@@ -253,7 +254,7 @@ class Monitor:
         return {r["step"] for r in read_jsonl(self.out / "metrics.jsonl", STEP)}
 
     # -- one check ------------------------------------------------------------------------------
-    def check(self, step: int, model) -> dict:
+    def check(self, step: int, model) -> MonitorRecord:
         """Measure ``model`` at training step ``step``; returns the record appended to ``metrics.jsonl``.
 
         (Long on purpose: one measurement per block, in the order of the record it writes.)

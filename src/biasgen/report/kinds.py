@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import BiasgenError
+from ..records import MetricRecord
 from ..runs import STEP, read_json, scan_jsonl
 from ..training import checkpoint_steps
 
@@ -29,7 +30,7 @@ class Run:
     config: dict
     environment: dict
     summary: dict | None
-    records: list[dict]  # metrics.jsonl, one record per evaluated checkpoint, by step
+    records: list[MetricRecord]  # metrics.jsonl, one record per evaluated checkpoint, by step
     figures: list[Path]  # fig_*.png, sorted by name
     notes: list[str] = field(default_factory=list)
 
@@ -88,9 +89,9 @@ def read_run(folder: Path | str) -> Run:
 class Column:
     """One metric of the per-checkpoint table."""
 
-    key: str  # the metrics.jsonl key
+    key: str  # the metrics.jsonl key (a key of biasgen.records.MetricRecord)
     label: str
-    err: str | None = None  # key of its standard error (a number) or interval ([lo, hi])
+    err: str | None = None  # record key of its standard error (a number) or interval ([lo, hi])
     reduce: str = "mean"  # how a per-unit list (per model, per twin pair) becomes one number: mean or median
 
 
