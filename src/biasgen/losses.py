@@ -1,6 +1,8 @@
 """Training losses: small callables ``loss(model, x0_batch, generator) -> scalar`` (docs/method.md §1)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -15,6 +17,41 @@ def eps_mse_loss(schedule: NoiseSchedule):
         eps = torch.randn(x0.shape, generator=gen).to(x0.device)  # drawn on the CPU: the same on every device
         t = t.to(x0.device)
         return F.mse_loss(model(schedule.add_noise(x0, eps, t), t), eps)
+
+    return loss
+
+
+@dataclass
+class Labelled:
+    """Examples ``x`` ``(N, ...)`` with one class label each, ``y`` ``(N,)`` long: indexes and moves like a tensor,
+    so the training loop draws batches of it as of a plain training set."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index) -> "Labelled":
+        return Labelled(self.x[index], self.y[index])
+
+    def to(self, device) -> "Labelled":
+        return Labelled(self.x.to(device), self.y.to(device))
+
+
+def eps_mse_conditional_loss(schedule: NoiseSchedule, label_dropout: float, null_label: int):
+    """Class-conditional image loss: :func:`eps_mse_loss` with ``model(x_t, t, y)``, each label replaced by
+    ``null_label`` with probability ``label_dropout`` (so one network also learns the unconditional noise, as
+    classifier-free guidance needs). The batch is a :class:`Labelled` of ``(B, C, H, W)`` images."""
+
+    def loss(model: torch.nn.Module, batch: Labelled, gen: torch.Generator) -> torch.Tensor:
+        x0 = batch.x
+        t = torch.randint(1, schedule.T, (len(x0),), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen).to(x0.device)
+        dropped = (torch.rand(len(x0), generator=gen) < label_dropout).to(x0.device)
+        y = torch.where(dropped, torch.full_like(batch.y, null_label), batch.y)
+        t = t.to(x0.device)
+        return F.mse_loss(model(schedule.add_noise(x0, eps, t), t, y), eps)
 
     return loss
 

@@ -123,6 +123,11 @@ class TwinExperiment:
         """``(factory, args)``: ``factory(*args)`` is ``loss(model, x0_batch, generator)`` (top-level, picklable)."""
         raise NotImplementedError
 
+    def training_data(self, data: Data) -> list:
+        """What each split's models train on, one per split, indexable like a tensor; default: ``data.train``
+        (a conditional experiment pairs each example with its label, e.g. :class:`biasgen.losses.Labelled`)."""
+        return data.train
+
     def reference(self, data: Data, members: list[tuple[int, int]]) -> Any:
         """Evaluation inputs computed once per run (frozen noise, exact references); default: the data."""
         return data
@@ -186,7 +191,7 @@ def run_experiment(experiment: TwinExperiment, out: str | Path, *, resume: bool 
         t0 = time.time()
         make_loss, loss_args = experiment.loss()
         meta = {"config": dataclasses.asdict(cfg), "model": model_kwargs, "environment": environment()}
-        train_members(model_class, model_kwargs, make_loss, loss_args, data.train, members, run / "models",
+        train_members(model_class, model_kwargs, make_loss, loss_args, experiment.training_data(data), members, run / "models",
                       seeds=experiment.seeds, meta=meta, workers=workers, device=cfg.device, progress=progress,
                       job_options=cfg.job_options,
                       steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, checkpoints=steps,
