@@ -15,7 +15,7 @@ import torch
 
 from biasgen.config import build_config
 from biasgen.images.audit import PRESETS, AuditConfig, ImageAudit
-from biasgen.losses import eps_mse_loss
+from biasgen.losses import EpsMSELoss
 from biasgen.pipeline import Data, run_experiment
 from biasgen.runs import environment
 from biasgen.sampler import sample, x0_from_eps_model
@@ -34,7 +34,7 @@ def time_training(cfg: AuditConfig, schedule: NoiseSchedule, steps: int = 40) ->
     """Optimisation steps per second for one model of the preset."""
     model = digits_unet(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    loss_fn = eps_mse_loss(schedule)
+    loss_fn = EpsMSELoss(schedule)
     data = torch.rand(cfg.n, 1, 8, 8) * 2 - 1
     for step in range(steps + 5):
         if step == 5:  # warm-up done

@@ -4,7 +4,7 @@
     python bench/bench_batched_training.py --steps 300 --repeats 2
 
 A sweep trains many small models. Today each model is one job of
-``biasgen.jobs.run_jobs`` (one worker process per CPU core, one thread each).
+``biasgen.jobs.LocalBackend`` (one worker process per CPU core, one thread each).
 The alternative is PyTorch's model-ensembling recipe: stack the weights of the
 M models (``torch.func.stack_module_state``), run one ``vmap`` of
 ``functional_call`` over them, and step one Adam over the stacked weights
@@ -39,7 +39,8 @@ from torch.func import functional_call, stack_module_state, vmap
 from biasgen.checkpoint import load_tensors
 from biasgen.hierarchy.experiment import HierarchyExperiment
 from biasgen.images.audit import ImageAudit
-from biasgen.losses import eps_mse_loss, x0_cross_entropy_loss
+from biasgen.jobs import LocalBackend
+from biasgen.losses import EpsMSELoss, X0CrossEntropyLoss
 from biasgen.schedule import NoiseSchedule
 from biasgen.training import checkpoint_stem, step_generator
 from biasgen.twins import build_model, make_members, train_members
@@ -52,21 +53,21 @@ def setups(dropout: float) -> dict:
     images = NoiseSchedule.from_name("linear", audit.cfg.T)
     onehot = NoiseSchedule.onehot(hier.cfg.T)
     return {
-        "digits U-Net": (audit, eps_mse_loss, (images,), lambda x0, gen: image_inputs(x0, gen, images)),
-        "hierarchy transformer": (hier, x0_cross_entropy_loss, (onehot, hier.cfg.q),
+        "digits U-Net": (audit, EpsMSELoss(images), lambda x0, gen: image_inputs(x0, gen, images)),
+        "hierarchy transformer": (hier, X0CrossEntropyLoss(onehot, hier.cfg.q),
                                   lambda x0, gen: sequence_inputs(x0, gen, onehot, hier.cfg.q)),
     }
 
 
 def image_inputs(x0, gen, schedule):
-    """The draws of ``eps_mse_loss``: ``(x_t, t, target eps)``."""
+    """The draws of ``EpsMSELoss``: ``(x_t, t, target eps)``."""
     t = torch.randint(1, schedule.T, (len(x0),), generator=gen)
     eps = torch.randn(x0.shape, generator=gen)
     return schedule.add_noise(x0, eps, t), t, eps
 
 
 def sequence_inputs(x0, gen, schedule, q):
-    """The draws of ``x0_cross_entropy_loss``: ``(x_t, t, target tokens)``."""
+    """The draws of ``X0CrossEntropyLoss``: ``(x_t, t, target tokens)``."""
     t = torch.randint(1, schedule.T, (len(x0),), generator=gen)
     onehot = F.one_hot(x0, q).float()
     eps = torch.randn(onehot.shape, generator=gen)
@@ -89,7 +90,7 @@ def batched_loss(forward, params, buffers, train_sets, seeds, step: int, batch_s
     return ((out - target) ** 2).flatten(1).mean(1).sum()
 
 
-def gradient_check(experiment, make_loss, loss_args, make_inputs) -> float:
+def gradient_check(experiment, loss_fn, make_inputs) -> float:
     """Largest gradient difference at step 1, batched vs each model through its biasgen loss, relative to the
     largest gradient entry of the same tensor (float32 rounding: about 1e-6)."""
     cfg = experiment.cfg
@@ -98,7 +99,7 @@ def gradient_check(experiment, make_loss, loss_args, make_inputs) -> float:
     model_cls, kwargs = experiment.network(data)
     models = [build_model(model_cls, kwargs, experiment.seeds.model_init(m)) for m in range(len(members))]
     seeds, train_sets = [experiment.seeds.training(m) for m in range(len(members))], [data.train[s] for s, _ in members]
-    loss_fn, per_model = make_loss(*loss_args), []
+    per_model = []
     for model, x0, seed in zip(models, train_sets, seeds):
         model.train()
         gen = step_generator(seed, 1)
@@ -138,7 +139,7 @@ def batched_train(model_cls, kwargs, inits, train_sets, seeds, *, steps, batch_s
     return snapshots
 
 
-def per_model(experiment, data, members, make_loss, loss_args, steps: int, workers: int) -> tuple[float, list, list]:
+def per_model(experiment, data, members, loss_fn, steps: int, workers: int) -> tuple[float, list, list]:
     """Today's path: ``train_members`` (``workers`` processes, one model each).
 
     Returns ``(seconds, weights after step 1, weights after the last step)``, one state dict per model.
@@ -147,8 +148,8 @@ def per_model(experiment, data, members, make_loss, loss_args, steps: int, worke
     model_cls, kwargs = experiment.network(data)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        train_members(model_cls, kwargs, make_loss, loss_args, data.train, members, Path(tmp), seeds=experiment.seeds,
-                      meta={}, workers=workers, device="cpu", progress=False, steps=steps, batch_size=cfg.batch_size,
+        train_members(model_cls, kwargs, loss_fn, data.train, members, Path(tmp), seeds=experiment.seeds,
+                      meta={}, backend=LocalBackend(workers), device="cpu", progress=False, steps=steps, batch_size=cfg.batch_size,
                       lr=cfg.lr, checkpoints=[1, steps], grad_clip=cfg.grad_clip, ema_decay=None)
         seconds = time.perf_counter() - t0
         first, last = ([load_tensors(checkpoint_stem(Path(tmp) / f"model{m}", s))[0] for m in range(len(members))]
@@ -161,13 +162,13 @@ def max_diff(a: list[dict], b: list[dict]) -> float:
     return max(float((x[k] - y[k]).abs().max()) for x, y in zip(a, b) for k in y)
 
 
-def measure(name, experiment, make_loss, loss_args, make_inputs, steps: int, workers: int) -> dict:
+def measure(name, experiment, loss_fn, make_inputs, steps: int, workers: int) -> dict:
     """Time both paths on the same models and compare their weights after step 1 and after the last step."""
     cfg = experiment.cfg
     data = experiment.load()
     members = make_members(cfg.splits, cfg.seeds_per_split)
     model_cls, kwargs = experiment.network(data)
-    per_process_s, first, last = per_model(experiment, data, members, make_loss, loss_args, steps, workers)
+    per_process_s, first, last = per_model(experiment, data, members, loss_fn, steps, workers)
     t0 = time.perf_counter()
     batched = batched_train(model_cls, kwargs, [experiment.seeds.model_init(m) for m in range(len(members))],
                             [data.train[s] for s, _ in members],
@@ -188,9 +189,9 @@ def main() -> None:
     ap.add_argument("--gradients-only", action="store_true", help="only compare the step-1 gradients (seconds)")
     args = ap.parse_args()
     if args.gradients_only:
-        for name, (experiment, make_loss, loss_args, make_inputs) in setups(0.0).items():
+        for name, (experiment, loss_fn, make_inputs) in setups(0.0).items():
             print(f"{name}: step-1 gradients, batched vs per model: max relative difference "
-                  f"{gradient_check(experiment, make_loss, loss_args, make_inputs):.1e}")
+                  f"{gradient_check(experiment, loss_fn, make_inputs):.1e}")
         return
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads in the batched "
           f"process, {args.workers} worker processes (1 thread each) in the per-process path\n")
@@ -198,10 +199,10 @@ def main() -> None:
           "max abs weight diff after step 1 | after the last step |")
     print("|---|---|---|---|---|---|---|---|")
     for dropout in (0.0, 0.1):
-        for name, (experiment, make_loss, loss_args, make_inputs) in setups(dropout).items():
+        for name, (experiment, loss_fn, make_inputs) in setups(dropout).items():
             if dropout and experiment.cfg.dropout == 0:
                 continue  # the transformer preset trains without dropout
-            runs = [measure(name, experiment, make_loss, loss_args, make_inputs, args.steps, args.workers)
+            runs = [measure(name, experiment, loss_fn, make_inputs, args.steps, args.workers)
                     for _ in range(args.repeats)]
             r = runs[0] | {k: min(x[k] for x in runs) for k in ("per_process_s", "batched_s")}
             print(f"| {name} | {r['dropout']} | {r['models']} x {r['steps']} | {r['per_process_s']:.1f} | "

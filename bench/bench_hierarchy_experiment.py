@@ -19,7 +19,7 @@ import torch
 from biasgen.config import build_config
 from biasgen.hierarchy.experiment import PRESETS, HierarchyConfig, HierarchyExperiment, evaluate_checkpoint
 from biasgen.jobs import resolve_workers, torch_threads
-from biasgen.losses import x0_cross_entropy_loss
+from biasgen.losses import X0CrossEntropyLoss
 from biasgen.schedule import NoiseSchedule
 from biasgen.training import checkpoint_steps, train
 from biasgen.twins import build_model, make_members
@@ -48,7 +48,7 @@ def measure(cfg: HierarchyConfig, args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         n = args.train_steps
         t0 = time.perf_counter()
-        train(models[0], x0_cross_entropy_loss(schedule, cfg.q), data.train[0].to(cfg.device), steps=n,
+        train(models[0], X0CrossEntropyLoss(schedule, cfg.q), data.train[0].to(cfg.device), steps=n,
               batch_size=cfg.batch_size, lr=cfg.lr, checkpoints=[n], seed=0, out_dir=Path(tmp), meta={}, progress=False)
         train_s = time.perf_counter() - t0
     steps_per_s = n / train_s

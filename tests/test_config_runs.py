@@ -94,7 +94,7 @@ def test_jsonl_and_json_roundtrip(tmp_path):
     write_json(tmp_path / "s.json", {"a": [1, 2]})
     assert not list(tmp_path.glob(".*tmp"))
     (tmp_path / "bad.jsonl").write_text('{"step": 1}\n{"ste')
-    with pytest.raises(BiasgenError, match="corrupt"):
+    with pytest.raises(BiasgenError, match="bad.jsonl line 2 is cut off mid-record.*remove that line.*--resume"):
         read_jsonl(tmp_path / "bad.jsonl")
 
 
@@ -129,3 +129,21 @@ def test_the_image_and_hierarchy_presets_sample_with_the_papers_sampler():
         assert sampler_summary(cfg, never)["validated"] and cfg.n_samples == 48, preset
     for preset in ("cpu", "cpu-depth3"):
         assert sampler_summary(build_config(HierarchyConfig, HIERARCHY_PRESETS, preset, None, {}), never)["validated"]
+
+
+def test_progress_off_a_terminal_is_one_line_per_interval(monkeypatch, capsys):
+    import biasgen.runs as runs
+
+    clock = iter(range(0, 10**6))  # one simulated second per clock read
+    monkeypatch.setattr(runs.time, "monotonic", lambda: float(next(clock)))
+    bar = runs.progress_bar(None, True, "training", total=2000)  # capsys: stderr is no terminal
+    assert isinstance(bar, runs.LineProgress)
+    for step in range(2000):
+        bar.update(1)
+        bar.set_postfix(loss=f"{step:.4f}")
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert 2000 // 30 - 1 <= len(lines) <= 2000 // 30 + 2  # ~one line per 30 s of (simulated) time, not per step
+    assert lines[-1].startswith("training: 2000/2000 (") and "loss=1999.0000" in lines[-1]
+    assert list(runs.progress_bar([1, 2, 3], True, "quick")) == [1, 2, 3]
+    assert capsys.readouterr().err.count("\n") <= 1  # a short loop writes at most its closing line

@@ -173,7 +173,7 @@ def test_folder_corrupt_and_empty(tmp_path):
     with pytest.raises(BiasgenError, match=r"bad\.png.*remove or replace"):
         load_images(str(tmp_path))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(BiasgenError, match="no PNG/JPEG images.*put"):
+    with pytest.raises(BiasgenError, match="no PNG/JPEG/TIFF images.*put"):
         load_images(str(tmp_path / "empty"))
 
 
@@ -221,7 +221,7 @@ def test_unknown_name_missing_path_bad_options(tmp_path):
     with pytest.raises(BiasgenError, match="neither a known data set"):
         load_images(str(tmp_path / "nope"))
     (tmp_path / "x.csv").write_text("1,2")
-    with pytest.raises(BiasgenError, match="folder of PNG/JPEG images or a .npz/.npy"):
+    with pytest.raises(BiasgenError, match="folder of PNG/JPEG/TIFF images or a .npz/.npy"):
         load_images(str(tmp_path / "x.csv"))
     with pytest.raises(BiasgenError, match="--resolution"):
         load_images("digits", resolution=0)

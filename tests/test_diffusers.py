@@ -10,7 +10,7 @@ from biasgen.cli import main
 from biasgen.errors import BiasgenError
 from biasgen.images import diffusers_model as dm
 from biasgen.images.data import load_images, scale_images
-from biasgen.losses import eps_mse_loss
+from biasgen.losses import EpsMSELoss
 from biasgen.runs import read_jsonl
 from biasgen.schedule import NoiseSchedule
 from biasgen.training import train
@@ -113,7 +113,7 @@ def test_trained_checkpoint_exports_to_a_ddpm_pipeline(digits, tmp_path):
     schedule = NoiseSchedule.linear()
     torch.manual_seed(0)
     net = dm.DiffusersEps(dm.load_unet_config(TINY))
-    train(net, eps_mse_loss(schedule), digits[:32], steps=4, batch_size=8, lr=1e-3, checkpoints=[4], seed=0,
+    train(net, EpsMSELoss(schedule), digits[:32], steps=4, batch_size=8, lr=1e-3, checkpoints=[4], seed=0,
           out_dir=tmp_path / "models", meta={"model": {"config": TINY}}, progress=False)
     out = dm.export_pipeline(tmp_path / "models" / "step_0000004", tmp_path / "exported", schedule)
     assert sorted(p.name for p in out.iterdir()) == ["model_index.json", "scheduler", "unet"]
@@ -275,7 +275,7 @@ def test_diffusers_audit_resumes_to_the_same_metrics(diffusers_audit, audit_file
     import biasgen.images.audit as audit_module
 
     out = tmp_path / "killed"
-    real_loss = audit_module.eps_mse_loss
+    real_loss = audit_module.EpsMSELoss
     calls = {"n": 0}
 
     def dying_loss(schedule):  # killed during the second model's training
@@ -289,9 +289,9 @@ def test_diffusers_audit_resumes_to_the_same_metrics(diffusers_audit, audit_file
 
         return loss
 
-    monkeypatch.setattr(audit_module, "eps_mse_loss", dying_loss)
+    monkeypatch.setattr(audit_module, "EpsMSELoss", dying_loss)
     assert main(AUDIT + audit_files + ["--out", str(out)]) == 130
-    monkeypatch.setattr(audit_module, "eps_mse_loss", real_loss)
+    monkeypatch.setattr(audit_module, "EpsMSELoss", real_loss)
     assert main(AUDIT + audit_files + ["--out", str(out), "--resume"]) == 0
     resumed, straight = read_jsonl(out / "metrics.jsonl"), read_jsonl(diffusers_audit / "metrics.jsonl")
     assert [r["step"] for r in resumed] == [r["step"] for r in straight]

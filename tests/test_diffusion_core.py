@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from biasgen.errors import BiasgenError
-from biasgen.losses import eps_mse_loss, x0_cross_entropy_loss
+from biasgen.losses import EpsMSELoss, X0CrossEntropyLoss
 from biasgen.sampler import NoiseStreams, sample, timesteps, x0_from_eps_model
 from biasgen.schedule import NoiseSchedule
 from biasgen.training import checkpoint_stem, checkpoint_steps, completed_step, train
@@ -151,10 +151,10 @@ def test_training_resumes_bit_identically(tmp_path):
     s = NoiseSchedule.linear(T=100)
     data = torch.randn(50, 1, 2, 2)
     kw = dict(batch_size=8, lr=1e-2, seed=3, meta={"x": 1}, progress=False)
-    train(_model(), eps_mse_loss(s), data, steps=40, checkpoints=[5, 20, 40], out_dir=tmp_path / "a", **kw)
-    train(_model(), eps_mse_loss(s), data, steps=20, checkpoints=[5, 20], out_dir=tmp_path / "b", **kw)  # "killed" at 20
+    train(_model(), EpsMSELoss(s), data, steps=40, checkpoints=[5, 20, 40], out_dir=tmp_path / "a", **kw)
+    train(_model(), EpsMSELoss(s), data, steps=20, checkpoints=[5, 20], out_dir=tmp_path / "b", **kw)  # "killed" at 20
     assert completed_step(tmp_path / "b") == 20
-    train(_model(), eps_mse_loss(s), data, steps=40, checkpoints=[5, 20, 40], out_dir=tmp_path / "b", **kw)
+    train(_model(), EpsMSELoss(s), data, steps=40, checkpoints=[5, 20, 40], out_dir=tmp_path / "b", **kw)
     a, meta = load_tensors(checkpoint_stem(tmp_path / "a", 40))
     b, _ = load_tensors(checkpoint_stem(tmp_path / "b", 40))
     assert meta["step"] == 40 and meta["x"] == 1
@@ -181,18 +181,18 @@ def test_corrupt_resume_state_is_a_clear_error(tmp_path):
     s = NoiseSchedule.linear(T=100)
     data = torch.randn(20, 1, 2, 2)
     kw = dict(batch_size=4, lr=1e-3, seed=0, meta={}, progress=False)
-    train(_model(), eps_mse_loss(s), data, steps=4, checkpoints=[2, 4], out_dir=tmp_path, **kw)
+    train(_model(), EpsMSELoss(s), data, steps=4, checkpoints=[2, 4], out_dir=tmp_path, **kw)
     (tmp_path / "state.safetensors").write_bytes(b"garbage")
     with pytest.raises(BiasgenError, match="corrupt"):
-        train(_model(), eps_mse_loss(s), data, steps=8, checkpoints=[2, 4, 8], out_dir=tmp_path, **kw)
+        train(_model(), EpsMSELoss(s), data, steps=8, checkpoints=[2, 4, 8], out_dir=tmp_path, **kw)
 
 
 def test_ema_checkpoint_differs_from_raw_weights(tmp_path):
     s = NoiseSchedule.linear(T=100)
     data = torch.randn(20, 1, 2, 2)
     kw = dict(batch_size=4, lr=1e-2, seed=0, meta={}, progress=False, steps=10, checkpoints=[10])
-    train(_model(), eps_mse_loss(s), data, out_dir=tmp_path / "raw", **kw)
-    train(_model(), eps_mse_loss(s), data, out_dir=tmp_path / "ema", ema_decay=0.9, **kw)
+    train(_model(), EpsMSELoss(s), data, out_dir=tmp_path / "raw", **kw)
+    train(_model(), EpsMSELoss(s), data, out_dir=tmp_path / "ema", ema_decay=0.9, **kw)
     raw, _ = load_tensors(checkpoint_stem(tmp_path / "raw", 10))
     ema, meta = load_tensors(checkpoint_stem(tmp_path / "ema", 10))
     assert meta["ema"] is True
@@ -205,10 +205,29 @@ def test_cross_entropy_loss_is_small_for_a_perfect_token_model():
     perfect = lambda x, t: 50 * torch.nn.functional.one_hot(tokens, 3).float()
     uniform = lambda x, t: torch.zeros(6, 4, 3)
     gen = torch.Generator().manual_seed(0)
-    loss = x0_cross_entropy_loss(s, 3)
+    loss = X0CrossEntropyLoss(s, 3)
     assert float(loss(perfect, tokens, gen)) < 1e-6
     assert float(loss(uniform, tokens, gen)) == pytest.approx(math.log(3))
 
+
+
+def test_losses_travel_to_worker_processes_as_they_are():
+    """A loss is a picklable object (worker processes and Ray tasks receive it): after a pickle round trip it draws
+    the same noise and gives the same value."""
+    import pickle
+
+    model = torch.nn.Conv2d(1, 1, 1)
+    net = lambda x, t: model(x)
+    x0 = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, 3, (4, 5), generator=torch.Generator().manual_seed(2))
+    logits = lambda x, t: x * 2.0
+    for loss, args in ((EpsMSELoss(NoiseSchedule.linear(T=50)), (net, x0)),
+                       (X0CrossEntropyLoss(NoiseSchedule.onehot(T=50), 3), (logits, tokens))):
+        copy = pickle.loads(pickle.dumps(loss))
+        assert type(copy) is type(loss)
+        a = loss(*args, torch.Generator().manual_seed(0))
+        b = copy(*args, torch.Generator().manual_seed(0))
+        assert float(a) == float(b) and float(a) > 0
 
 def test_ema_is_bias_corrected_so_the_init_does_not_linger(tmp_path):
     """Step 1's EMA equals the step-1 weights, and step k's EMA is the (1-d) d^(k-i) weighted mean of w_1..w_k:
@@ -218,11 +237,11 @@ def test_ema_is_bias_corrected_so_the_init_does_not_linger(tmp_path):
     kw = dict(batch_size=4, lr=1e-2, seed=0, meta={}, progress=False)
     snapshots = []
     for k in (1, 2, 3):  # raw weights after each step: resume state of runs stopped there
-        train(_model(), eps_mse_loss(s), data, steps=k, checkpoints=[k], out_dir=tmp_path / f"raw{k}", **kw)
+        train(_model(), EpsMSELoss(s), data, steps=k, checkpoints=[k], out_dir=tmp_path / f"raw{k}", **kw)
         state, _ = load_tensors(tmp_path / f"raw{k}" / "state")
         snapshots.append({n[6:]: v for n, v in state.items() if n.startswith("model.")})
     d = 0.99
-    train(_model(), eps_mse_loss(s), data, steps=3, checkpoints=[1, 3], out_dir=tmp_path / "ema", ema_decay=d, **kw)
+    train(_model(), EpsMSELoss(s), data, steps=3, checkpoints=[1, 3], out_dir=tmp_path / "ema", ema_decay=d, **kw)
     first, _ = load_tensors(checkpoint_stem(tmp_path / "ema", 1))
     third, _ = load_tensors(checkpoint_stem(tmp_path / "ema", 3))
     weights = torch.tensor([(1 - d) * d ** 2, (1 - d) * d, 1 - d]) / (1 - d ** 3)
@@ -236,9 +255,9 @@ def test_ema_resume_is_bit_identical(tmp_path):
     s = NoiseSchedule.linear(T=100)
     data = torch.randn(20, 1, 2, 2)
     kw = dict(batch_size=4, lr=1e-2, seed=0, meta={}, progress=False, ema_decay=0.9)
-    train(_model(), eps_mse_loss(s), data, steps=8, checkpoints=[4, 8], out_dir=tmp_path / "a", **kw)
-    train(_model(), eps_mse_loss(s), data, steps=4, checkpoints=[4], out_dir=tmp_path / "b", **kw)
-    train(_model(), eps_mse_loss(s), data, steps=8, checkpoints=[4, 8], out_dir=tmp_path / "b", **kw)
+    train(_model(), EpsMSELoss(s), data, steps=8, checkpoints=[4, 8], out_dir=tmp_path / "a", **kw)
+    train(_model(), EpsMSELoss(s), data, steps=4, checkpoints=[4], out_dir=tmp_path / "b", **kw)
+    train(_model(), EpsMSELoss(s), data, steps=8, checkpoints=[4, 8], out_dir=tmp_path / "b", **kw)
     a, _ = load_tensors(checkpoint_stem(tmp_path / "a", 8))
     b, _ = load_tensors(checkpoint_stem(tmp_path / "b", 8))
     for k in a:

@@ -182,7 +182,7 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
     def nan_loss(schedule, q):
         return lambda model, x0, gen: model(torch.zeros(len(x0), x0.shape[1], q), torch.ones(len(x0)).long()).sum() * float("nan")
 
-    monkeypatch.setattr(experiment, "x0_cross_entropy_loss", nan_loss)
+    monkeypatch.setattr(experiment, "X0CrossEntropyLoss", nan_loss)
     with pytest.raises(BiasgenError, match="non-finite loss"):
         hierarchy(tmp_path / "nan", preset="tiny", progress=False)
 

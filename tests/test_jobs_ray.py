@@ -15,7 +15,7 @@ from biasgen.jobs import ray_tasks as jobs_ray
 from biasgen.cli import main
 from biasgen.errors import BiasgenError
 from biasgen.images.audit import ImageAudit, audit
-from biasgen.jobs import check_shared_storage, run_jobs
+from biasgen.jobs import LocalBackend, RayBackend, make_backend
 from biasgen.runs import read_jsonl
 from biasgen.sweep import sweep
 from biasgen.training import completed_step, train
@@ -52,8 +52,8 @@ def test_ray_gives_the_local_results_and_puts_shared_data_once(local_ray, monkey
     monkeypatch.setattr(local_ray, "put", lambda value: puts.append(value) or real_put(value))
     shared = torch.tensor(10.0)
     jobs = [1.0, 2.0, 3.0, 4.0]
-    on_ray = list(run_jobs(_scaled_square, jobs, workers=2, shared=shared, backend="ray", cpus_per_job=0.5))
-    local = list(run_jobs(_scaled_square, jobs, workers=1, shared=shared))
+    on_ray = list(RayBackend(cpus_per_job=0.5).run(_scaled_square, jobs, shared))
+    local = list(LocalBackend(1).run(_scaled_square, jobs, shared))
     assert sorted(float(r) for r in on_ray) == [float(r) for r in local] == [10.0, 40.0, 90.0, 160.0]
     assert len(puts) == 1 and puts[0] is shared
 
@@ -92,8 +92,8 @@ def test_a_worker_killed_mid_training_is_retried_and_resumes_from_its_checkpoint
     data = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
     marker = tmp_path / "killed"
     killed_run = tmp_path / "ray"
-    [weights] = run_jobs(_train_linear, [dict(out_dir=killed_run, loss=_DieOnceAfterFirstCheckpoints(killed_run, marker, 4))],
-                         workers=1, shared=data, backend="ray")
+    [weights] = RayBackend().run(_train_linear, [dict(out_dir=killed_run, loss=_DieOnceAfterFirstCheckpoints(killed_run, marker, 4))],
+                                 data)
     assert marker.exists() and int(marker.read_text()) != os.getpid(), "the first attempt was never killed"
     uninterrupted = _train_linear(dict(out_dir=tmp_path / "local"), data)
     assert weights.keys() == uninterrupted.keys()
@@ -110,7 +110,7 @@ def _write_after(seconds, folder):
 @needs_ray
 def test_closing_the_results_cancels_the_outstanding_tasks(local_ray, tmp_path):
     # the other jobs sleep longer than a cold worker takes to start (importing torch) even on a loaded machine
-    results = run_jobs(_write_after, [0, 8, 9], workers=2, shared=str(tmp_path), backend="ray")
+    results = RayBackend().run(_write_after, [0, 8, 9], str(tmp_path))
     assert next(results) == 0
     results.close()  # what Ctrl-C in the driver does: the generator unwinds and cancels what is left
     time.sleep(10)  # without the cancel, done8 and done9 would be written by now
@@ -129,36 +129,36 @@ def test_an_unreachable_ray_address_fails_fast(monkeypatch):
     for address in (f"127.0.0.1:{_closed_port()}", "192.0.2.1:6379"):  # refused; a non-routable test address
         start = time.monotonic()
         with pytest.raises(BiasgenError, match="No Ray cluster answers"):
-            list(run_jobs(_scaled_square, [1], workers=1, backend="ray", ray_address=address))
+            list(RayBackend(address).run(_scaled_square, [1]))
         assert time.monotonic() - start < 10
     with pytest.raises(BiasgenError, match="HOST:PORT"):
-        list(run_jobs(_scaled_square, [1], workers=1, backend="ray", ray_address="headnode"))
+        list(RayBackend("headnode").run(_scaled_square, [1]))
 
 
 @needs_ray
 def test_a_job_asking_for_more_than_any_node_has_is_refused(local_ray):
     with pytest.raises(BiasgenError, match="No node of the Ray cluster has 1 CPUs and 1 GPUs"):
-        list(run_jobs(_scaled_square, [1], workers=1, backend="ray", gpus_per_job=1.0))
+        list(RayBackend(gpus_per_job=1.0).run(_scaled_square, [1]))
 
 
 @needs_ray
 def test_the_run_folder_must_be_writable_by_every_worker(local_ray, tmp_path):
-    check_shared_storage(tmp_path, backend="ray")
+    RayBackend().check_shared_storage(tmp_path)
     assert list(tmp_path.iterdir()) == [], "the probe file was left behind"
     with pytest.raises(BiasgenError, match="every node can see"):
-        check_shared_storage(Path("/proc"), backend="ray")  # not writable, even by root
+        RayBackend().check_shared_storage(Path("/proc"))  # not writable, even by root
     with pytest.raises(BiasgenError, match="does not exist"):
-        check_shared_storage(tmp_path / "missing", backend="ray")
+        RayBackend().check_shared_storage(tmp_path / "missing")
 
 
 def test_backend_ray_without_ray_says_how_to_install_it(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
     with pytest.raises(BiasgenError, match=r'pip install "biasgen\[ray\]"'):
-        list(run_jobs(_scaled_square, [1], workers=1, backend="ray"))
+        list(RayBackend().run(_scaled_square, [1]))
     assert main(["audit", "--preset", "tiny", "--quiet", "--backend", "ray", "--out", str(tmp_path / "run")]) == 2
     assert 'pip install "biasgen[ray]"' in capsys.readouterr().err
     with pytest.raises(BiasgenError, match="Unknown backend"):
-        list(run_jobs(_scaled_square, [1], workers=1, backend="dask"))
+        make_backend("dask")
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -1,4 +1,4 @@
-"""The judge on simulated runs with the noise of real ones: per-model checkpoint fluctuation shared by its pairs."""
+"""The verdict on simulated runs with the noise of real ones: per-model checkpoint fluctuation shared by its pairs."""
 import itertools
 import json
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from biasgen.errors import BiasgenError
-from biasgen.drift import drift_test, noise_sd, valley_fit
-from biasgen.onset import VERDICTS, checkpoint_minimum, judge
+from biasgen.drift import drift_test, hinge_fit, noise_sd, rise_onset, valley_fit
+from biasgen.onset import checkpoint_minimum
+from biasgen.verdict import VERDICTS, judge
 
 N_CKPT = 14
 STEPS = np.unique(np.geomspace(20, 4000, N_CKPT).round().astype(int)).tolist()
@@ -63,9 +64,15 @@ def test_clear_drift_with_controls_fires_and_says_why():
     assert out["verdict"] == "biased-generalization-detected", out["reason"]
     assert out["evidence"].startswith("twin-vs-control contrast") and out["control"]["balanced"]
     assert out["p_value"] <= out["level"] and out["tau_loss_open"]
-    assert out["drift"]["ci95"][0] > 0 and out["drift"]["ci95"][0] < 0.025 < out["drift"]["ci95"][1]
-    assert out["recommended_step"] == out["tau_bias"]["step"] and out["recommendation_basis"] == "tau_bias"
-    assert out["tau_bias"]["ci95"][0] <= STEPS[N_CKPT - 7] <= out["tau_bias"]["ci95"][1]
+    assert out["drift_end"]["ci95"][0] > 0 and out["drift_end"]["ci95"][0] < 0.025 < out["drift_end"]["ci95"][1]
+    assert out["drift"]["ci95"][0] > 0  # already by the earliest step tau_loss may be at
+    assert out["recommended_step"] == out["tau_data"]["step"] and out["recommendation_basis"] == "tau_data"
+    assert out["recommended_ci"] == out["tau_data"]["ci"]
+    assert out["tau_data"]["ci95"][0] <= STEPS[N_CKPT - 7] <= out["tau_data"]["ci95"][1]  # the rise starts after it
+    costs = out["candidate_costs"]
+    assert set(costs) == {"tau_bias", "tau_data", "tau_loss"} and costs["tau_loss"]["excess_loss"] == 0
+    assert costs["tau_data"]["test_loss"] == out["curves"]["test_loss"][STEPS.index(out["tau_data"]["step"])]
+    assert out["tested_until"] in out["tested_steps"] and out["tested_steps"][-1] == STEPS[-1]  # loss still falling
     assert len(out["curves"]["contrast"]) == N_CKPT
 
 
@@ -106,13 +113,41 @@ def test_drift_must_persist_and_the_floor_selection_is_calibrated():
     assert np.mean(np.asarray(one_high) <= 0.05) < 0.5 < np.mean(np.asarray(lasting) <= 0.05)
 
 
-def test_drift_after_the_loss_minimum_is_not_biased_generalization():
-    loss_early = 0.08 + 0.3 * np.exp(-X / 1.2) + 0.002 * np.clip(X - 5, 0, None) ** 2  # minimum near checkpoint 5
+def test_drift_after_the_loss_minimum_is_overfitting():
+    loss_mid = 0.08 + 0.3 * np.exp(-X / 1.2) + 0.002 * np.clip(X - 7, 0, None) ** 2  # minimum near checkpoint 7
     rng = np.random.default_rng(5)
-    out = judge(**simulate(rng, 2, seeds=2, twin_mean=CONVERGE + ramp(0.04, start=9, length=4), loss_mean=loss_early))
-    assert out["verdict"] == "no-bias-detected" and "only after the test-loss minimum" in out["reason"], out["reason"]
-    assert not out["tau_loss_open"] and out["p_bias_before_loss"] < 0.1
+    out = judge(**simulate(rng, 2, seeds=2, twin_mean=CONVERGE + ramp(0.04, start=9, length=4), loss_mean=loss_mid))
+    assert out["verdict"] == "overfitting" and "only after the test loss bottoms out" in out["reason"], out["reason"]
+    assert out["p_value_end"] <= 0.05 < out["p_value"] and out["tested_until"] <= STEPS[8]
     assert out["recommended_step"] == out["tau_loss"]["step"] and out["recommendation_basis"] == "tau_loss"
+
+
+def test_drift_only_after_the_loss_minimum_is_rarely_called_a_detection():
+    """The overfitting-only null on a fixed seed set: twins (with controls) drift apart only after the test loss
+    bottoms out (checkpoint 9 of 14), on a twin curve with a flat bottom. The old rule (drift at the end of training
+    and P(tau_bias < tau_loss) >= 0.9) called about a third of these runs a detection."""
+    loss = 0.08 + 0.3 * np.exp(-X / 1.5) + 0.003 * np.clip(X - 9, 0, None) ** 2
+    flat_bottom = 0.25 + 0.35 * np.exp(-X / 0.5)
+    rng = np.random.default_rng(10)
+    runs = [simulate(rng, 2, seeds=2, twin_mean=flat_bottom + ramp(0.03, start=9, length=3),
+                     control_mean=flat_bottom - 0.03, loss_mean=loss) for _ in range(80)]
+    got = verdicts(runs, members=[(0, 0), (0, 1), (1, 0), (1, 1)])
+    # level 5%: 4 expected; P(Binomial(80, 0.05) >= 9) = 0.02, so a calibrated judge fails this 2% of seed sets
+    assert got.count("biased-generalization-detected") <= 8, got
+    assert got.count("overfitting") >= 40, got  # the rise is large: it is seen, and placed after the minimum
+
+
+def test_rise_onset_finds_the_knot_and_its_interval_covers_it():
+    knot, fit = hinge_fit(0.1 + 0.01 * np.clip(X - 6, 0, None))
+    assert knot == 6 and np.allclose(fit, 0.1 + 0.01 * np.clip(X - 6, 0, None))
+    assert hinge_fit(np.full(N_CKPT, 0.2))[0] == N_CKPT - 1  # never rises: the knot is the last checkpoint
+    rng = np.random.default_rng(11)
+    hits = [lo <= STEPS[5] <= hi for lo, hi in
+            (rise_onset(STEPS, 0.1 + 0.006 * np.clip(X - 5, 0, None) + rng.normal(0, 0.004, N_CKPT), n_boot=300,
+                        seed=r)["ci95"] for r in range(40))]
+    assert np.mean(hits) >= 0.85
+    with pytest.raises(BiasgenError, match="more than 4 checkpoints"):
+        rise_onset(STEPS[:4], X[:4])
 
 
 def test_inconclusive_cases_say_what_would_help():
@@ -122,10 +157,13 @@ def test_inconclusive_cases_say_what_would_help():
     assert "seeds per split" in flat["reason"]  # no controls: suggests adding them
     rising = judge(**simulate(rng, 2, seeds=2, twin_mean=0.3 + 0.02 * X))  # twins never converge
     assert rising["verdict"] == "inconclusive" and "first checkpoint" in rising["reason"]
+    loss_early = 0.08 + 0.3 * np.exp(-X / 1.2) + 0.002 * np.clip(X - 5, 0, None) ** 2  # minimum near checkpoint 5
+    early = judge(**simulate(rng, 2, seeds=2, twin_mean=CONVERGE + ramp(0.04, start=9, length=4), loss_mean=loss_early))
+    assert early["verdict"] == "inconclusive" and "too early to test" in early["reason"]
     short = judge(STEPS[:5], CONVERGE[:5], [(0, 1)], LOSS_OPEN[:5])
     assert short["verdict"] == "inconclusive" and "save more checkpoints" in short["reason"]
     assert short["p_value"] is None
-    for out in (flat, rising, short):
+    for out in (flat, rising, early, short):
         assert out["verdict"] in VERDICTS and out["recommended_step"] == out["tau_loss"]["step"]
         json.dumps(out)
 

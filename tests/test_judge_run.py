@@ -8,7 +8,7 @@ import pytest
 from biasgen.cli import main
 from biasgen.errors import BiasgenError
 from biasgen.images.audit import ImageAudit, audit
-from biasgen.onset import judge, placebo_gate
+from biasgen.verdict import judge, placebo_gate
 from biasgen.pipeline import judge_records
 from biasgen.runs import read_jsonl
 from biasgen.twins import make_members, model_pairs
@@ -67,6 +67,8 @@ def test_a_failing_placebo_turns_a_detection_into_inconclusive():
     members = make_members(2, 2)
     clean = judge_records(experiment, synthetic_records(0.0), members)
     assert clean["verdict"] == "biased-generalization-detected"
+    assert clean["recommendation_basis"] == "tau_data"  # the contrast rises after step 104 (index 7)
+    assert clean["tau_data"]["ci95"][0] <= 104 <= clean["tau_data"]["ci95"][1]
     assert clean["negative_controls"]["placebo_contrast"]["verdict"] != "biased-generalization-detected"
     assert clean["tau_mem"]["bound"] == "lower"  # no copies: memorization not reached
 
@@ -79,7 +81,7 @@ def test_a_failing_placebo_turns_a_detection_into_inconclusive():
 
 
 def judge_inputs(records: list[dict]) -> tuple:
-    """The positional arguments of :func:`biasgen.onset.judge` for :func:`synthetic_records`."""
+    """The positional arguments of :func:`biasgen.verdict.judge` for :func:`synthetic_records`."""
     table = lambda key: np.array([r[key] for r in records]).T  # (n_units, C)
     twins, controls = model_pairs(make_members(2, 2))
     return ([r["step"] for r in records], table("twin_distance_pairs"), twins, table("test_loss_units"),

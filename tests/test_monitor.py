@@ -8,7 +8,7 @@ import biasgen
 from biasgen.errors import BiasgenError
 from biasgen.images.data import load_images, scale_images
 from biasgen.images.unet import UNet
-from biasgen.losses import eps_mse_loss
+from biasgen.losses import EpsMSELoss
 from biasgen.images.monitor import reference_sets
 from biasgen.runs import read_jsonl
 from biasgen.schedule import NoiseSchedule
@@ -28,7 +28,7 @@ def toy_loop(train, steps=50, monitor=None, every=10):
     torch.manual_seed(0)
     net = UNet(channels=1, base_width=8, channel_mults=(1, 2), attention_levels=(), res_blocks=1, dropout=0.1)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    loss_fn = eps_mse_loss(SCHEDULE)
+    loss_fn = EpsMSELoss(SCHEDULE)
     gen = torch.Generator().manual_seed(1)
     for step in range(1, steps + 1):
         loss = loss_fn(net, train[torch.randint(len(train), (16,), generator=gen)], gen)  # dropout uses the global RNG
@@ -91,6 +91,9 @@ def test_monitor_resumes_and_refuses_another_run(digits, tmp_path):
     model = memorizer(heldout)
     monitor = biasgen.Monitor(train, heldout, tmp_path / "mon", figures=False, **FAST)
     first = monitor.check(100, model)
+    with pytest.raises(BiasgenError, match="in use by pid"):  # one writer per folder
+        biasgen.Monitor(train, heldout, tmp_path / "mon", figures=False, **FAST)
+    monitor.close()
 
     def must_not_run(x_t, t):
         raise AssertionError("a recorded step was measured again")
@@ -101,6 +104,7 @@ def test_monitor_resumes_and_refuses_another_run(digits, tmp_path):
     assert [r["step"] for r in again.records] == [100, 200]
     # the same model measured at another step gives the same numbers: every input is fixed
     assert again.records[1]["val_loss"] == first["val_loss"] and again.records[1]["copy_z"] == first["copy_z"]
+    again.close()
 
     with pytest.raises(BiasgenError, match="different monitor run"):
         biasgen.Monitor(train, heldout, tmp_path / "mon", **dict(FAST, n_samples=13))
@@ -193,8 +197,8 @@ def test_monitor_ddpm_sampler_takes_a_step_count(digits, tmp_path):
     train, heldout = digits
     settings = dict(FAST, sampler="ddpm", figures=False)
     few = biasgen.Monitor(train, heldout, tmp_path / "few", **dict(settings, sample_steps=4))
-    every = biasgen.Monitor(train, heldout, tmp_path / "all", **dict(settings, sample_steps=None))
-    assert few.sample_steps == 4 and json.loads((tmp_path / "few" / "run.json").read_text())["config"]["sample_steps"] == 4
+    biasgen.Monitor(train, heldout, tmp_path / "all", **dict(settings, sample_steps=None))
+    assert few.cfg.sample_steps == 4 and json.loads((tmp_path / "few" / "run.json").read_text())["config"]["sample_steps"] == 4
     assert json.loads((tmp_path / "all" / "run.json").read_text())["config"]["sample_steps"] == 1000
     calls = []
 
@@ -206,3 +210,37 @@ def test_monitor_ddpm_sampler_takes_a_step_count(digits, tmp_path):
     assert len(set(calls[-4:])) == 4 and len(calls) == 2 + 4  # two loss passes, then 4 sampling steps
     with pytest.raises(BiasgenError, match="Sampling steps must be in"):
         biasgen.Monitor(train, heldout, tmp_path / "bad", **dict(settings, sample_steps=2000))
+
+
+def test_monitor_settings_are_one_config_and_the_flags_of_biasgen_monitor(digits, tmp_path):
+    import argparse
+    import dataclasses
+
+    from biasgen.config import build_config, flags_given
+    from biasgen.images.monitor import MonitorConfig
+    from biasgen.images.monitor_command import CheckpointMonitorConfig, add_arguments
+
+    train, heldout = digits
+    model = memorizer(heldout)
+    cfg = MonitorConfig(**{k: v for k, v in FAST.items() if k != "verbose"})
+    with biasgen.Monitor(train, heldout, tmp_path / "a", cfg, figures=False, verbose=False) as a:
+        by_config = a.check(1, model)
+    with biasgen.Monitor(train, heldout, tmp_path / "b", figures=False, **FAST) as b:
+        by_keywords = b.check(1, model)
+    by_config.pop("wall_s"), by_keywords.pop("wall_s")
+    assert by_config == by_keywords
+    with pytest.raises(BiasgenError, match="Unknown monitor setting.*n_sample"):
+        biasgen.Monitor(train, heldout, tmp_path / "c", n_sample=3)
+    with pytest.raises(BiasgenError, match="--n-loss must be at least 1"):
+        MonitorConfig(n_loss=0)
+    assert not (tmp_path / "c").exists()
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = {a.dest for a in parser._actions}
+    assert {f.name for f in dataclasses.fields(CheckpointMonitorConfig)} <= flags  # every setting is a flag
+    toml = tmp_path / "mon.toml"
+    toml.write_text("copy_z_threshold = 3.0\nn_samples = 16\n")
+    args = parser.parse_args(["--checkpoints", "ck", "--config", str(toml), "--n-samples", "8", "--grayscale"])
+    got = build_config(CheckpointMonitorConfig, {}, None, args.config, flags_given(args, CheckpointMonitorConfig))
+    assert (got.copy_z_threshold, got.n_samples, got.grayscale, got.sample_steps) == (3.0, 8, True, 50)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from biasgen.errors import BiasgenError
-from biasgen.onset import biased_window, checkpoint_minimum, prob_before, public_tau, score_crossing
+from biasgen.onset import checkpoint_minimum, prob_before, public_tau, score_crossing
+from biasgen.verdict import window_steps
 
 STEPS = list(range(0, 210, 10))  # 21 checkpoints
 
@@ -72,8 +73,8 @@ def test_score_crossing():
 
 
 def test_window_and_prob_before():
-    assert biased_window(40, 120) == {"start": 40, "end": 120, "length": 80, "exists": True}
-    assert biased_window(120, 40)["exists"] is False and biased_window(120, 40)["length"] == 0
+    assert window_steps(40, 120) == [40, 120]
+    assert window_steps(120, 40) is None and window_steps(40, 40) is None
     assert prob_before([1, 1, 1], [2, 3]) == 1.0
     assert prob_before([5], [2, 3]) == 0.0
     assert prob_before([2], [2]) == 0.5

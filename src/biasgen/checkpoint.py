@@ -15,7 +15,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .errors import BiasgenError
-from .runs import read_json, write_bytes, write_json
+from .runs import KEEP_MODELS, read_json, write_bytes, write_json
 
 
 def save_tensors(stem: Path | str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -31,12 +31,31 @@ def load_tensors(stem: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
     stem = Path(stem)
     weights, sidecar = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     if not weights.exists() or not sidecar.exists():
-        raise BiasgenError(f"Checkpoint {stem} is missing ({weights.name} or {sidecar.name}). Rerun with --force to start over.")
+        raise BiasgenError(f"Checkpoint {stem} is missing ({weights.name} or {sidecar.name}). Restore it from a copy; "
+                           f"{KEEP_MODELS}.")
     try:
         tensors = st_load(weights.read_bytes())
     except (SafetensorError, ValueError, OSError) as e:
-        raise BiasgenError(f"Checkpoint {weights} is corrupt ({e}). Delete the run folder or rerun with --force.") from e
+        raise BiasgenError(f"Checkpoint {weights} is corrupt ({e}). Restore it from a copy; "
+                           f"{KEEP_MODELS}.") from e
     return tensors, read_json(sidecar)
+
+
+def check_safetensors(path: Path | str) -> None:
+    """A BiasgenError unless ``path`` is a whole safetensors file: its header parses and its tensors fill the rest
+    of the file exactly (a truncated or overwritten file fails; no weights are loaded)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 0 < size < 100_000_000 else None
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"] if isinstance(header, dict) else None
+        whole = ends is not None and 8 + size + max(ends, default=0) == path.stat().st_size
+    except (OSError, ValueError, TypeError, KeyError, IndexError):
+        whole = False
+    if not whole:
+        raise BiasgenError(f"{path} is not a whole safetensors file (damaged, truncated or another format); replace "
+                           "it or move it out of the checkpoint folder. Nothing was written.")
 
 
 def save_checkpoint(stem: Path | str, model: torch.nn.Module, meta: dict) -> None:

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .images import monitor
+from .images import monitor_command
 from .config import add_config_flags, build_config, flags_given
 from .errors import BiasgenError, run_command
 from .experiments import experiments
@@ -39,7 +39,8 @@ def build_parser(table: dict[str, type[TwinExperiment]]) -> argparse.ArgumentPar
         p.add_argument("--config", metavar="FILE.toml", help="TOML file of settings (flat key = value)")
         p.add_argument("--out", default=exp.default_out, help=f"run folder (default: {exp.default_out})")
         p.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
-        p.add_argument("--force", action="store_true", help="delete whatever is in --out and start over")
+        p.add_argument("--force", action="store_true", help="delete the biasgen run in --out and start over "
+                       "(never a folder biasgen did not write; docs/safety.md)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         add_config_flags(p, exp.config_class)
     for name, (add_arguments, _, help_text) in TOOLS.items():
@@ -85,7 +86,7 @@ def _judge(args: argparse.Namespace) -> int:
 TOOLS = {  # name -> (add its arguments, run it (returns the exit code), help)
     "report": (_report_arguments, _report, "(re)build report.html, the page a person reads, from a run folder"),
     "judge": (_judge_arguments, _judge, "re-judge a run from its metrics.jsonl alone (no models needed)"),
-    "monitor": (monitor.add_arguments, monitor.main, monitor.HELP),
+    "monitor": (monitor_command.add_arguments, monitor_command.main, monitor_command.HELP),
 }
 
 
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                            flags_given(args, exp_class.config_class))
         experiment = exp_class(cfg)
         summary = run_experiment(experiment, Path(args.out), resume=args.resume, force=args.force,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, inputs=(args.config,) if args.config else ())
         print(terminal_summary(experiment, summary, Path(args.out)))
         return 0
 

@@ -19,6 +19,8 @@ import typing
 from pathlib import Path
 
 from .errors import BiasgenError
+from .jobs import BACKENDS, Backend, make_backend
+from .sampler import DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, SAMPLE_STEPS_HELP, SAMPLER_HELP, SAMPLERS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -42,8 +44,13 @@ def _base_type(annotation):
     return annotation, False
 
 
-def coerce(cls, name: str, value):
-    """Convert ``value`` (from TOML or a flag string) to the type of field ``name`` of ``cls``."""
+def coerce(cls, name: str, value, strict: bool = False):
+    """Convert ``value`` (from TOML or a flag string) to the type of field ``name`` of ``cls``.
+
+    A bool is never taken for a number. ``strict`` (a TOML file's values, which have types): a number,
+    bool or list must be written as one, not as a string; ``"none"`` is the only string an optional
+    setting that is not a string accepts.
+    """
     hints = typing.get_type_hints(cls)
     base, optional = _base_type(hints[name])
     try:
@@ -52,23 +59,35 @@ def coerce(cls, name: str, value):
                 raise ValueError("this setting cannot be empty")
             return None
         if typing.get_origin(base) is tuple:
-            item = typing.get_args(base)[0]
+            if strict and not isinstance(value, list):
+                raise ValueError("write a list, e.g. [1, 2]")
             if isinstance(value, str):
                 value = [v for v in value.replace(" ", "").split(",") if v]
-            return tuple(item(v) for v in value)
-        if base is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(value).lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError("expected true or false")
-        if base is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError("expected an integer")
-        return base(value)
+            return tuple(_scalar(typing.get_args(base)[0], v, strict) for v in value)
+        return _scalar(base, value, strict)
     except (TypeError, ValueError) as e:
         raise BiasgenError(f"Bad value {value!r} for '{name}': {e}. Expected {hints[name]}.") from e
+
+
+def _scalar(base: type, value, strict: bool):
+    """``value`` as a ``base`` (bool, int, float or str); ValueError when it is not one."""
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if not strict and str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if not strict and str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected true or false")
+    if isinstance(value, bool):
+        raise ValueError(f"a bool is not {'a number' if base in (int, float) else 'text'}")
+    if strict and base in (int, float) and not isinstance(value, (int, float)):
+        raise ValueError("write a number without quotes")
+    if strict and base is str and not isinstance(value, str):
+        raise ValueError("write text in quotes")
+    if base is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError("expected an integer")
+    return base(value)
 
 
 def load_toml(path: str | Path) -> dict:
@@ -76,6 +95,8 @@ def load_toml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise BiasgenError(f"Config file {path} does not exist. Check the path given to --config.")
+    if not path.is_file():
+        raise BiasgenError(f"--config {path} is a folder, not a TOML file. Give the file itself.")
     try:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -91,6 +112,7 @@ def build_config(cls, presets: dict, preset: str | None = None, toml: str | Path
         if preset not in presets:
             raise BiasgenError(f"Unknown preset {preset!r}. Available presets: {', '.join(presets)}.")
         values.update(presets[preset])
+    values = {k: coerce(cls, k, v) for k, v in values.items()}
     layers = [("config file", load_toml(toml) if toml else {}), ("override", overrides or {})]
     for source, layer in layers:
         unknown = sorted(set(layer) - names)
@@ -98,8 +120,8 @@ def build_config(cls, presets: dict, preset: str | None = None, toml: str | Path
             raise BiasgenError(
                 f"Unknown setting(s) {', '.join(unknown)} in {source}. Valid settings: {', '.join(sorted(names))}."
             )
-        values.update(layer)
-    return cls(**{k: coerce(cls, k, v) for k, v in values.items()})
+        values.update({k: coerce(cls, k, v, strict=source == "config file") for k, v in layer.items()})
+    return cls(**values)
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
@@ -138,8 +160,20 @@ def check_at_least(cfg, minimum: int, *names: str) -> None:
         check(value >= minimum, f"--{name.replace('_', '-')} must be at least {minimum}, got {value}.")
 
 
+class ReadsInputs:
+    """A config whose settings named in ``INPUT_KEYS`` are files or folders the run reads: the run's ``--out``
+    may never equal, contain or lie inside one (:func:`biasgen.runs.check_out`), so ``--force`` cannot delete it."""
+
+    INPUT_KEYS: typing.ClassVar[tuple[str, ...]] = ()
+
+    def input_paths(self) -> list[Path]:
+        """The existing files and folders the settings in ``INPUT_KEYS`` name (a data set's name is not one)."""
+        values = [getattr(self, key) for key in self.INPUT_KEYS]
+        return [Path(v).expanduser() for v in values if isinstance(v, str) and Path(v).expanduser().exists()]
+
+
 @dataclasses.dataclass
-class TwinConfig:
+class TwinConfig(ReadsInputs):
     """The settings every twin experiment shares. Subclasses add theirs and extend :meth:`validate`."""
 
     # splits and models
@@ -163,8 +197,8 @@ class TwinConfig:
     lr_schedule: str = opt("constant", "learning-rate schedule: constant, or halve-cosine (1x, then 0.5x, then cosine to 0.1x)")
     # evaluation
     n_samples: int = opt(128, "samples per model and checkpoint, from shared noise")
-    sampler: str = opt("ddim", "ddpm (ancestral: draws of the DDPM posterior) or ddim (deterministic unless --eta > 0)")
-    sample_steps: int | None = opt(50, "sampling steps, evenly spaced from T to 1 (none: all T, the paper's DDPM)")
+    sampler: str = opt(DEFAULT_SAMPLER, SAMPLER_HELP)
+    sample_steps: int | None = opt(DEFAULT_SAMPLE_STEPS, SAMPLE_STEPS_HELP)
     eta: float = opt(0.0, "DDIM noise in [0, 1]: 0 deterministic, 1 the DDPM posterior noise (ddim only)")
     n_boot: int = opt(1000, "bootstrap resamples for the uncertainty of each tau")
     # runtime (may change when a run is resumed)
@@ -189,6 +223,8 @@ class TwinConfig:
         check_at_least(self, 1, "n", "n_test", "seeds_per_split", "steps", "batch_size", "checkpoints",
                        "first_checkpoint", "n_samples")
         check_at_least(self, 0, "n_boot", "workers", "threads")
+        check(self.first_checkpoint <= self.steps, f"--first-checkpoint {self.first_checkpoint} lies past the last "
+              f"step (--steps {self.steps}); give a first checkpoint at or before it.")
         check(self.T >= 10, f"--T must be at least 10, got {self.T}.")
         check(self.lr > 0, f"--lr must be positive, got {self.lr}.")
         check(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}.")
@@ -196,13 +232,13 @@ class TwinConfig:
         check(self.ema_decay is None or 0 < self.ema_decay < 1, "--ema-decay must be in (0, 1) (or none).")
         check(self.lr_schedule in ("constant", "halve-cosine"),
               f"--lr-schedule must be constant or halve-cosine, got {self.lr_schedule!r}.")
-        check(self.sampler in ("ddpm", "ddim"), f"--sampler must be ddpm or ddim, got {self.sampler!r}.")
+        check(self.sampler in SAMPLERS, f"--sampler must be {' or '.join(SAMPLERS)}, got {self.sampler!r}.")
         check(self.sample_steps is None or 1 <= self.sample_steps <= self.T,
               f"--sample-steps must be in [1, {self.T}] (or none for all T), got {self.sample_steps}.")
         check(0 <= self.eta <= 1, f"--eta must be in [0, 1], got {self.eta}.")
         check(self.eta == 0 or self.sampler == "ddim",
               f"--eta is a DDIM setting; the ddpm sampler always draws the full posterior noise (got --eta {self.eta}).")
-        check(self.backend in ("local", "ray"), f"--backend must be local or ray, got {self.backend!r}.")
+        check(self.backend in BACKENDS, f"--backend must be {' or '.join(BACKENDS)}, got {self.backend!r}.")
         check(self.ray_address is None or self.backend == "ray", "--ray-address is used only with --backend ray: add --backend ray.")
         check(self.cpus_per_job > 0 and self.gpus_per_job >= 0,
               "--cpus-per-job must be positive and --gpus-per-job at least 0.")
@@ -218,10 +254,10 @@ class TwinConfig:
         return self.T if self.sample_steps is None else self.sample_steps
 
     @property
-    def job_options(self) -> dict:
-        """The backend settings of :func:`biasgen.jobs.run_jobs` (keyword arguments)."""
-        return dict(backend=self.backend, ray_address=self.ray_address, cpus_per_job=self.cpus_per_job,
-                    gpus_per_job=self.gpus_per_job)
+    def job_backend(self) -> Backend:
+        """Where the run's jobs (models to train, checkpoints to evaluate) run: :func:`biasgen.jobs.make_backend`."""
+        return make_backend(self.backend, workers=self.workers, device=self.device, ray_address=self.ray_address,
+                            cpus_per_job=self.cpus_per_job, gpus_per_job=self.gpus_per_job)
 
 
 def _cuda_available() -> bool:

@@ -16,7 +16,7 @@ sampler, config, versions).
         config_class, presets = MyConfig, {"default": {}}
         def load(self): ...                       # -> Data(train=[...], description={...}, ...)
         def network(self, data): ...              # -> (model class, constructor kwargs)
-        def loss(self): ...                       # -> (top-level loss factory, its args)
+        def loss(self): ...                       # -> a picklable loss(model, x0_batch, generator)
         def evaluate(self, models, shared): ...   # -> (metrics record, {name: tensor} to store)
         def curves(self, records): ...            # -> {"tau_bias": ..., "tau_loss": ...}
     summary = run_experiment(MyExperiment(cfg), "runs/mine")
@@ -35,15 +35,18 @@ import torch
 
 from .checkpoint import save_tensors
 from .config import TwinConfig, build_config
-from .jobs import check_shared_storage, job_session, resolve_workers, run_jobs, torch_threads
+from .jobs import Backend, torch_threads
 from .memorization import memorization_onset
 from .report import write_report
-from .onset import checkpoint_minimum, judge, public_tau
+from .report.kinds import ReportView
+from .onset import checkpoint_minimum, public_tau
+from .verdict import VerdictBlock, judge
 from .errors import BiasgenError
-from .runs import append_jsonl, environment, prepare_run_dir, progress_bar, read_json, read_jsonl, write_json
-from .sampler import describe_sampler
+from .runs import (STEP, RunLock, append_jsonl, check_out, environment, open_run_dir, progress_bar, read_json,
+                   read_jsonl, write_json)
+from .sampler import describe_sampler, is_paper_sampler
 from .seeds import SeedPlan
-from .training import checkpoint_stem, checkpoint_steps
+from .training import LossFn, checkpoint_stem, checkpoint_steps
 from .twins import load_model, make_members, model_pairs, train_members
 
 
@@ -100,6 +103,11 @@ class TwinExperiment:
     memorization_rule: ClassVar[str] = "not measured"  # what counts as a memorized sample, for people
     # what a sampler other than the paper's may change, for the note in the verdict of such a run
     sampler_caveat: ClassVar[str] = "every quantity computed from samples may differ from the paper's answer"
+    # how report.html shows a run (captions, table columns, gallery); None: every metric, figures by file name
+    report_view: ClassVar[ReportView | None] = None
+    # biasgen sweep presets, name -> {"sizes", "steps_per_image", "experiment_preset", "settings"} (each optional;
+    # see biasgen.sweep); the first is the default of `biasgen sweep --kind KIND`
+    sweep_presets: ClassVar[dict[str, dict]] = {}
 
     def __init__(self, cfg: TwinConfig):
         self.cfg = cfg
@@ -119,8 +127,9 @@ class TwinExperiment:
         """``(model class, constructor kwargs)``; the class knows nothing of the noise schedule."""
         raise NotImplementedError
 
-    def loss(self) -> tuple[Callable, tuple]:
-        """``(factory, args)``: ``factory(*args)`` is ``loss(model, x0_batch, generator)`` (top-level, picklable)."""
+    def loss(self) -> LossFn:
+        """The training loss ``loss(model, x0_batch, generator) -> scalar``, picklable (it is sent to worker processes):
+        e.g. :class:`biasgen.losses.EpsMSELoss`."""
         raise NotImplementedError
 
     def training_data(self, data: Data) -> list:
@@ -159,6 +168,11 @@ class TwinExperiment:
         """Extra lines of the terminal summary."""
         return []
 
+    def largest_size(self) -> int | None:
+        """The largest training-set size per split the data holds with ``cfg.splits`` splits and ``cfg.n_test``
+        test examples (``biasgen sweep`` refuses larger sizes); default: None, no limit (generated data)."""
+        return None
+
     def memorized_share(self, records: list[dict]) -> list[dict] | None:
         """Per checkpoint ``{"step", "share", "ci": [lo, hi], "key"}``: the share of generated samples that copy a
         training example, with its 95% interval, and the ``metrics.jsonl`` key it was read from
@@ -174,55 +188,65 @@ class TwinExperiment:
 
 
 def run_experiment(experiment: TwinExperiment, out: str | Path, *, resume: bool = False, force: bool = False,
-                   progress: bool = True) -> dict:
-    """Run (or resume) ``experiment`` in the folder ``out``; returns ``summary.json`` as a dict."""
+                   progress: bool = True, inputs: tuple[str | Path, ...] = ()) -> dict:
+    """Run (or resume) ``experiment`` in the folder ``out``; returns ``summary.json`` as a dict.
+
+    The run holds the folder's lock throughout (:class:`biasgen.runs.RunLock`); ``out`` may not overlap the
+    config's input paths (:meth:`TwinConfig.input_paths`) or the further ``inputs`` (e.g. the ``--config`` file).
+    """
     cfg = experiment.cfg
-    with torch_threads(cfg.threads), job_session(cfg.backend, cfg.ray_address):
+    inputs = (*cfg.input_paths(), *inputs)
+    check_out(out, inputs, force=force)  # before the (possibly long) data loading
+    backend = cfg.job_backend
+    with torch_threads(cfg.threads), backend.session():
         started = time.time()
         data = experiment.load()
-        run = prepare_run_dir(out, dataclasses.asdict(cfg), resume=resume, force=force, kind=experiment.kind,
-                              runtime_keys=cfg.RUNTIME_KEYS).resolve()  # absolute: jobs may run in other folders
-        check_shared_storage(run, backend=cfg.backend, ray_address=cfg.ray_address)
-        members = make_members(cfg.splits, cfg.seeds_per_split)
-        steps = checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.first_checkpoint)
-        model_class, model_kwargs = experiment.network(data)
-        workers = resolve_workers(cfg.workers, cfg.device)
+        with open_run_dir(out, dataclasses.asdict(cfg), resume=resume, force=force, kind=experiment.kind,
+                          runtime_keys=cfg.RUNTIME_KEYS, inputs=inputs) as run:
+            return _train_and_evaluate(experiment, run.resolve(), data, backend, started, progress)
 
-        t0 = time.time()
-        make_loss, loss_args = experiment.loss()
-        meta = {"config": dataclasses.asdict(cfg), "model": model_kwargs, "environment": environment()}
-        train_members(model_class, model_kwargs, make_loss, loss_args, experiment.training_data(data), members, run / "models",
-                      seeds=experiment.seeds, meta=meta, workers=workers, device=cfg.device, progress=progress,
-                      job_options=cfg.job_options,
-                      steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, checkpoints=steps,
-                      grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, lr_schedule=cfg.lr_schedule)
-        training_s = time.time() - t0
 
-        t0 = time.time()
-        shared = Shared(experiment, run, members, model_class, model_kwargs, experiment.reference(data, members))
-        evaluate_checkpoints(shared, steps, workers, progress, cfg.job_options)
-        evaluation_s = time.time() - t0
+def _train_and_evaluate(experiment: TwinExperiment, run: Path, data: Data, backend: Backend, started: float,
+                        progress: bool) -> dict:
+    """The body of :func:`run_experiment` in the prepared, locked, absolute run folder ``run``."""
+    cfg = experiment.cfg
+    backend.check_shared_storage(run)
+    members = make_members(cfg.splits, cfg.seeds_per_split)
+    steps = checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.first_checkpoint)
+    model_class, model_kwargs = experiment.network(data)
 
-        records = sorted(read_jsonl(run / "metrics.jsonl"), key=lambda r: r["step"])
-        summary = summarize(experiment, records, data, shared.reference, members, complete=len(records) == len(steps))
-        summary["timing"] = {"wall_s_this_invocation": round(time.time() - started, 1),
-                             "training_s_this_invocation": round(training_s, 1),
-                             "evaluation_s_this_invocation": round(evaluation_s, 1)}
-        write_json(run / "summary.json", summary)
-        experiment.plot(run, records, summary, data)
-        write_report(run)
+    t0 = time.time()
+    meta = {"config": dataclasses.asdict(cfg), "model": model_kwargs, "environment": environment()}
+    train_members(model_class, model_kwargs, experiment.loss(), experiment.training_data(data), members, run / "models",
+                  seeds=experiment.seeds, meta=meta, backend=backend, device=cfg.device, progress=progress,
+                  steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, checkpoints=steps,
+                  grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, lr_schedule=cfg.lr_schedule)
+    training_s = time.time() - t0
+
+    t0 = time.time()
+    shared = Shared(experiment, run, members, model_class, model_kwargs, experiment.reference(data, members))
+    evaluate_checkpoints(shared, steps, backend, progress)
+    evaluation_s = time.time() - t0
+
+    records = sorted(read_jsonl(run / "metrics.jsonl", STEP), key=lambda r: r["step"])
+    summary = summarize(experiment, records, data, shared.reference, members, complete=len(records) == len(steps))
+    summary["timing"] = {"wall_s_this_invocation": round(time.time() - started, 1),
+                         "training_s_this_invocation": round(training_s, 1),
+                         "evaluation_s_this_invocation": round(evaluation_s, 1)}
+    write_json(run / "summary.json", summary)
+    experiment.plot(run, records, summary, data)
+    write_report(run)
     return summary
 
 
-def evaluate_checkpoints(shared: Shared, steps: list[int], workers: int, progress: bool,
-                         job_options: dict | None = None) -> None:
-    """Evaluate every checkpoint not yet in ``metrics.jsonl``, ``workers`` at a time (or as Ray places them),
-    appending in step order. ``job_options``: the backend settings of :func:`biasgen.jobs.run_jobs`."""
+def evaluate_checkpoints(shared: Shared, steps: list[int], backend: Backend, progress: bool) -> None:
+    """Evaluate every checkpoint not yet in ``metrics.jsonl`` on ``backend`` (local workers at a time, or as Ray
+    places them), appending in step order."""
     metrics = shared.run / "metrics.jsonl"
-    done = {r["step"] for r in read_jsonl(metrics)}
+    done = {r["step"] for r in read_jsonl(metrics, STEP)}
     todo = [step for step in steps if step not in done]
     order, pending = list(todo), {}
-    results = run_jobs(_evaluate_step, todo, workers, shared, **(job_options or {}))
+    results = backend.run(_evaluate_step, todo, shared)
     for step, record in progress_bar(results, progress, "evaluating checkpoints", len(todo)):
         pending[step] = record
         while order and order[0] in pending:  # keep metrics.jsonl in step order
@@ -244,14 +268,14 @@ def _evaluate_step(step: int, shared: Shared) -> tuple[int, dict]:
 
 
 def judge_records(experiment: TwinExperiment, records: list[dict], members: list[tuple[int, int]],
-                  sampler: dict | None = None) -> dict:
+                  sampler: dict | None = None) -> VerdictBlock:
     """The verdict part of ``summary.json`` from ``metrics.jsonl`` records alone (``biasgen judge`` reruns it).
 
     ``sampler``: the run's :func:`sampler_summary` when the caller has it (default: computed here); the
     reason notes a sampler not validated against the paper's.
 
     The twin curve, the control curve (when the experiment has same-split pairs), the test loss and the members
-    go to :func:`biasgen.onset.judge` (which also runs the negative controls and their placebo gate); any further
+    go to :func:`biasgen.verdict.judge` (which also runs the negative controls and their placebo gate); any further
     curve of the experiment (e.g. ``tau_nn``) is located with :func:`biasgen.onset.checkpoint_minimum`.
     """
     cfg, seeds = experiment.cfg, experiment.seeds
@@ -259,13 +283,12 @@ def judge_records(experiment: TwinExperiment, records: list[dict], members: list
     curves = experiment.curves(records)
     twins, controls = model_pairs(members)
     control = curves.get("control")
-    judged = judge(steps, curves["tau_bias"].table, twins, curves["tau_loss"].table,
-                   control.table if control else None, controls if control else None,
-                   members=members, n_boot=cfg.n_boot, seed=seeds.bootstrap())
+    judged: VerdictBlock = judge(steps, curves["tau_bias"].table, twins, curves["tau_loss"].table,
+                                 control.table if control else None, controls if control else None,
+                                 members=members, n_boot=cfg.n_boot, seed=seeds.bootstrap())
     others = {name: public_tau(checkpoint_minimum(steps, c.table, n_boot=cfg.n_boot, seed=seeds.bootstrap(i + 1),
                                                   reduce=c.reduce))
               for i, (name, c) in enumerate(curves.items()) if name not in ("tau_bias", "tau_loss", "control")}
-    window = judged.pop("window")
     sampler = sampler or sampler_summary(cfg, experiment.sampler_validated)
     if not sampler["validated"]:
         judged["reason"] += (f" Note: sampled with {sampler['name']}, which was not validated against the paper's "
@@ -276,7 +299,6 @@ def judge_records(experiment: TwinExperiment, records: list[dict], members: list
     return {
         **judged,
         **others,
-        "window": [window["start"], window["end"]] if window["exists"] else None,
         "units": {name: c.units for name, c in curves.items()},
     }
 
@@ -291,20 +313,23 @@ def rejudge(run_dir: str | Path, experiments: dict[str, type[TwinExperiment]], *
     run = Path(run_dir)
     if not (run / "run.json").exists():
         raise BiasgenError(f"{run} holds no biasgen run (no run.json); pass the --out folder of a run.")
-    info = read_json(run / "run.json")
+    info = read_json(run / "run.json", keys=("kind", "config"))
     table = experiments
     if info.get("kind") not in table:
         raise BiasgenError(f"{run} holds a {info.get('kind')!r} run; biasgen judge knows {', '.join(table)}.")
     exp_class = table[info["kind"]]
+    if not isinstance(info["config"], dict):
+        raise BiasgenError(f"{run / 'run.json'} holds no config object; restore the file from a copy.")
     config = {**info["config"], "device": "cpu"}  # judging needs no device; the run may have used a GPU
     experiment = exp_class(build_config(exp_class.config_class, {}, None, None, config))
-    records = sorted(read_jsonl(run / "metrics.jsonl"), key=lambda r: r["step"])
+    records = sorted(read_jsonl(run / "metrics.jsonl", STEP), key=lambda r: r["step"])
     if not records:
         raise BiasgenError(f"{run} has no evaluated checkpoint yet (metrics.jsonl is empty); nothing to judge.")
     judged = judge_records(experiment, records, make_members(experiment.cfg.splits, experiment.cfg.seeds_per_split))
     if write and (run / "summary.json").exists():
-        write_json(run / "summary.json", {**read_json(run / "summary.json"), **judged})
-        write_report(run)
+        with RunLock(run):  # not while the run itself writes
+            write_json(run / "summary.json", {**read_json(run / "summary.json"), **judged})
+            write_report(run)
     return judged
 
 
@@ -334,12 +359,12 @@ def summarize(experiment: TwinExperiment, records: list[dict], data: Data, refer
 def sampler_summary(cfg: TwinConfig, validated: Callable[[str], bool]) -> dict:
     """``summary.json``'s "sampler" block; ``validated`` is true for the paper's all-T DDPM and where ``validated(name)``."""
     name = describe_sampler(cfg.sampler, cfg.sample_step_count, cfg.eta, cfg.T)
-    paper = cfg.sampler == "ddpm" and cfg.sample_step_count == cfg.T
+    paper = is_paper_sampler(cfg.sampler, cfg.sample_steps, cfg.T)
     return {"method": cfg.sampler, "steps": cfg.sample_step_count, "eta": cfg.eta, "name": name,
             "validated": paper or validated(name)}
 
 
-def terminal_summary(experiment: TwinExperiment, summary: dict, out: Path) -> str:
+def terminal_summary(experiment: TwinExperiment, summary: VerdictBlock, out: Path) -> str:
     """A few lines for the terminal: the verdict, the taus with their intervals, the window and the advice."""
     def tau(name: str) -> str:
         t = summary[name]
@@ -353,10 +378,15 @@ def terminal_summary(experiment: TwinExperiment, summary: dict, out: Path) -> st
     return "\n".join([
         f"biasgen {experiment.kind}: {summary['verdict']}",
         f"  tau_bias (twins agree most)  = {tau('tau_bias')}",
+        *([f"  tau_data (data-specific onset) = step {summary['tau_data']['step']:>6}  (68% interval "
+           f"{summary['tau_data']['ci'][0]}..{summary['tau_data']['ci'][1]}, from the contrast's checkpoint noise)"]
+          if summary.get("tau_data") else []),
         f"  tau_loss (test-loss minimum) = {tau('tau_loss')}",
         *([f"  tau_mem (copies appear)     = {describe_tau_mem(summary['tau_mem'])}"] if "tau_mem" in summary else []),
         *[f"  {line}" for line in experiment.terminal_lines(summary)],
         f"  biased window: {window}",
+        "  test loss at each candidate: " + ", ".join(f"{name} (step {c['step']}) {c['test_loss']:.4g}"
+                                                      for name, c in summary["candidate_costs"].items()),
         f"  recommended stopping checkpoint: step {summary['recommended_step']} — {summary['recommendation']}",
         f"  why: {summary['reason']}",
         f"  results in {out}: summary.json, metrics.jsonl, fig_*.png",

@@ -57,6 +57,17 @@ def x0_from_eps_model(model: Callable, schedule: NoiseSchedule, clip: float | No
 
 
 SAMPLERS = ("ddpm", "ddim")
+# The one default of every sampling setting (the experiments' configs, sample(), the sequence samplers): the paper's
+# sampler, ancestral DDPM on all T steps; the cheaper ones understate copying (docs/samplers.md).
+DEFAULT_SAMPLER: str = "ddpm"
+DEFAULT_SAMPLE_STEPS: int | None = None  # None: all T
+SAMPLER_HELP = "ddpm (ancestral: draws of the DDPM posterior, the paper's) or ddim (deterministic unless --eta > 0)"
+SAMPLE_STEPS_HELP = "sampling steps, evenly spaced from T to 1 (none: all T, the paper's sampler; docs/samplers.md)"
+
+
+def is_paper_sampler(method: str, steps: int | None, T: int) -> bool:
+    """Whether ``(method, steps)`` is the paper's sampler: ancestral DDPM on all ``T`` steps."""
+    return method == "ddpm" and (steps is None or steps == T)
 
 
 def timesteps(schedule: NoiseSchedule, steps: int | None = None) -> list[int]:
@@ -80,8 +91,8 @@ def sample(
     schedule: NoiseSchedule,
     shape: Sequence[int],
     seeds: Sequence[int],
-    method: str = "ddpm",
-    steps: int | None = None,
+    method: str = DEFAULT_SAMPLER,
+    steps: int | None = DEFAULT_SAMPLE_STEPS,
     eta: float = 0.0,
     batch_size: int = 256,
     device: str | torch.device = "cpu",

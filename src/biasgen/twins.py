@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from .checkpoint import load_checkpoint
-from .jobs import run_jobs
+from .jobs import Backend
 from .runs import progress_bar
 from .seeds import SeedPlan
-from .training import train
+from .training import LossFn, train
 
 
 def make_members(splits: int, seeds_per_split: int) -> list[tuple[int, int]]:
@@ -52,36 +52,33 @@ def load_model(cls, kwargs: dict, stem: Path, device: str) -> torch.nn.Module:
 def train_members(
     model_cls,  # the network class, e.g. UNet or SequenceDenoiser
     model_kwargs: dict,  # its constructor arguments (recorded in every sidecar)
-    make_loss: Callable,  # top-level (picklable) factory: make_loss(*loss_args) -> loss(model, x0, gen)
-    loss_args: tuple,  # arguments of make_loss, e.g. (schedule,)
+    loss: LossFn,  # picklable loss(model, x0, gen), e.g. biasgen.losses.EpsMSELoss
     train_sets: Sequence[torch.Tensor],  # one training set per split
     members: list[tuple[int, int]],  # (split, seed_index) per model
     models_dir: Path,  # model m writes to models_dir / f"model{m}"
     *,
     seeds: SeedPlan,  # the run's seeds: model_init(m) and training(m)
     meta: dict,  # recorded in every sidecar, plus the model's split and seed index
-    workers: int,  # models trained at once (local worker processes)
+    backend: Backend,  # where the models train: biasgen.jobs.LocalBackend (worker processes) or RayBackend
     device: str,  # torch device
     progress: bool,  # tqdm bars
-    job_options: dict | None = None,  # backend, ray_address, cpus_per_job, gpus_per_job: see biasgen.jobs.run_jobs
     **train_kwargs,  # steps, batch_size, lr, checkpoints, grad_clip, ema_decay: see biasgen.training.train
 ) -> None:
-    """Train (or resume) every model of a twin experiment, ``workers`` at a time (or as Ray places them).
+    """Train (or resume) every model of a twin experiment on ``backend`` (local workers at a time, or as Ray places them).
 
     The training sets go to the workers once (``shared``), not with every model's job. Locally each
     model shows its own progress bar; Ray workers cannot draw one, so the Ray backend shows one bar
     of finished models instead.
     """
-    job_options = job_options or {}
-    bar_per_model = progress and job_options.get("backend", "local") == "local"
+    bar_per_model = progress and backend.draws_bars
     jobs = [dict(model_cls=model_cls, model_kwargs=model_kwargs, init_seed=seeds.model_init(m),
-                 make_loss=make_loss, loss_args=loss_args, split=split, device=device,
+                 loss=loss, split=split, device=device,
                  train_kwargs=dict(train_kwargs, seed=seeds.training(m), out_dir=Path(models_dir) / f"model{m}",
                                    meta={**meta, "split": split, "split_seed": s}, resume=True, progress=bar_per_model,
                                    desc=f"model {m + 1}/{len(members)} (split {split})",
-                                   position=m % workers if workers > 1 else None))
+                                   position=backend.bar_position(m)))
             for m, (split, s) in enumerate(members)]
-    trained = run_jobs(_train_member, jobs, workers, list(train_sets), **job_options)
+    trained = backend.run(_train_member, jobs, list(train_sets))
     for _ in progress_bar(trained, progress and not bar_per_model, "training models", len(jobs)):
         pass
 
@@ -90,4 +87,4 @@ def _train_member(job: dict, train_sets: list[torch.Tensor]) -> None:
     """One model of :func:`train_members` (a worker job)."""
     model = build_model(job["model_cls"], job["model_kwargs"], job["init_seed"]).to(job["device"])
     data = train_sets[job["split"]].to(job["device"])
-    train(model, job["make_loss"](*job["loss_args"]), data, **job["train_kwargs"])
+    train(model, job["loss"], data, **job["train_kwargs"])

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from ..errors import BiasgenError
-from ..sampler import Denoiser, sample
+from ..sampler import DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, Denoiser, sample
 from ..schedule import NoiseSchedule
 from .bp import exact_denoiser
 from .grammar import Grammar
@@ -84,8 +84,8 @@ def sample_sequences(
     q: int,
     seeds: Sequence[int],
     schedule: NoiseSchedule | None = None,
-    method: str = "ddpm",
-    steps: int | None = None,
+    method: str = DEFAULT_SAMPLER,
+    steps: int | None = DEFAULT_SAMPLE_STEPS,
     batch_size: int = 256,
     eta: float = 0.0,
 ) -> torch.Tensor:
@@ -105,8 +105,8 @@ def sample_bp(
     seeds: Sequence[int],
     k: int = 0,
     schedule: NoiseSchedule | None = None,
-    method: str = "ddpm",
-    steps: int | None = None,
+    method: str = DEFAULT_SAMPLER,
+    steps: int | None = DEFAULT_SAMPLE_STEPS,
     batch_size: int = 256,
 ) -> torch.Tensor:
     """The BP sampler: reverse diffusion with the exact denoiser of the k-filtered model; ``(len(seeds), 2**depth)``."""
@@ -119,8 +119,8 @@ def sample_empirical(
     q: int,
     seeds: Sequence[int],
     schedule: NoiseSchedule | None = None,
-    method: str = "ddpm",
-    steps: int | None = None,
+    method: str = DEFAULT_SAMPLER,
+    steps: int | None = DEFAULT_SAMPLE_STEPS,
     batch_size: int = 256,
 ) -> torch.Tensor:
     """Reverse diffusion with the empirical denoiser of ``train`` ``(N, n)``; ``(len(seeds), n)``."""

@@ -20,9 +20,10 @@ import torch
 
 from ..config import TwinConfig, check, check_at_least, opt
 from ..errors import BiasgenError
-from ..losses import x0_cross_entropy_loss
+from ..losses import X0CrossEntropyLoss
 from ..memorization import wilson
 from ..pipeline import Curve, Data, Shared, TwinExperiment, metric_table as table, run_experiment
+from ..sampler import DEFAULT_SAMPLER, SAMPLER_HELP
 from ..schedule import NoiseSchedule
 from ..seeds import SeedPlan
 from ..twins import model_pairs
@@ -33,6 +34,7 @@ from .metrics import (bp_predictions, distance_divergence, is_near_copy, loss_te
                       nearest_two_hamming, nn_histogram,
                       noised_inputs, oracle_kl, oracle_kl_along_t, symmetric_kl, uturn_overlap, uturn_random, uturn_ratio)
 from .model import SequenceDenoiser, as_denoiser
+from .report_view import VIEW
 
 
 @dataclass
@@ -46,9 +48,8 @@ class HierarchyConfig(TwinConfig):
     dropout: float = opt(0.0, "dropout rate")
     batch_size: int = opt(128, "batch size")
     ema_decay: float | None = opt(0.99, "EMA decay of the evaluated weights (none: raw weights; EMA smooths Adam noise but lags)")
-    sampler: str = opt("ddpm", "ddpm (ancestral: draws of the posterior, as the paper) or ddim (deterministic unless "
-                               "--eta > 0; it collapses an undertrained model's samples onto the most likely symbols)")
-    sample_steps: int | None = opt(None, "sampling steps, evenly spaced from T to 1 (none: all T, the paper's DDPM)")
+    sampler: str = opt(DEFAULT_SAMPLER, SAMPLER_HELP + "; ddim collapses an undertrained model's samples onto the "
+                                                       "most likely symbols")
     threads: int = opt(1, "torch CPU threads in the main process (0: torch's default); small models run fastest on 1")
     # grammar
     q: int = opt(6, "vocabulary size")
@@ -75,6 +76,8 @@ class HierarchyConfig(TwinConfig):
     kl_t_fracs: tuple[float, ...] = opt((0.02, 0.05, 0.1, 0.15, 0.3, 0.6), "t/T grid of the KL-along-t curves")
     random_uturn_fracs: tuple[float, ...] = opt((0.05, 0.1), "U-turn depths t/T of uniformly random sequences")
     n_random_uturn: int = opt(32, "uniformly random sequences for their U-turns (>= 2)")
+
+    INPUT_KEYS = ("grammar_file",)
 
     def validate(self) -> None:
         super().validate()
@@ -112,6 +115,19 @@ PRESETS: dict[str, dict] = {
                  steps=12, batch_size=16, checkpoints=3, first_checkpoint=4, n_eval=32, n_loss=32, n_samples=16,
                  sample_steps=5, uturn_fracs=(0.04,), n_uturn=8, uturn_reps=1, kl_t_fracs=(0.1, 0.5), n_boot=50,
                  random_uturn_fracs=(0.04,), n_random_uturn=4, workers=1),
+}
+
+SWEEP_PRESETS: dict[str, dict] = {  # biasgen sweep's presets of the grammar lab (biasgen.sweep; docs/sweep.md)
+    # The grammar lab at CPU sizes: the experiment's 'cpu' preset (2 splits x 3 seeds, checkpoints from step 2) at
+    # each size; docs/sweep.md gives what it shows. 25-step ancestral sampling (not the paper's all-T sampler, noted
+    # in each verdict) keeps it within 30 minutes; the hierarchy's tau_bias does not depend on sampling.
+    "hierarchy-cpu": dict(experiment_preset="cpu", sizes=(16, 32, 64, 128), steps_per_image=25.0,
+                          settings=dict(splits=2, sample_steps=25)),
+    # The paper's hierarchical sizes (Garnier-Brun et al. 2026, Sec. 4: n = 5k, 12k, 70k), for a GPU.
+    "paper": dict(experiment_preset="paper", sizes=(5_000, 12_000, 70_000)),
+    # A seconds-long smoke sweep (used by the tests); far too small to show anything.
+    "tiny-hierarchy": dict(experiment_preset="tiny", sizes=(8, 16, 24), steps_per_image=0.5,
+                           settings=dict(threads=1, n_boot=30)),
 }
 
 
@@ -188,6 +204,9 @@ def make_data(cfg: HierarchyConfig, seeds: SeedPlan) -> Data:
 def load_grammar(path: str, q: int, depth: int) -> Grammar:
     """A grammar tensor ``M[a, b, c] = P(left=b, right=c | parent=a)`` of shape ``(q, q, q)`` from ``.npy`` or
     ``.pt`` (read without running code: ``numpy.load(allow_pickle=False)``, ``torch.load(weights_only=True)``)."""
+    import pickle
+    import warnings
+
     import numpy as np
 
     file = Path(path).expanduser()
@@ -196,14 +215,18 @@ def load_grammar(path: str, q: int, depth: int) -> Grammar:
         if file.suffix == ".npy":
             M = torch.from_numpy(np.load(file, allow_pickle=False))
         elif file.suffix == ".pt":
-            M = torch.load(file, weights_only=True, map_location="cpu")
+            with warnings.catch_warnings():  # torch warns about the protocol of a pickle it then refuses
+                warnings.simplefilter("ignore")
+                M = torch.load(file, weights_only=True, map_location="cpu")
         else:
             raise ValueError("the file must end in .npy or .pt")
-    except (ValueError, OSError, RuntimeError) as e:
-        raise BiasgenError(f"Cannot read the grammar tensor from {file}: {e}. Save M with numpy.save or torch.save.") from e
-    check(isinstance(M, torch.Tensor) and tuple(M.shape) == (q, q, q),
-          f"--grammar-file {path} must hold a tensor of shape (q, q, q) = ({q}, {q}, {q}) matching --q; got "
-          f"{tuple(M.shape) if isinstance(M, torch.Tensor) else type(M).__name__}.")
+    except (ValueError, TypeError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        reason = str(e).splitlines()[0][:200]  # torch's refusal of a pickle runs to many lines
+        raise BiasgenError(f"Cannot read the grammar tensor from {file} ({reason}); only plain arrays are read, never "
+                           "pickled objects. Save M, a float tensor, with numpy.save or torch.save.") from e
+    check(isinstance(M, torch.Tensor) and M.is_floating_point() and tuple(M.shape) == (q, q, q),
+          f"--grammar-file {path} must hold a float tensor of shape (q, q, q) = ({q}, {q}, {q}) matching --q; got "
+          f"{f'{M.dtype} {tuple(M.shape)}' if isinstance(M, torch.Tensor) else type(M).__name__}.")
     return Grammar(M, depth)
 
 
@@ -220,6 +243,8 @@ class HierarchyExperiment(TwinExperiment):
     config_class = HierarchyConfig
     presets = PRESETS
     default_preset = "cpu"
+    report_view = VIEW
+    sweep_presets = SWEEP_PRESETS
     memorization_rule = ("gen_mem_share: generated sequences whose Hamming distances to the nearest and second-nearest "
                          "distinct sequence of their own split have d1/d2 < 1/3 (exact copies included); Wilson 95% interval")
     sampler_caveat = ("tau_bias does not depend on it (it is measured on the denoisers), but the generated sequences "
@@ -231,13 +256,16 @@ class HierarchyExperiment(TwinExperiment):
     def load(self) -> Data:
         return make_data(self.cfg, self.seeds)
 
+    def largest_size(self) -> int:
+        return (self.cfg.pool - self.cfg.n_test) // self.cfg.splits
+
     def network(self, data: Data) -> tuple[type, dict]:
         cfg = self.cfg
         return SequenceDenoiser, dict(q=cfg.q, length=2 ** cfg.depth, T=cfg.T, layers=cfg.layers, width=cfg.width,
                                       heads=cfg.heads, ffn=cfg.ffn, dropout=cfg.dropout)
 
     def loss(self):
-        return x0_cross_entropy_loss, (NoiseSchedule.onehot(self.cfg.T), self.cfg.q)
+        return X0CrossEntropyLoss(NoiseSchedule.onehot(self.cfg.T), self.cfg.q)
 
     def reference(self, data: Data, members) -> Reference:
         return make_reference(data, self.cfg, self.seeds)

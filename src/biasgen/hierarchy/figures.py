@@ -15,7 +15,7 @@ from ..runs import write_figure
 from ..pipeline import metric_table as table
 
 
-MARKS = {"tau_bias": "C3", "tau_nn": "C2", "tau_oracle": "C4", "tau_loss": "k"}  # vertical lines at each tau
+MARKS = {"tau_bias": "C3", "tau_data": "C1", "tau_nn": "C2", "tau_oracle": "C4", "tau_loss": "k"}  # vertical lines at each tau
 
 
 def plot_all(run: Path, records: list[dict], summary: dict) -> None:
@@ -60,7 +60,8 @@ def _moments(records: list[dict], summary: dict, first: bool = False) -> list[tu
 
 def _mark_taus(ax, summary: dict) -> None:
     for name, color in MARKS.items():
-        ax.axvline(summary[name]["step"], color=color, ls="--", lw=1, label=name)
+        if summary.get(name):  # tau_data only with same-split controls
+            ax.axvline(summary[name]["step"], color=color, ls="--", lw=1, label=name)
 
 
 def plot_kl(records: list[dict], summary: dict) -> Figure:

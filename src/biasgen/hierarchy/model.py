@@ -5,7 +5,7 @@
     denoise = as_denoiser(model)    # (x_t, t) -> x0 probabilities, for samplers and diagnostics
 
 The network knows nothing of the noise schedule: it sees the noisy one-hot and
-the integer step ``t``. It is trained with :func:`biasgen.losses.x0_cross_entropy_loss`.
+the integer step ``t``. It is trained with :class:`biasgen.losses.X0CrossEntropyLoss`.
 """
 from __future__ import annotations
 

@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import load_tensors
-from ..config import TwinConfig, build_config, check, check_at_least, opt
+from ..config import TwinConfig, check, check_at_least, opt
 from ..errors import BiasgenError
-from ..losses import Labelled, eps_mse_conditional_loss, eps_mse_loss
+from ..losses import EpsMSEConditionalLoss, EpsMSELoss, Labelled
 from ..drift import noise_sd
 from ..onset import checkpoint_minimum, score_crossing
 from ..pipeline import Curve, Data, Shared, TwinExperiment, metric_table, run_experiment
@@ -31,9 +30,10 @@ from ..runs import read_json
 from ..sampler import sample, x0_from_eps_model
 from ..schedule import NoiseSchedule
 from ..training import checkpoint_stem
-from ..twins import load_model, make_members, model_pairs
+from ..twins import make_members, model_pairs
 from . import conditional, figures, guidance_figures
 from .data import describe, load_images, make_class_splits, make_splits, scale_images, unscale_images
+from .gallery import gallery_rows
 from .diffusers_model import (DiffusersEps, check_unet_fits, export_pipeline, load_unet_config,
                               schedule_from_scheduler_config)
 from .metrics import (
@@ -45,6 +45,7 @@ from .metrics import (
     score_similarity,
     twin_distance,
 )
+from .report_view import VIEW
 from .unet import UNet
 
 
@@ -78,9 +79,6 @@ class AuditConfig(TwinConfig):
     scheduler_config: str | None = opt(None, "a diffusers scheduler_config.json as the noise schedule, instead of "
                                              "--schedule (its num_train_timesteps must equal --T)")
     # evaluation
-    sampler: str = opt("ddpm", "ddpm (ancestral: draws of the DDPM posterior) or ddim (deterministic unless --eta > 0)")
-    sample_steps: int | None = opt(None, "sampling steps, evenly spaced from T to 1 (none: all T, the paper's sampler; "
-                                         "docs/samplers.md compares the choices)")
     score_ts: tuple[int, ...] = opt(SCORE_TS, "diffusion steps t for the score-level twin similarity")
     n_score_inputs: int = opt(128, "training and test inputs for the score-level similarity")
     eval_batch: int = opt(256, "batch size of evaluation passes")
@@ -96,6 +94,7 @@ class AuditConfig(TwinConfig):
                                            "and recommended step use (default: the largest of --guidance)")
 
     RUNTIME_KEYS = TwinConfig.RUNTIME_KEYS + ("eval_batch",)
+    INPUT_KEYS = ("data", "data_dir", "model_config", "scheduler_config")
 
     def validate(self) -> None:
         super().validate()
@@ -104,6 +103,7 @@ class AuditConfig(TwinConfig):
         check(self.schedule in ("linear", "cosine"), f"--schedule must be linear or cosine, got {self.schedule!r}.")
         check(self.resolution is None or self.resolution >= 4, "--resolution must be at least 4 pixels.")
         scaled = ",".join(str(max(1, t * self.T // 1000)) for t in SCORE_TS)
+        check(len(self.score_ts) >= 1, f"--score-ts needs at least one diffusion step, e.g. --score-ts {scaled}.")
         check(all(1 <= t < self.T for t in self.score_ts),
               f"--score-ts must lie in [1, {self.T - 1}], got {self.score_ts} (the default is meant for T = 1000); "
               f"pass steps below --T, e.g. the default rescaled: --score-ts {scaled}.")
@@ -152,6 +152,18 @@ PRESETS: dict[str, dict] = {
                  sample_steps=5, score_ts=(50,), n_score_inputs=8, n_boot=50, batch_size=16, workers=1),
 }
 
+SWEEP_PRESETS: dict[str, dict] = {  # biasgen sweep's presets of the audit (biasgen.sweep; docs/sweep.md)
+    # Bundled 8x8 digits, 2 splits x 2 seeds per size, 25 steps per image (the same epochs at every size): every
+    # tau, tau_mem included, is located inside the runs; docs/sweep.md gives what it shows. Sampled with 50-step
+    # ancestral sampling (128 samples) to stay within 30 minutes on 2 CPU cores: not the paper's sampler, so every
+    # size's verdict carries the note (docs/samplers.md; --sample-steps none --n-samples 48 for the paper's).
+    "default": dict(experiment_preset="default", sizes=(16, 32, 64, 128), steps_per_image=25.0,
+                    settings=dict(splits=2, seeds_per_split=2, n_test=512, checkpoints=14, first_checkpoint=20,
+                                  sample_steps=50, n_samples=128)),
+    # Seconds-long smoke sweeps (used by the tests); far too small to show anything.
+    "tiny": dict(experiment_preset="tiny", sizes=(8, 12, 16), steps_per_image=1.0, settings=dict(threads=1, n_boot=30)),
+}
+
 
 class ImageAudit(TwinExperiment):
     """Twins on disjoint splits of an image data set, each an eps-predicting U-Net."""
@@ -163,6 +175,8 @@ class ImageAudit(TwinExperiment):
                       "copy, and tau_bias may sit a checkpoint or more away from the paper's answer")
     config_class = AuditConfig
     presets = PRESETS
+    report_view = VIEW
+    sweep_presets = SWEEP_PRESETS
     default_out = "runs/audit"
     help = "twin-split audit of an image data set: when does training start favouring the training data?"
     cfg: AuditConfig
@@ -189,6 +203,12 @@ class ImageAudit(TwinExperiment):
                     extra={"mean": mean, "num_classes": len(classes), "train_labels": splits.train_labels,
                            "test_labels": splits.test_labels})
 
+    def largest_size(self) -> int:
+        cfg = self.cfg
+        pool = load_images(cfg.data, data_dir=cfg.data_dir, resolution=cfg.resolution, grayscale=cfg.grayscale,
+                           center_crop=cfg.center_crop).images
+        return (len(pool) - cfg.n_test) // cfg.splits
+
     def schedule(self) -> NoiseSchedule:
         return noise_schedule(self.cfg.schedule, self.cfg.T, self.cfg.scheduler_config)
 
@@ -213,8 +233,8 @@ class ImageAudit(TwinExperiment):
 
     def loss(self):
         if self.cfg.conditional:
-            return eps_mse_conditional_loss, (self.schedule(), self.cfg.label_dropout, self.num_classes)
-        return eps_mse_loss, (self.schedule(),)
+            return EpsMSEConditionalLoss(self.schedule(), self.cfg.label_dropout, null_label=self.num_classes)
+        return EpsMSELoss(self.schedule())
 
     def reference(self, data: Data, members) -> dict:
         """The data, and the held-out reference of the data-copying test: the test images' nearest-neighbour
@@ -286,27 +306,6 @@ def export_checkpoint(run: str | Path, model: int, step: int, out: str | Path) -
                            "[-1, 1] (--scaling minus1to1).")
     stem = checkpoint_stem(Path(run) / "models" / f"model{model}", step)
     return export_pipeline(stem, out, noise_schedule(cfg["schedule"], cfg["T"], cfg["scheduler_config"]))
-
-
-def member_sidecar(weights: str | Path) -> dict | None:
-    """The sidecar of one audit model's checkpoint ``<stem>.safetensors`` (``<stem>.json``: the audit's
-    config, the network's arguments, the model's split), or None when ``weights`` is no such checkpoint."""
-    sidecar = Path(weights).with_suffix(".json")
-    if Path(weights).suffix != ".safetensors" or not sidecar.is_file():
-        return None
-    meta = read_json(sidecar)
-    keys_ok = isinstance(meta, dict) and {"config", "model", "split", "step"} <= set(meta)
-    return meta if keys_ok and "scaling" in meta["config"] else None
-
-
-def member_experiment(sidecar: dict) -> ImageAudit:
-    """The audit a model checkpoint (its :func:`member_sidecar`) belongs to, on the CPU."""
-    return ImageAudit(build_config(AuditConfig, {}, None, None, {**sidecar["config"], "device": "cpu"}))
-
-
-def load_member(weights: str | Path, sidecar: dict) -> torch.nn.Module:
-    """The network of an audit model's checkpoint, in eval mode on the CPU (either kind of network)."""
-    return load_model(network_class(sidecar["config"]["model"]), sidecar["model"], Path(weights).with_suffix(""), "cpu")
 
 
 def audit(out: str | Path, preset: str | None = "default", config: str | Path | None = None, *,
@@ -444,17 +443,3 @@ def loss_bands(records: list[dict], n_boot: int, seed: int) -> dict:
             "rule": "a band's test-minus-train gap opens at the first checkpoint from which it stays above its "
                     "early level (first 3 checkpoints) by more than 3x its checkpoint noise"}
 
-
-def gallery_rows(run: Path, summary: dict, train_sets, members, n: int = 10):
-    """Rows for the gallery: twin samples at tau_bias and at the last checkpoint, with their nearest training images."""
-    (a, b) = model_pairs(members)[0][0]
-    rows = []
-    for label, step in (("tau_bias", summary["tau_bias"]["step"]), ("final", summary["checkpoints"][-1])):
-        samples = load_tensors(run / "samples" / f"step_{step:07d}")[0]["samples"]
-        sa, sb = samples[a][:n], samples[b][:n]
-        own = nearest_neighbors(sa, train_sets[members[a][0]])["index"]
-        oth = nearest_neighbors(sa, train_sets[members[b][0]])["index"]
-        rows += [(f"{label} (step {step}): model A", sa), (f"{label}: model B, same noise", sb),
-                 (f"{label}: nearest to A in A's split", train_sets[members[a][0]][own]),
-                 (f"{label}: nearest to A in B's split", train_sets[members[b][0]][oth])]
-    return rows

@@ -9,7 +9,7 @@
 
 Sources: ``digits`` (scikit-learn's bundled 8x8 digits), ``fashion-mnist``
 (IDX files), ``cifar10`` (the python-pickle batches, read by a restricted
-unpickler that cannot run code), or a path: a folder of PNG/JPEG images
+unpickler that cannot run code), or a path: a folder of PNG/JPEG/TIFF images
 (searched recursively, sorted, hidden files skipped) or a ``.npz``/``.npy`` array.
 
 Every loader returns float32 images ``(N, C, H, W)`` in ``[0, 1]``. Optional
@@ -108,7 +108,7 @@ def load_images(
             x = preprocess(x, **options)
         else:
             raise BiasgenError(
-                f"cannot read '{path}': --data takes a folder of PNG/JPEG images or a .npz/.npy file; "
+                f"cannot read '{path}': --data takes a folder of PNG/JPEG/TIFF images or a .npz/.npy file; "
                 "put single images in a folder and pass the folder.")
     return ImageData(x.contiguous(), name, source, labels, dict(options, limit=limit))
 

@@ -252,6 +252,7 @@ def export_pipeline(model, out: str | Path, schedule: NoiseSchedule, *, unet_con
     checkpoint (``<stem>.safetensors`` + ``<stem>.json``) whose sidecar holds the
     UNet config under ``model.config`` (or pass ``unet_config``). The folder is
     written to a temporary name and moved into place, so it is complete or absent.
+    ``overwrite`` replaces only a folder that holds an exported pipeline (``model_index.json``).
     """
     diffusers = require_diffusers()
     out = Path(out)
@@ -270,6 +271,9 @@ def export_pipeline(model, out: str | Path, schedule: NoiseSchedule, *, unet_con
         raise BiasgenError(f"{out} is a file; choose a folder to export to.")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise BiasgenError(f"{out} is not empty; choose another folder or pass overwrite=True.")
+    if out.exists() and any(out.iterdir()) and not (out / "model_index.json").is_file():
+        raise BiasgenError(f"{out} holds files but no exported pipeline (model_index.json); overwrite replaces only "
+                           "a pipeline folder. Choose another folder.")
     scheduler = diffusers.DDPMScheduler(**scheduler_config(schedule, clip))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))

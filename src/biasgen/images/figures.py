@@ -5,7 +5,7 @@ Every figure tolerates partial runs: a record may lack any metric (or hold
 object API (no pyplot, no display, no backend switch) and written atomically
 (:func:`biasgen.runs.write_figure`).
 
-    plot_all(run_dir, records, summary, gallery_rows)
+    plot_all(run_dir, records, summary, gallery_rows(run_dir, summary, train_sets, members))  # biasgen.images.gallery
     # -> fig_loss_twin.png, fig_score_similarity.png, fig_memorization.png, fig_loss_bands.png, fig_gallery.png
 
 A record looks like ``{"step": 120, "test_loss": 0.31, "test_loss_sem": 0.01,
@@ -27,16 +27,20 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from ..errors import BiasgenError
 from ..runs import write_figure
+from .gallery import plot_gallery
 
 NN_STYLE = [  # (record key part, colour, line style, legend) of the nearest-neighbour curves
     ("own", "tab:red", "-", "own split"),
     ("other", "tab:orange", "--", "other split"),
     ("test", "tab:green", ":", "test set"),
 ]
-TAU_STYLE = {"tau_bias": ("tab:red", "$\\tau_{bias}$"), "tau_loss": ("tab:blue", "$\\tau_{loss}$"),
-             "tau_mem": ("tab:purple", "$\\tau_{mem}$")}
+MONITOR_NN_STYLE = [  # the same for the single-run monitor's records
+    ("train", "tab:red", "-", "to training images (size-matched)"),
+    ("heldout", "tab:green", ":", "to held-out images (size-matched)"),
+]
+TAU_STYLE = {"tau_bias": ("tab:red", "$\\tau_{bias}$"), "tau_data": ("tab:green", "$\\tau_{data}$"),
+             "tau_loss": ("tab:blue", "$\\tau_{loss}$"), "tau_mem": ("tab:purple", "$\\tau_{mem}$")}
 
 
 # -- helpers ---------------------------------------------------------------
@@ -119,7 +123,8 @@ def _step_axis(ax: Axes, records: Sequence[dict]) -> None:
 
 
 def _mark_taus(ax: Axes, summary: dict | None, label: bool = True) -> None:
-    """Vertical lines at tau_bias, tau_loss and tau_mem (when located) with their intervals, and the biased window shaded."""
+    """Vertical lines at tau_bias, tau_data, tau_loss and tau_mem (when located) with their intervals, and the biased
+    window shaded."""
     summary = summary or {}
     window = _pair(summary.get("window"))
     if window:
@@ -156,6 +161,10 @@ def plot_loss_and_twin_distance(records: Sequence[dict], summary: dict | None, p
                            "twins, different splits (mean over pairs)", color="tab:red")
     _plot_band(ax2, records, _pair_mean("same_split_distance_pairs"), lambda r: None,
                "same-split control (mean over pairs)", color="tab:gray", linestyle="--")
+    curves = (summary or {}).get("curves") or {}
+    if curves.get("contrast"):  # the curve the verdict decides on when there are controls
+        ax2.plot(curves["steps"], curves["contrast"], color="tab:green", linestyle="-.", marker=".",
+                 label="contrast: twins − controls")
     ax2.set_ylabel("cosine distance of shared-noise samples $D_{cos}$", color="tab:red")
     if not (drew_loss or drew_twin):
         _empty(ax, "loss or twin distance")
@@ -208,6 +217,22 @@ def plot_score_similarity(records: Sequence[dict], summary: dict | None, path: s
     return _save(fig, path)
 
 
+def _plot_nn(ax: Axes, records: Sequence[dict], suffix: str, ylabel: str, style: list[tuple]) -> None:
+    """Nearest-neighbour proximity over training on ``ax``: one curve per ``(which, colour, line style, legend)`` of
+    ``style``, read from the records' ``nn_{which}_{suffix}`` (``suffix``: ``sim`` or ``l2``)."""
+    drew = False
+    for which, color, line, name in style:
+        s, v = _series(records, _key(f"nn_{which}_{suffix}"))
+        if len(s):
+            ax.plot(s, v, marker="o", markersize=3, color=color, linestyle=line, label=name)
+            drew = True
+    if drew:
+        ax.legend(fontsize=8)
+    else:
+        _empty(ax, ylabel)
+    ax.set_ylabel(ylabel)
+
+
 def _plot_f_mem(ax: Axes, records: Sequence[dict]) -> None:
     """f_mem over training with its bootstrap CI band on ``ax``."""
     steps, f_mem = _series(records, _key("f_mem"))
@@ -233,59 +258,9 @@ def plot_memorization(records: Sequence[dict], path: str | Path) -> Path:
 
     _plot_f_mem(ax_mem, records)
 
-    for ax, suffix, ylabel in ((ax_sim, "sim", "NN cosine similarity"), (ax_l2, "l2", "NN L2 distance")):
-        drew = False
-        for which, color, style, name in NN_STYLE:
-            s, v = _series(records, _key(f"nn_{which}_{suffix}"))
-            if len(s):
-                ax.plot(s, v, marker="o", markersize=3, color=color, linestyle=style, label=name)
-                drew = True
-        if drew:
-            ax.legend(fontsize=8)
-        else:
-            _empty(ax, ylabel)
-        ax.set_ylabel(ylabel)
+    _plot_nn(ax_sim, records, "sim", "NN cosine similarity", NN_STYLE)
+    _plot_nn(ax_l2, records, "l2", "NN L2 distance", NN_STYLE)
     fig.suptitle("Memorization and nearest-neighbour proximity of samples", fontsize=11)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_gallery(
-    rows: Sequence[tuple[str, torch.Tensor]],
-    path: str | Path,
-    value_range: tuple[float, float] = (-1.0, 1.0),
-) -> Path:
-    """A labelled grid, one row per ``(label, images)``; ``images`` ``(N, C, H, W)`` with ``C`` in {1, 3}.
-
-    ``value_range`` is the pixel range of the images: ``(-1, 1)`` or ``(0, 1)``;
-    values outside it are clipped. Rows may hold different numbers of images.
-    """
-    if not rows:
-        raise BiasgenError("plot_gallery needs at least one (label, images) row.")
-    lo, hi = map(float, value_range)
-    if not hi > lo:
-        raise BiasgenError(f"plot_gallery value_range must be (low, high) with high > low, got {value_range}.")
-    strips = []
-    for label, images in rows:
-        x = torch.as_tensor(images).detach().float().cpu()
-        if x.ndim != 4 or x.shape[1] not in (1, 3) or len(x) == 0:
-            raise BiasgenError(
-                f"Gallery row {label!r} must be a non-empty (N, C, H, W) tensor with C = 1 or 3, got {tuple(x.shape)}."
-            )
-        strips.append((label, ((x - lo) / (hi - lo)).clamp(0, 1).permute(0, 2, 3, 1).numpy()))  # (N, H, W, C)
-    n_cols = max(len(s) for _, s in strips)
-    h = max(s.shape[1] for _, s in strips)
-    w = max(s.shape[2] for _, s in strips)
-    cell = 0.6  # inches per image
-    fig = Figure(figsize=(max(4.0, 1.0 + cell * n_cols), (cell + 0.3) * len(strips)))
-    axes = fig.subplots(len(strips), 1, squeeze=False)[:, 0]
-    for ax, (label, imgs) in zip(axes, strips):
-        canvas = np.ones((h, n_cols * (w + 1) - 1, 3))  # one white pixel between images
-        for j, img in enumerate(imgs):
-            canvas[: img.shape[0], j * (w + 1) : j * (w + 1) + img.shape[1]] = img  # broadcasts gray to RGB
-        ax.imshow(canvas, interpolation="nearest", vmin=0, vmax=1)
-        ax.set_title(label, loc="left", fontsize=9)
-        ax.set_axis_off()
     fig.tight_layout()
     return _save(fig, path)
 
@@ -406,19 +381,8 @@ def plot_monitor(records: Sequence[dict], path: str | Path, z_threshold: float =
         _empty(ax_z, "data-copying z")
     ax_z.set_ylabel("data-copying z (< 0: closer to training)")
 
-    for ax, suffix, ylabel in ((ax_l2, "l2", "NN L2 distance of samples"), (ax_sim, "sim", "NN cosine similarity")):
-        drew = False
-        for which, color, style in (("train", "tab:red", "-"), ("heldout", "tab:green", ":")):
-            s, v = _series(records, _key(f"nn_{which}_{suffix}"))
-            if len(s):
-                ax.plot(s, v, marker="o", markersize=3, color=color, linestyle=style,
-                        label=f"to {'training' if which == 'train' else 'held-out'} images (size-matched)")
-                drew = True
-        if drew:
-            ax.legend(fontsize=8)
-        else:
-            _empty(ax, ylabel)
-        ax.set_ylabel(ylabel)
+    _plot_nn(ax_l2, records, "l2", "NN L2 distance of samples", MONITOR_NN_STYLE)
+    _plot_nn(ax_sim, records, "sim", "NN cosine similarity", MONITOR_NN_STYLE)
 
     _plot_f_mem(ax_mem, records)
 

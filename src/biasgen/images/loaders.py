@@ -2,7 +2,8 @@
 
 Readers: scikit-learn's bundled 8x8 digits, Fashion-MNIST IDX files, the CIFAR-10
 python batches (through a restricted unpickler that cannot run code), a folder
-of PNG/JPEG images, a ``.npz``/``.npy`` array. Preprocessing, in this order:
+of PNG/JPEG/TIFF images (8- or 16-bit, scaled by their true full scale; palette
+and transparency on white: :func:`image_pixels`), a ``.npz``/``.npy`` array. Preprocessing, in this order:
 luminance (``grayscale``), centre crop to a square, antialiased bilinear resize.
 :func:`biasgen.images.data.load_images` picks the reader.
 """
@@ -21,7 +22,7 @@ from ..errors import BiasgenError
 from ..runs import progress_bar
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights, as PIL's "L" mode
 
 
@@ -145,10 +146,10 @@ def folder_labels(folder: Path, limit: int | None) -> torch.Tensor | None:
 
 
 def load_folder(folder: Path, limit: int | None, **options) -> torch.Tensor:
-    """PNG/JPEG files under ``folder`` (recursive, sorted by path), each preprocessed as it is read."""
+    """PNG/JPEG/TIFF files under ``folder`` (recursive, sorted by path), each preprocessed as it is read."""
     files = image_files(folder)
     if not files:
-        raise BiasgenError(f"no PNG/JPEG images found in {folder} (searched recursively); put .png/.jpg "
+        raise BiasgenError(f"no PNG/JPEG/TIFF images found in {folder} (searched recursively); put .png/.jpg/.tif "
                            "files there, or pass a .npz/.npy file or a data set name.")
     from PIL import Image
 
@@ -157,8 +158,7 @@ def load_folder(folder: Path, limit: int | None, **options) -> torch.Tensor:
         try:
             with Image.open(path) as img:
                 img.load()
-                bands = img.getbands()
-                img = img.convert("L" if bands in (("L",), ("L", "A"), ("1",), ("I",), ("F",)) else "RGB")
+                pixels = image_pixels(img, path)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise BiasgenError(f"cannot read image {path} ({e}); remove or replace that file.") from e
         if options["resolution"] is None:
@@ -168,11 +168,42 @@ def load_folder(folder: Path, limit: int | None, **options) -> torch.Tensor:
                 raise BiasgenError(
                     f"images differ in size: {p0} is {w0}x{h0} but {path} is {img.size[0]}x{img.size[1]} "
                     "(width x height); pass --resolution R to centre-crop and resize them all to RxR.")
-        arr = np.asarray(img, dtype=np.uint8)
-        x = _uint8_to_float(arr[None, None] if arr.ndim == 2 else arr.transpose(2, 0, 1)[None])
-        images.append(preprocess(x, **options)[0])
+        images.append(preprocess(torch.from_numpy(pixels)[None], **options)[0])
     channels = max(x.shape[0] for x in images)  # gray images join RGB ones as 3 equal channels
     return torch.stack([x.expand(channels, -1, -1) for x in images])
+
+
+def image_pixels(img, path: Path) -> np.ndarray:
+    """The pixels of a PIL image as float32 ``(C, H, W)`` in [0, 1], C = 1 (gray) or 3 (colour), each depth
+    scaled by its true full scale: 8-bit by 255, 16-bit by 65535; float images must lie in [0, 1].
+
+    Transparent pixels are composited on white (what a viewer shows); a palette becomes its colours.
+    Values are never clipped: an image whose full scale is unknown (32-bit integers) is refused.
+    """
+    mode = img.mode
+    if mode.startswith("I;16"):
+        return np.asarray(img, dtype=np.float32)[None] / 65535.0
+    if mode == "I" and img.format == "PNG":  # how some Pillow versions open 16-bit gray PNGs
+        return np.asarray(img, dtype=np.float32)[None] / 65535.0
+    if mode == "I":
+        raise ValueError("32-bit integer pixels have no fixed full scale; save the image with 8 or 16 bits")
+    if mode == "F":
+        x = np.asarray(img, dtype=np.float32)[None]
+        if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+            raise ValueError(f"float pixels must lie in [0, 1], found {np.nanmin(x):.4g}..{np.nanmax(x):.4g}")
+        return x
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode not in ("1", "L", "LA", "La", "RGB", "RGBA", "RGBa", "PA"):
+        img = img.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX
+    if img.mode in ("PA", "La", "RGBa"):
+        img = img.convert("RGBA")
+    x = np.asarray(img.convert("L") if img.mode == "1" else img, dtype=np.float32) / 255.0
+    x = x[..., None] if x.ndim == 2 else x
+    if img.mode in ("LA", "RGBA"):  # composite on white
+        colour, alpha = x[..., :-1], x[..., -1:]
+        x = colour * alpha + (1.0 - alpha)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
 def load_array(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:

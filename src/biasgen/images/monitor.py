@@ -24,14 +24,15 @@ figures ``fig_monitor.png`` and ``fig_monitor_gallery.png``. A Monitor re-create
 on the same folder continues it; a check at an already-recorded step is skipped.
 Checks leave the model's train/eval mode and the global random state as they were.
 
-``biasgen monitor --checkpoints DIR`` runs the same checks over a folder of saved
-checkpoints (:func:`monitor_checkpoints`): diffusers' checkpoint folders, safetensors
-files of a UNet2DModel, or one model's checkpoints of a biasgen audit (``RUN/models/model0``).
+The settings of the measurement are one :class:`MonitorConfig` (also the flags of
+``biasgen monitor``, which runs the same checks over a folder of saved checkpoints:
+:mod:`biasgen.images.monitor_command`). While it lives, a Monitor holds its folder's
+lock (:class:`biasgen.runs.RunLock`; :meth:`Monitor.close` releases it).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import hashlib
 import sys
 import time
@@ -42,9 +43,10 @@ from typing import Callable, Sequence
 import torch
 
 from ..checkpoint import load_tensors, save_tensors
+from ..config import ReadsInputs, check, check_at_least, opt
 from ..errors import BiasgenError
 from .metrics import data_copying_z, frozen_noise_loss, loss_by_t, memorized_fraction, nearest_neighbors
-from ..runs import append_jsonl, prepare_run_dir, progress_bar, read_json, read_jsonl, write_json
+from ..runs import STEP, append_jsonl, claim_run_dir, read_json, read_jsonl, write_json
 from ..sampler import sample, timesteps, x0_from_eps_model
 from ..schedule import NoiseSchedule
 from ..seeds import SeedPlan
@@ -58,6 +60,42 @@ FLAG_TEXT = {
 GALLERY_SIZE = 10
 MONITOR_STREAMS = ("monitor_loss", "monitor_loss_heldout", "monitor_loss_train", "monitor_reference_heldout",
                    "monitor_reference_train", "f_mem_bootstrap")  # the named seeds (biasgen.seeds) a monitor uses
+
+
+@dataclasses.dataclass
+class MonitorConfig(ReadsInputs):
+    """What a monitor measures at each check; every field is also a flag of ``biasgen monitor``."""
+
+    n_samples: int = opt(64, "samples per check, from fixed shared noise")
+    sampler: str = opt("ddim", "ddim (deterministic) or ddpm (ancestral)")
+    sample_steps: int | None = opt(50, "sampling steps, evenly spaced from T to 1 (none: all T)")
+    clip: float | None = opt(1.0, "clamp of the predicted clean image while sampling (none for data not in [-1, 1])")
+    n_loss: int = opt(512, "held-out and training images in the frozen-noise losses (at most)")
+    loss_bands: int = opt(10, "equal-width bands of t for the loss per noise level")
+    copy_z_threshold: float = opt(2.0, "flag samples as closer to the training data when the copying z < -threshold")
+    n_boot: int = opt(1000, "bootstrap resamples of the f_mem interval")
+    seed: int = opt(0, "seed of every fixed input: loss noise, sample noise, subsets, bootstrap")
+    device: str | None = opt(None, "where the model runs (none: the model's own device)")
+    batch_size: int = opt(256, "images per forward pass")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        check(self.sampler in ("ddim", "ddpm"), f"--sampler must be ddim or ddpm, got {self.sampler!r}.")
+        check_at_least(self, 1, "n_samples", "n_loss", "loss_bands", "batch_size")
+        check_at_least(self, 0, "n_boot")
+        check(self.clip is None or self.clip > 0, f"--clip must be positive (or none), got {self.clip}.")
+
+
+def monitor_config(config: MonitorConfig | None, settings: dict) -> MonitorConfig:
+    """``config`` (default: the defaults) with the keyword ``settings`` replaced, validated."""
+    config = config or MonitorConfig()
+    names = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise BiasgenError(f"Unknown monitor setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}.")
+    return dataclasses.replace(config, **settings)
 
 
 def _images(x, name: str) -> torch.Tensor:
@@ -138,60 +176,44 @@ class Monitor:
         train_images,  # (N, C, H, W) the training images, scaled as the model sees them (e.g. [-1, 1])
         heldout_images,  # (M, C, H, W) images the model never trains on, same scaling
         out: str | Path = "runs/monitor",  # run folder
+        config: MonitorConfig | None = None,  # what to measure (default: MonitorConfig())
         *,
         schedule: NoiseSchedule | None = None,  # the training noise schedule (default: linear, T=1000)
-        n_samples: int = 64,  # samples per check, from fixed shared noise
-        sampler: str = "ddim",  # "ddim" (deterministic) or "ddpm" (ancestral)
-        sample_steps: int | None = 50,  # sampling steps, evenly spaced from T to 1 (None: all T)
-        clip: float | None = 1.0,  # clamp of x0_hat while sampling (1.0 for images in [-1, 1], None for none)
-        n_loss: int = 512,  # held-out and training images in the frozen-noise losses (at most)
-        loss_bands: int = 10,  # equal-width bands of t for the loss per noise level
-        copy_z_threshold: float = 2.0,  # flag samples as closer to training data when z < -threshold
-        n_boot: int = 1000,  # bootstrap resamples of the f_mem CI
-        seed: int = 0,  # fixes the loss noise, the sample noise, the subsets and the bootstrap
         value_range: tuple[float, float] = (-1.0, 1.0),  # pixel range of the images, for the gallery
-        device: str | None = None,  # where the model runs (default: the model's own device)
-        batch_size: int = 256,  # images per forward pass
         figures: bool = True,  # redraw the figures at every check
         verbose: bool = True,  # print one line per check
-        force: bool = False,  # delete whatever is in `out` and start over
+        force: bool = False,  # delete the monitor run in `out` and start over
         meta: dict | None = None,  # extra JSON settings that define the run (recorded in run.json)
+        inputs: Sequence[str | Path] = (),  # files and folders the run reads: `out` may not overlap them
+        **settings,  # MonitorConfig fields, replacing those of `config` (e.g. n_samples=128)
     ):
+        cfg = self.cfg = monitor_config(config, settings)
         self.train = _images(train_images, "train_images")
         self.heldout = _images(heldout_images, "heldout_images")
         if self.train.shape[1:] != self.heldout.shape[1:]:
             raise BiasgenError(f"Training images {tuple(self.train.shape[1:])} and held-out images "
                                f"{tuple(self.heldout.shape[1:])} differ in shape; give both the same size and channels.")
-        if sampler not in ("ddim", "ddpm"):
-            raise BiasgenError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}.")
-        for name, value in (("n_samples", n_samples), ("n_loss", n_loss),
-                            ("loss_bands", loss_bands), ("batch_size", batch_size)):
-            if value < 1:
-                raise BiasgenError(f"{name} must be at least 1, got {value}.")
         self.schedule = schedule or NoiseSchedule.linear()
-        timesteps(self.schedule, sample_steps)  # a clear error now for a step count outside [1, T]
-        self.n_samples, self.sampler, self.sample_steps, self.clip = n_samples, sampler, sample_steps, clip
-        self.loss_bands, self.copy_z_threshold, self.n_boot = loss_bands, copy_z_threshold, n_boot
-        self.value_range, self.device, self.batch_size = value_range, device, batch_size
-        self.figures, self.verbose = figures, verbose
+        timesteps(self.schedule, cfg.sample_steps)  # a clear error now for a step count outside [1, T]
+        self.value_range, self.figures, self.verbose = value_range, figures, verbose
 
         overlap = count_overlap(self.train, self.heldout)
         if overlap:
             warnings.warn(f"{overlap} of the {len(self.heldout)} held-out images are exact copies of training images: "
                           "the validation loss and the data-copying test then understate the gap. Remove them from "
                           "the held-out set.", stacklevel=2)
-        config = dict(
+        stored = dict(
             train={"n": len(self.train), "shape": list(self.train.shape[1:]), "sha1": _digest(self.train)},
             heldout={"n": len(self.heldout), "shape": list(self.heldout.shape[1:]), "sha1": _digest(self.heldout)},
             schedule={"name": self.schedule.name, "T": self.schedule.T,
                       "betas_sha1": _digest(self.schedule.betas.float())},
-            n_samples=n_samples, sampler=sampler, sample_steps=sample_steps or self.schedule.T,
-            clip=clip, n_loss=n_loss, loss_bands=loss_bands, copy_z_threshold=copy_z_threshold, n_boot=n_boot,
-            seed=seed, value_range=list(value_range), meta=meta or {},
-            device=device, batch_size=batch_size, figures=figures, verbose=verbose,
+            **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(MonitorConfig)},
+            value_range=list(value_range), meta=meta or {}, figures=figures, verbose=verbose,
         )
-        self.out = prepare_run_dir(out, config, resume=True, force=force, kind="monitor", runtime_keys=RUNTIME_KEYS)
-        plan = SeedPlan(seed)
+        stored["sample_steps"] = cfg.sample_steps or self.schedule.T
+        self.out, self.lock = claim_run_dir(out, stored, resume=True, force=force, kind="monitor",
+                                            runtime_keys=RUNTIME_KEYS, inputs=inputs)
+        plan = SeedPlan(cfg.seed)
         self.seeds = {name: plan.evaluation(name) for name in MONITOR_STREAMS}
         self.seeds["sample_noise"] = plan.describe(0)["sample_noise"]
         run = read_json(self.out / "run.json")
@@ -201,23 +223,34 @@ class Monitor:
 
         # fixed inputs, the same at every check: loss subsets (paired: image i of both gets the same t and noise),
         # size-matched nearest-neighbour references, the held-out images' distances to the training set
-        n = min(n_loss, len(self.train), len(self.heldout))
+        n = min(cfg.n_loss, len(self.train), len(self.heldout))
         self.loss_heldout = _subset(self.heldout, n, self.seeds["monitor_loss_heldout"])
         self.loss_train = _subset(self.train, n, self.seeds["monitor_loss_train"])
         self.ref_train, self.ref_heldout = reference_sets(self.train, self.heldout, self.seeds)
         self.heldout_l2 = nearest_neighbors(self.ref_heldout, self.train)["l2"]
-        self.sample_seeds = plan.sample_seeds(n_samples)
+        self.sample_seeds = plan.sample_seeds(cfg.n_samples)
+
+    def close(self) -> None:
+        """Release the run folder's lock (:class:`biasgen.runs.RunLock`), so another Monitor may continue it;
+        the lock is also released when the process ends."""
+        self.lock.release()
+
+    def __enter__(self) -> "Monitor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- records ---------------------------------------------------------------------------------
     @property
     def records(self) -> list[dict]:
         """Every check recorded so far, in step order."""
-        return sorted(read_jsonl(self.out / "metrics.jsonl"), key=lambda r: r["step"])
+        return sorted(read_jsonl(self.out / "metrics.jsonl", STEP), key=lambda r: r["step"])
 
     @property
     def steps(self) -> set[int]:
         """The steps already recorded."""
-        return {r["step"] for r in read_jsonl(self.out / "metrics.jsonl")}
+        return {r["step"] for r in read_jsonl(self.out / "metrics.jsonl", STEP)}
 
     # -- one check ------------------------------------------------------------------------------
     def check(self, step: int, model) -> dict:
@@ -235,25 +268,25 @@ class Monitor:
             return done[step]
         started = time.time()
         eps = _eps_model(model)
-        device = self.device or _device_of(model)
+        device = self.cfg.device or _device_of(model)
         shape = tuple(self.train.shape[1:])
         with _evaluating(model):
             val = frozen_noise_loss(eps, self.loss_heldout, self.schedule, seed=self.seeds["monitor_loss"],
-                                    batch_size=self.batch_size, device=device)
+                                    batch_size=self.cfg.batch_size, device=device)
             tr = frozen_noise_loss(eps, self.loss_train, self.schedule, seed=self.seeds["monitor_loss"],
-                                   batch_size=self.batch_size, device=device)
-            samples = sample(x0_from_eps_model(eps, self.schedule, clip=self.clip), self.schedule, shape,
-                             self.sample_seeds, method=self.sampler, steps=self.sample_steps,
-                             batch_size=self.batch_size, device=device)
+                                   batch_size=self.cfg.batch_size, device=device)
+            samples = sample(x0_from_eps_model(eps, self.schedule, clip=self.cfg.clip), self.schedule, shape,
+                             self.sample_seeds, method=self.cfg.sampler, steps=self.cfg.sample_steps,
+                             batch_size=self.cfg.batch_size, device=device)
         if not bool(torch.isfinite(samples).all()) or not torch.isfinite(val["per_example"]).all():
             raise BiasgenError(f"The model gives NaN or infinite outputs at step {step}: training has diverged.")
 
         nn_full = nearest_neighbors(samples, self.train)
         nn_train, nn_heldout = nearest_neighbors(samples, self.ref_train), nearest_neighbors(samples, self.ref_heldout)
-        f_mem = memorized_fraction(nn_full["l2"], nn_full["l2_second"], n_boot=self.n_boot,
+        f_mem = memorized_fraction(nn_full["l2"], nn_full["l2_second"], n_boot=self.cfg.n_boot,
                                    seed=self.seeds["f_mem_bootstrap"])
-        val_t = loss_by_t(val["per_example"], val["t"], n_bins=self.loss_bands, T=self.schedule.T)
-        train_t = loss_by_t(tr["per_example"], tr["t"], n_bins=self.loss_bands, T=self.schedule.T)
+        val_t = loss_by_t(val["per_example"], val["t"], n_bins=self.cfg.loss_bands, T=self.schedule.T)
+        train_t = loss_by_t(tr["per_example"], tr["t"], n_bins=self.cfg.loss_bands, T=self.schedule.T)
         record = {
             "step": step,
             "val_loss": val["mean"],
@@ -276,7 +309,7 @@ class Monitor:
 
         # the samples first, then the record: a record on disk means the check is complete
         save_tensors(self.out / "samples" / f"step_{step:07d}", {"samples": samples},
-                     {"step": step, "sampler": self.sampler, "seeds": self.seeds["sample_noise"]})
+                     {"step": step, "sampler": self.cfg.sampler, "seeds": self.seeds["sample_noise"]})
         append_jsonl(self.out / "metrics.jsonl", record)
         write_json(self.out / "summary.json", summarize(self.records))
         if self.figures:
@@ -290,19 +323,20 @@ class Monitor:
         copies = record["f_mem_ci"][0] > 0
         return {
             "val_loss_minimum": all(record["val_loss"] <= r["val_loss"] for r in earlier),
-            "closer_to_train": record["copy_z"] < -self.copy_z_threshold,
+            "closer_to_train": record["copy_z"] < -self.cfg.copy_z_threshold,
             "copies": copies,
             "first_copies": copies and not any(r["flags"]["copies"] for r in earlier),
         }
 
     def plot(self) -> None:
         """Draw ``fig_monitor.png`` from every record and ``fig_monitor_gallery.png`` from the last step's samples."""
-        from .figures import plot_gallery, plot_monitor
+        from .figures import plot_monitor
+        from .gallery import plot_gallery
 
         records = self.records
         if not records:
             return
-        plot_monitor(records, self.out / "fig_monitor.png", z_threshold=self.copy_z_threshold)
+        plot_monitor(records, self.out / "fig_monitor.png", z_threshold=self.cfg.copy_z_threshold)
         step = records[-1]["step"]
         samples = load_tensors(self.out / "samples" / f"step_{step:07d}")[0]["samples"][:GALLERY_SIZE]
         rows = [(f"step {step}: samples", samples),
@@ -334,162 +368,3 @@ def summarize(records: Sequence[dict]) -> dict:
         "first_closer_to_train_step": first("closer_to_train"),
         "first_copies_step": first("copies"),
     }
-
-
-# -- a folder of saved checkpoints (``biasgen monitor``) ---------------------------------------------
-
-def monitor_checkpoints(
-    checkpoints: str | Path,  # folder of checkpoint-*/unet folders or numbered .safetensors files
-    train: str | None,  # training images: anything biasgen.images.data.load_images reads (audit models: optional)
-    heldout: str | None,  # held-out images, same
-    out: str | Path,  # run folder
-    *,
-    model_config: str | Path | None = None,  # UNet2DModel config.json (default: the first checkpoint's own)
-    scheduler_config: str | Path | None = None,  # diffusers scheduler_config.json (default: linear, T=1000)
-    subfolder: str = "unet",  # the sub-folder of each checkpoint folder to read ("unet_ema" for EMA weights)
-    resolution: int | None = None,  # resize the images to R x R
-    grayscale: bool = False,  # convert the images to one channel
-    progress: bool = True,  # a progress bar over checkpoints
-    **monitor_kwargs,  # n_samples, sampler, seed, device, force, ...: see Monitor
-) -> list[dict]:
-    """Run the monitor over every checkpoint in ``checkpoints`` in step order (resumable); returns the records.
-
-    Everything is checked before anything is written: the model config, the
-    data's channels and size, and that every checkpoint has that architecture.
-    Images are scaled to [-1, 1], as diffusers' training scripts do. The figures
-    are drawn once, after the last checkpoint.
-
-    The checkpoints of one model of a biasgen audit (``RUN/models/model0``: ``step_*.safetensors``
-    with their ``.json`` sidecars) bring their own network, noise schedule and data: without
-    ``train`` and ``heldout``, the monitor measures against the model's own split and the audit's
-    test set, which no model trained on.
-    """
-    from .audit import member_sidecar
-    from .diffusers_model import find_checkpoints
-
-    found = find_checkpoints(checkpoints, subfolder)
-    prepare = _audit_inputs if member_sidecar(found[0].weights) is not None else _diffusers_inputs
-    images, load, settings = prepare(found, train, heldout, model_config=model_config,
-                                     scheduler_config=scheduler_config, resolution=resolution, grayscale=grayscale)
-    meta = {"checkpoints": str(Path(checkpoints).resolve()), "subfolder": subfolder, "train": train and str(train),
-            "heldout": heldout and str(heldout), "resolution": resolution, "grayscale": grayscale,
-            **settings.pop("meta")}
-    monitor = Monitor(*images, out, meta=meta, figures=False, **{**settings, **monitor_kwargs})
-    done = monitor.steps
-    for ck in progress_bar([c for c in found if c.step not in done], progress, "checkpoints"):
-        monitor.check(ck.step, load(ck))
-    monitor.plot()  # once, at the end
-    return monitor.records
-
-
-def _load_scaled(train: str | None, heldout: str | None, resolution: int | None, grayscale: bool) -> list[torch.Tensor]:
-    """The training and held-out images scaled to [-1, 1]; a BiasgenError when either is missing."""
-    from .data import load_images, scale_images
-
-    if train is None or heldout is None:
-        raise BiasgenError("Pass both --train and --heldout: the images the checkpoints trained on and images they "
-                           "never saw (only the checkpoints of a biasgen audit bring their own).")
-    return [scale_images(load_images(d, resolution=resolution, grayscale=grayscale).images)[0] for d in (train, heldout)]
-
-
-def _diffusers_inputs(found, train, heldout, *, model_config, scheduler_config, resolution, grayscale):
-    """Images, checkpoint loader and Monitor settings (schedule, meta) for UNet2DModel checkpoints."""
-    from .diffusers_model import (check_architectures, check_unet_fits, load_checkpoint_unet, load_unet_config,
-                                         schedule_from_scheduler_config)
-
-    source = model_config or found[0].config
-    if source is None:
-        raise BiasgenError("The checkpoints are bare safetensors files: pass --model-config, the UNet2DModel "
-                           "config.json they were trained with.")
-    config = load_unet_config(source)
-    images = _load_scaled(train, heldout, resolution, grayscale)
-    check_unet_fits(config, images[0].shape[1:])
-    check_architectures(found, config, str(source))
-    schedule = schedule_from_scheduler_config(scheduler_config) if scheduler_config else NoiseSchedule.linear()
-    return images, lambda ck: load_checkpoint_unet(ck, config), {"schedule": schedule, "meta": {"model_config": config}}
-
-
-def _audit_inputs(found, train, heldout, *, model_config, scheduler_config, resolution, grayscale):
-    """Images, checkpoint loader and Monitor settings for one model's checkpoints of a biasgen audit: its schedule,
-    and no clamp of the predicted clean image for images not in [-1, 1] (``--scaling center``), as the audit samples."""
-    from .audit import load_member, member_experiment, member_sidecar
-
-    if model_config or scheduler_config:
-        raise BiasgenError("These are a biasgen audit's checkpoints: their sidecars hold the network and the noise "
-                           "schedule; leave out --model-config and --scheduler-config.")
-    sidecars = [member_sidecar(ck.weights) for ck in found]
-    first = sidecars[0]
-    strays = [str(ck.weights) for ck, sc in zip(found, sidecars)
-              if sc is None or (sc["config"], sc["model"], sc["split"], sc.get("split_seed"))
-              != (first["config"], first["model"], first["split"], first.get("split_seed"))]
-    if strays:
-        raise BiasgenError(f"{', '.join(strays[:3])} {'is' if len(strays) == 1 else 'are'} not checkpoints of the "
-                           f"same audit model as {found[0].weights}; point --checkpoints at one model's folder "
-                           "(RUN/models/model0).")
-    experiment = member_experiment(first)
-    if train is None and heldout is None:
-        data = experiment.load()
-        images = [data.train[first["split"]], data.test]
-    elif experiment.cfg.scaling != "minus1to1":
-        raise BiasgenError(f"The audit scaled its images with --scaling {experiment.cfg.scaling}; leave out --train "
-                           "and --heldout to measure against the audit's own split and test set.")
-    else:
-        images = _load_scaled(train, heldout, resolution, grayscale)
-    meta = {"audit": {"split": first["split"], "split_seed": first.get("split_seed"), "config": first["config"]}}
-    clip = 1.0 if experiment.cfg.scaling == "minus1to1" else None
-    return images, lambda ck: load_member(ck.weights, first), {"schedule": experiment.schedule(), "clip": clip, "meta": meta}
-
-
-HELP = ("the single-run monitor over a folder of saved checkpoints (diffusers checkpoint-*/unet, safetensors, "
-        "or one model of a biasgen audit)")
-
-
-def _step_count(text: str) -> int | None:
-    """``--sample-steps``: a number, or ``none`` for every step of the schedule (as ``biasgen audit`` spells it)."""
-    return None if text.lower() == "none" else int(text)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments of ``biasgen monitor``."""
-    p.add_argument("--checkpoints", required=True, metavar="DIR",
-                   help="folder of checkpoint-*/unet folders, numbered .safetensors files, or one model's folder "
-                        "of a biasgen audit (RUN/models/model0)")
-    p.add_argument("--model-config", metavar="FILE", help="UNet2DModel config.json (default: the checkpoints' own)")
-    p.add_argument("--scheduler-config", metavar="FILE", help="diffusers scheduler_config.json (default: linear, T=1000)")
-    p.add_argument("--subfolder", default="unet", help="sub-folder of each checkpoint to read (unet_ema for EMA weights)")
-    p.add_argument("--train", metavar="DATA", help="training images: folder, .npz, .npy or digits (the "
-                   "checkpoints of a biasgen audit default to their own split)")
-    p.add_argument("--heldout", metavar="DATA", help="held-out images, same forms (audit checkpoints: the audit's "
-                   "test set)")
-    p.add_argument("--out", default="runs/monitor", help="run folder (default: runs/monitor)")
-    p.add_argument("--resolution", type=int, help="resize the images to R x R pixels")
-    p.add_argument("--grayscale", action="store_true", help="convert the images to grayscale")
-    p.add_argument("--n-samples", type=int, default=64, help="samples per checkpoint (default 64)")
-    p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"), help="ddim (default) or ddpm (ancestral)")
-    p.add_argument("--sample-steps", type=_step_count, default=50, help="sampling steps (default 50; none: all T)")
-    p.add_argument("--n-loss", type=int, default=512, help="images in each frozen-noise loss (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every fixed input (default 0)")
-    p.add_argument("--device", help="torch device (default cpu)")
-    p.add_argument("--force", action="store_true", help="delete whatever is in --out and start over")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no per-checkpoint lines")
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run ``biasgen monitor`` for parsed ``args``; returns the exit status (the caller reports a BiasgenError)."""
-    try:
-        records = monitor_checkpoints(
-            args.checkpoints, args.train, args.heldout, args.out, model_config=args.model_config,
-            scheduler_config=args.scheduler_config, subfolder=args.subfolder, resolution=args.resolution,
-            grayscale=args.grayscale, progress=not args.quiet, n_samples=args.n_samples, sampler=args.sampler,
-            sample_steps=args.sample_steps, n_loss=args.n_loss, seed=args.seed, device=args.device or "cpu",
-            force=args.force, verbose=not args.quiet)
-    except KeyboardInterrupt:
-        print(f"\nbiasgen monitor: interrupted; run the same command again to continue in {args.out}", file=sys.stderr)
-        return 130
-    summary = summarize(records)
-    print(f"biasgen monitor: {len(records)} checkpoints measured in {args.out}\n"
-          f"  validation-loss minimum: step {summary['val_loss_min_step']}\n"
-          f"  first significant closeness to training data: step {summary['first_closer_to_train_step']}\n"
-          f"  first copies: step {summary['first_copies_step']}\n"
-          f"  results: metrics.jsonl, summary.json, fig_monitor.png, fig_monitor_gallery.png")
-    return 0

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import shlex
 from html import escape
 from pathlib import Path
 from typing import Callable
 
-from .kinds import GENERIC, KINDS, Kind, Run, read_run
+from .kinds import ReportView, Run, read_run, view_of
 from .sections import (figures_section, gallery_section, others_section, settings_section, table_section,
                               verdict_section)
 from .sweep_page import SWEEP_PAGE
@@ -109,10 +110,10 @@ def _sha256(text: str) -> str:
 CSP = f"default-src 'none'; img-src data:; style-src {_sha256(STYLE)}; script-src {_sha256(SCRIPT)}"
 
 
-def _guarded(draw: Callable[[Run, Kind], str], run: Run, kind: Kind) -> str:
+def _guarded(draw: Callable[[Run, ReportView], str], run: Run, view: ReportView) -> str:
     """A section's HTML, or a note when the folder's files do not fit it (a report must never fail)."""
     try:
-        return draw(run, kind)
+        return draw(run, view)
     except Exception as e:  # noqa: BLE001 - a malformed or half-written file must not break the whole page
         return f"<p class=\"notes\">This section could not be drawn from the run's files: {escape(repr(e))}</p>"
 
@@ -130,10 +131,10 @@ PAGES = {"sweep": SWEEP_PAGE}  # kinds of run whose page is not a twin run's
 
 def render(run: Run) -> str:
     """The whole page for ``run`` as one HTML string."""
-    kind = KINDS.get(run.kind, GENERIC)
+    view = view_of(run.kind)
     body = []
     for title, draw in PAGES.get(run.kind, TWIN_PAGE):
-        html = _guarded(draw, run, kind)
+        html = _guarded(draw, run, view)
         if html:
             body.append(f"<section><h2>{title}</h2>{html}</section>" if title else html)
     notes = "".join(f"<li>{escape(n)}</li>" for n in run.notes)
@@ -144,9 +145,9 @@ def render(run: Run) -> str:
         f"<meta http-equiv=\"Content-Security-Policy\" content=\"{CSP}\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
         f"<title>biasgen {escape(run.kind)} report: {name}</title><style>{STYLE}</style></head><body>"
-        f"<h1>biasgen {escape(kind.title if kind is not GENERIC else run.kind)} report: {name}</h1>"
+        f"<h1>biasgen {escape(view.title)} report: {name}</h1>"
         f"<p class=\"sub\">Run folder <code>{name}</code> · kind <code>{escape(run.kind)}</code> · {state} · "
-        f"rebuild with <code>biasgen report {name}</code></p>"
+        f"rebuild with <code>biasgen report {escape(shlex.quote(run.folder.resolve().name))}</code></p>"
         + (f"<ul class=\"notes\">{notes}</ul>" if notes else "")
         + "".join(body)
         + f"<script>{SCRIPT}</script></body></html>\n"

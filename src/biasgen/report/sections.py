@@ -9,11 +9,13 @@ import base64
 from html import escape
 from pathlib import Path
 
-from .kinds import Column, Kind, Run, _dict, _summary
+from .kinds import Column, ReportView, Run, _dict, _summary
 
 
 VERDICTS = {  # verdict -> (plain wording, tone)
     "biased-generalization-detected": ("Biased generalization detected", "bad"),
+    "overfitting": ("Overfitting, not biased generalization: the twins drift apart only after the test-loss minimum",
+                    "warn"),
     "no-bias-detected": ("No biased generalization detected", "good"),
     "inconclusive": ("Inconclusive", "warn"),
 }
@@ -21,6 +23,8 @@ VERDICTS = {  # verdict -> (plain wording, tone)
 TERMS = {  # plain meaning of each onset time, said where it first appears
     "tau_bias": "the checkpoint where the twins (the same network trained on disjoint splits of the data) agree "
                 "most; after it they drift apart because each leans on its own training split",
+    "tau_data": "the last checkpoint before the twins start drifting apart more than same-split control pairs (two "
+                "seeds on the same data) do: the onset of the part of the divergence that is due to the data",
     "tau_loss": "the checkpoint with the lowest test loss, where ordinary early stopping would stop",
     "tau_mem": "the first checkpoint at which generated samples clearly copy training examples (the 95% lower bound "
                "of the share of copies is above zero): memorization proper",
@@ -32,24 +36,30 @@ TERMS = {  # plain meaning of each onset time, said where it first appears
 }
 
 EVIDENCE = {  # summary key -> label, in display order; absent keys are skipped
+    "p_value": "P value of a rise by the test-loss minimum (largest over its 95% interval)",
+    "tested_until": "decisive test taken at step",
+    "p_value_at_tau_loss": "P value at tau_loss itself",
+    "p_value_end": "P value of a rise by the end of training",
+    "candidate_costs": "test loss at each candidate stopping step",
     "p_bias_before_loss": "P(tau_bias < tau_loss)",
-    "p_value": "P value",
     "window": "biased window [tau_bias, tau_loss]",
     "control": "control",
-    "drift": "drift",
+    "drift": "rise by the decisive step",
+    "drift_end": "rise by the end of training",
     "evidence": "evidence",
     "n_twin_pairs": "twin pairs",
     "n_control_pairs": "same-split control pairs",
     "recommendation_basis": "recommendation based on",
     "coarse_to_fine": "coarse-to-fine learning",
 }
-SHOWN_ELSEWHERE = {"verdict", "reason", "recommended_step", "recommendation", "tau_loss_open", "units", "checkpoints",
+SHOWN_ELSEWHERE = {"verdict", "reason", "recommended_step", "recommended_ci", "recommendation", "tau_loss_open", "units",
+                   "checkpoints",
                    "complete", "data", "models", "config", "seeds", "environment", "sampler", "timing"}
 
 
 # -- page sections -----------------------------------------------------------------------------
 
-def verdict_section(run: Run, kind: Kind) -> str:
+def verdict_section(run: Run, view: ReportView) -> str:
     if not run.finished:
         k, c = len(run.records), run.planned_checkpoints
         last = f" (last: step {run.records[-1]['step']})" if run.records else ""
@@ -133,20 +143,20 @@ def _figure(path: Path, caption: str) -> str:
             f"<figcaption>{escape(caption)} <span class=\"file\">({escape(path.name)})</span></figcaption></figure>")
 
 
-def _caption(kind: Kind, path: Path) -> str:
-    return kind.captions.get(path.name) or "Figure: " + path.stem.removeprefix("fig_").replace("_", " ") + "."
+def _caption(view: ReportView, path: Path) -> str:
+    return view.captions.get(path.name) or "Figure: " + path.stem.removeprefix("fig_").replace("_", " ") + "."
 
 
-def figures_section(run: Run, kind: Kind) -> str:
-    shown = sorted((f for f in run.figures if f.name not in kind.gallery_figures), key=lambda f: f.name != kind.main_figure)
+def figures_section(run: Run, view: ReportView) -> str:
+    shown = sorted((f for f in run.figures if f.name not in view.gallery_figures), key=lambda f: f.name != view.main_figure)
     if not shown:
         return "<p>The figures are drawn when the run finishes.</p>"
-    return "".join(_figure(f, _caption(kind, f)) for f in shown)
+    return "".join(_figure(f, _caption(view, f)) for f in shown)
 
 
-def gallery_section(run: Run, kind: Kind) -> str:
-    figures = "".join(_figure(f, _caption(kind, f)) for f in run.figures if f.name in kind.gallery_figures)
-    return figures + (kind.gallery(run) if kind.gallery else "")
+def gallery_section(run: Run, view: ReportView) -> str:
+    figures = "".join(_figure(f, _caption(view, f)) for f in run.figures if f.name in view.gallery_figures)
+    return figures + (view.gallery(run) if view.gallery else "")
 
 
 def _scalar(value, reduce: str) -> float | None:
@@ -163,8 +173,8 @@ def _scalar(value, reduce: str) -> float | None:
     return None
 
 
-def _columns(run: Run, kind: Kind) -> list[Column]:
-    present = [c for c in kind.columns if any(_scalar(r.get(c.key), c.reduce) is not None for r in run.records)]
+def _columns(run: Run, view: ReportView) -> list[Column]:
+    present = [c for c in view.columns if any(_scalar(r.get(c.key), c.reduce) is not None for r in run.records)]
     if present:
         return present
     keys = dict.fromkeys(k for r in run.records for k in r if k != "step" and not k.endswith(("_sem", "_ci")))
@@ -186,10 +196,10 @@ def _cell(record: dict, column: Column) -> str:
     return f'<td data-v="{v!r}">{escape(_num(v))}{extra}</td>'
 
 
-def table_section(run: Run, kind: Kind) -> str:
+def table_section(run: Run, view: ReportView) -> str:
     if not run.records:
         return "<p>No checkpoint has been evaluated yet.</p>"
-    columns = _columns(run, kind)
+    columns = _columns(run, view)
     s = _summary(run)
     marks = {}
     for name in (n for n in s if n.startswith("tau_")):
@@ -211,7 +221,7 @@ def table_section(run: Run, kind: Kind) -> str:
             f"<th scope=\"col\">marks</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
 
 
-def settings_section(run: Run, kind: Kind) -> str:
+def settings_section(run: Run, view: ReportView) -> str:
     s = _summary(run)
     data = f"<h3>Data</h3>{_value(s['data'])}" if "data" in s else "<p>The data are described when the run finishes.</p>"
     config = "".join(f"<li><code>{escape(str(k))}</code> = {_value(v)}</li>" for k, v in run.config.items())
@@ -226,7 +236,7 @@ def settings_section(run: Run, kind: Kind) -> str:
     return f"{data}<div class=\"cards\">{cards}</div><h3>Config</h3><ul class=\"config\">{config}</ul>"
 
 
-def others_section(run: Run, kind: Kind) -> str:
+def others_section(run: Run, view: ReportView) -> str:
     s = _summary(run)
     rest = {k: v for k, v in s.items() if k not in SHOWN_ELSEWHERE and k not in EVIDENCE
             and not (k.startswith("tau_") and isinstance(v, dict))}

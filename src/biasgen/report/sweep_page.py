@@ -17,7 +17,7 @@ import re
 from html import escape
 from urllib.parse import quote
 
-from .kinds import Kind, Run, _dict, _summary
+from .kinds import ReportView, Run, _dict, _summary
 from .sections import TERMS, VERDICTS, _num, _value, figures_section
 
 SWEEP_TAUS = ("tau_bias", "tau_loss", "tau_mem")
@@ -80,7 +80,7 @@ def _size_link(run: Run, row: dict) -> str:
     return f'<td><a href="{escape(quote(folder))}/report.html">{escape(folder)}</a></td>'
 
 
-def advice_section(run: Run, kind: Kind) -> str:
+def advice_section(run: Run, view: ReportView) -> str:
     """The advice for ``--target-n`` (or why there is none), or how far a running sweep has come."""
     sizes = _dict(run.config).get("sizes")
     planned = len(sizes) if isinstance(sizes, list) else "?"
@@ -125,7 +125,7 @@ def advice_section(run: Run, kind: Kind) -> str:
 
 
 
-def sizes_section(run: Run, kind: Kind) -> str:
+def sizes_section(run: Run, view: ReportView) -> str:
     """One row per size: its budget, its three taus, the memorized share, its verdict and a link to its report."""
     rows = _rows(run)
     if not rows:
@@ -150,7 +150,7 @@ def sizes_section(run: Run, kind: Kind) -> str:
             f'<th scope="col">report</th></tr></thead><tbody>{"".join(body)}</tbody></table></div>')
 
 
-def fits_section(run: Run, kind: Kind) -> str:
+def fits_section(run: Run, view: ReportView) -> str:
     """The power law ``tau = c * n**a`` of each tau with the 95% interval of its exponent, or why there is none."""
     fits = _dict(_summary(run).get("fits"))
     if not fits:
@@ -177,7 +177,7 @@ def fits_section(run: Run, kind: Kind) -> str:
             f"<th>σ (scatter of log tau)</th><th>sizes</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
-def settings_section(run: Run, kind: Kind) -> str:
+def settings_section(run: Run, view: ReportView) -> str:
     """The sweep's settings, the experiment's settings and seeds, the versions and the timing."""
     config = _dict(run.config)
     experiment = _dict(config.get("settings"))
@@ -195,7 +195,7 @@ def settings_section(run: Run, kind: Kind) -> str:
             f'<h3>Experiment settings (every size)</h3><ul class="config">{items}</ul>')
 
 
-def definitions_section(run: Run, kind: Kind) -> str:
+def definitions_section(run: Run, view: ReportView) -> str:
     definitions = _dict(_summary(run).get("definitions"))
     return f"<details><summary>Definitions (sweep.json)</summary>{_value(definitions)}</details>" if definitions else ""
 

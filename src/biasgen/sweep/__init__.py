@@ -3,7 +3,7 @@
     from biasgen.sweep import sweep
     result = sweep("runs/sweep")                                     # the 'default' preset: digits, 4 sizes
     result = sweep("runs/sweep-h", preset="hierarchy-cpu", target_n=5000)
-    result = sweep("runs/mine", kind="audit", sizes=[32, 64, 128], steps_per_image=20, data="./faces")
+    result = sweep("runs/mine", sizes=[32, 64, 128], steps_per_image=20, data="./faces")   # images of a folder
 
 or from the shell: ``biasgen sweep --sizes 16,32,64,128 --out runs/sweep``. The
 sweep folder holds ``run.json`` (kind ``sweep``: the sweep's settings and
@@ -29,35 +29,12 @@ from ..errors import BiasgenError, run_command
 from ..experiments import experiments
 from ..pipeline import TwinExperiment, run_experiment
 from ..report import write_report
-from ..runs import environment, prepare_run_dir, read_json, read_jsonl, write_bytes, write_json
+from ..runs import STEP, environment, open_run_dir, read_json, read_jsonl, write_bytes, write_json
 from ..memorization import memorization_onset
 from .fit import extrapolate, fit_power_law
 
 TAUS = ("tau_bias", "tau_loss", "tau_mem")
 
-PRESETS: dict[str, dict] = {
-    # Bundled 8x8 digits, 2 splits x 2 seeds per size, 25 steps per image (the same epochs at every size): every
-    # tau, tau_mem included, is located inside the runs; docs/sweep.md gives what it shows. Sampled with 50-step
-    # ancestral sampling (128 samples) to stay within 30 minutes on 2 CPU cores: not the paper's sampler, so every
-    # size's verdict carries the note (docs/samplers.md; --sample-steps none --n-samples 48 for the paper's).
-    "default": dict(kind="audit", experiment_preset="default", sizes=(16, 32, 64, 128), steps_per_image=25.0,
-                    settings=dict(splits=2, seeds_per_split=2, n_test=512, checkpoints=14, first_checkpoint=20,
-                                  sample_steps=50, n_samples=128)),
-    # The grammar lab at CPU sizes: the experiment's 'cpu' preset (2 splits x 3 seeds, checkpoints from step 2) at
-    # each size; docs/sweep.md gives what it shows. 25-step ancestral sampling (not the paper's all-T sampler, noted
-    # in each verdict) keeps it within 30 minutes; the hierarchy's tau_bias does not depend on sampling.
-    "hierarchy-cpu": dict(kind="hierarchy", experiment_preset="cpu", sizes=(16, 32, 64, 128), steps_per_image=25.0,
-                          settings=dict(splits=2, sample_steps=25)),
-    # The paper's hierarchical sizes (Garnier-Brun et al. 2026, Sec. 4: n = 5k, 12k, 70k), for a GPU.
-    "paper": dict(kind="hierarchy", experiment_preset="paper", sizes=(5_000, 12_000, 70_000), steps_per_image=None,
-                  settings={}),
-    # Seconds-long smoke sweeps (used by the tests); far too small to show anything.
-    "tiny": dict(kind="audit", experiment_preset="tiny", sizes=(8, 12, 16), steps_per_image=1.0,
-                 settings=dict(threads=1, n_boot=30)),
-    "tiny-hierarchy": dict(kind="hierarchy", experiment_preset="tiny", sizes=(8, 16, 24), steps_per_image=0.5,
-                           settings=dict(threads=1, n_boot=30)),
-}
-DEFAULT_PRESET = {"audit": "default", "hierarchy": "hierarchy-cpu"}
 RUNTIME_KEYS = ("preset", "sizes", "target_n", "max_exponent_ci_width", "runtime")  # may change on --resume
 
 
@@ -74,44 +51,76 @@ class Plan:
     max_exponent_ci_width: float
 
 
+def sweep_presets() -> dict[str, tuple[type[TwinExperiment], dict]]:
+    """Every sweep preset by name: ``(its experiment class, its settings)``, from each experiment's ``sweep_presets``
+    (:func:`biasgen.experiments.experiments`). A preset's settings: ``sizes``, ``steps_per_image`` (None: the
+    experiment's ``steps`` at every size), ``experiment_preset`` (default: the experiment's) and ``settings`` (config
+    fields for every size); each optional."""
+    table: dict[str, tuple[type[TwinExperiment], dict]] = {}
+    for exp_class in experiments().values():
+        for name, preset in exp_class.sweep_presets.items():
+            if name in table:
+                raise BiasgenError(f"Sweep preset {name!r} is defined by both the {table[name][0].kind} and the "
+                                   f"{exp_class.kind} experiment; rename one of them.")
+            table[name] = (exp_class, preset)
+    return table
+
+
+def resolve_preset(kind: str | None, preset: str | None) -> tuple[type[TwinExperiment], str | None, dict]:
+    """The experiment class, the preset's name and its settings for ``--kind``/``--preset`` (either may be None).
+
+    No preset: the first sweep preset of the kind (of the first experiment when no kind is given either), or, for an
+    experiment without sweep presets, none (the experiment's default preset; ``--sizes`` is then required).
+    """
+    table, presets = experiments(), sweep_presets()
+    if kind is not None and kind not in table:
+        raise BiasgenError(f"Unknown --kind {kind!r}; biasgen sweep knows {', '.join(table)}.")
+    if preset is None:
+        exp_class = table[kind] if kind is not None else next(iter(table.values()))
+        preset = next(iter(exp_class.sweep_presets), None)
+        return exp_class, preset, exp_class.sweep_presets.get(preset, {})
+    if preset not in presets:
+        raise BiasgenError(f"Unknown sweep preset {preset!r}. Available: {', '.join(presets)}.")
+    exp_class, settings = presets[preset]
+    if kind not in (None, exp_class.kind):
+        raise BiasgenError(f"Preset {preset!r} is a {exp_class.kind} sweep but --kind {kind} was given; drop one of them.")
+    return exp_class, preset, settings
+
+
 def plan_sweep(kind: str | None = None, sizes=None, preset: str | None = None, config: str | Path | None = None,
                steps_per_image: float | None = None, target_n: int | None = None, mem_level: float = 0.0,
                max_exponent_ci_width: float = 1.0, **settings) -> Plan:
     """Resolve a sweep's settings and check them all before anything runs (see :func:`sweep`)."""
-    if preset is None:
-        preset = DEFAULT_PRESET.get(kind or "audit")
-    if preset not in PRESETS:
-        raise BiasgenError(f"Unknown sweep preset {preset!r}. Available: {', '.join(PRESETS)}.")
-    p = PRESETS[preset]
-    if kind not in (None, p["kind"]):
-        raise BiasgenError(f"Preset {preset!r} is a {p['kind']} sweep but --kind {kind} was given; drop one of them.")
-    kind = p["kind"]
-    exp_class = experiments()[kind]
+    exp_class, preset, p = resolve_preset(kind, preset)
+    kind = exp_class.kind
+    if sizes is None and "sizes" not in p:
+        raise BiasgenError(f"The {kind} experiment has no sweep preset: give the sizes, e.g. --sizes 16,32,64.")
     sizes = check_sizes(p["sizes"] if sizes is None else sizes)
     if "n" in settings:
         raise BiasgenError("--n is set per size by --sizes in a sweep; drop --n.")
     if steps_per_image is not None and "steps" in settings:
         raise BiasgenError("Give either --steps (the same budget for every size) or --steps-per-image, not both.")
-    spi = steps_per_image if steps_per_image is not None else (None if "steps" in settings else p["steps_per_image"])
+    spi = steps_per_image if steps_per_image is not None else (None if "steps" in settings else p.get("steps_per_image"))
     if spi is not None and not spi > 0:
         raise BiasgenError(f"--steps-per-image must be positive, got {spi}.")
-    merged = {**p["settings"], **settings}
-    base = exp_class.from_settings(p["experiment_preset"], config, **merged, n=1).cfg
-    largest = largest_size(kind, base)
-    if sizes[-1] > largest:
-        raise BiasgenError(f"Size {sizes[-1]} is too large for the data: with {base.splits} splits and "
-                           f"{base.n_test} test examples the largest size that fits is {largest}.")
+    merged = {**p.get("settings", {}), **settings}
+    experiment_preset = p.get("experiment_preset", exp_class.default_preset)
+    base = exp_class.from_settings(experiment_preset, config, **merged, n=1)
+    largest = base.largest_size()
+    if largest is not None and sizes[-1] > largest:
+        raise BiasgenError(f"Size {sizes[-1]} is too large for the data: with {base.cfg.splits} splits and "
+                           f"{base.cfg.n_test} test examples the largest size that fits is {largest}.")
     if target_n is not None and target_n < sizes[-1]:
         raise BiasgenError(f"--target-n {target_n} is smaller than the largest size measured ({sizes[-1]}); "
                            "the advice extrapolates to a training set at least as large as the sweep's sizes.")
-    steps = {n: max(1, math.ceil(spi * n)) if spi is not None else base.steps for n in sizes}
-    per_size = [exp_class.from_settings(p["experiment_preset"], config, **merged, n=n, steps=steps[n]) for n in sizes]
-    stored = json.loads(json.dumps(dataclasses.asdict(base)))
-    runtime = {k: stored.pop(k) for k in base.RUNTIME_KEYS}
+    steps = {n: max(1, math.ceil(spi * n)) if spi is not None else base.cfg.steps for n in sizes}
+    per_size = [exp_class.from_settings(experiment_preset, config, **merged, n=n, steps=steps[n]) for n in sizes]
+    stored = json.loads(json.dumps(dataclasses.asdict(base.cfg)))
+    runtime = {k: stored.pop(k) for k in base.cfg.RUNTIME_KEYS}
     for k in ("n", "steps"):
         stored.pop(k)
     sweep_config = {"experiment": kind, "preset": preset, "sizes": sizes, "steps_per_image": spi,
-                    "steps": None if spi is not None else base.steps, "mem_level": mem_level,
+                    "steps": None if spi is not None else base.cfg.steps, "mem_level": mem_level,
                     "target_n": target_n, "max_exponent_ci_width": max_exponent_ci_width,
                     "settings": stored, "runtime": runtime}
     return Plan(kind, sizes, per_size, sweep_config, target_n, mem_level, max_exponent_ci_width)
@@ -134,60 +143,52 @@ def check_sizes(sizes) -> list[int]:
     return sizes
 
 
-def largest_size(kind: str, cfg) -> int:
-    """The largest training-set size per split that the data holds: ``(pool - n_test) // splits``."""
-    if kind == "hierarchy":
-        return (cfg.pool - cfg.n_test) // cfg.splits
-    from ..images.data import load_images
-
-    pool = load_images(cfg.data, data_dir=cfg.data_dir, resolution=cfg.resolution, grayscale=cfg.grayscale,
-                       center_crop=cfg.center_crop).images
-    return (len(pool) - cfg.n_test) // cfg.splits
-
-
 def sweep(out: str | Path = "runs/sweep", kind: str | None = None, sizes=None, preset: str | None = None,
           config: str | Path | None = None, *, steps_per_image: float | None = None, target_n: int | None = None,
           mem_level: float = 0.0, max_exponent_ci_width: float = 1.0, resume: bool = False, force: bool = False,
           progress: bool = True, **settings) -> dict:
     """Run (or resume) a sweep in ``out`` and return ``sweep.json`` as a dict.
 
-    ``kind``: ``'audit'`` or ``'hierarchy'`` (default: the preset's); ``sizes``: increasing
-    training-set sizes per split; ``preset``: a sweep preset (``PRESETS``); ``steps_per_image``:
+    ``kind``: an experiment of :func:`biasgen.experiments.experiments` (default: the preset's); ``sizes``: increasing
+    training-set sizes per split; ``preset``: a sweep preset (:func:`sweep_presets`); ``steps_per_image``:
     each size trains ``ceil(steps_per_image * n)`` steps (``None`` with ``steps=...``: the same
     budget for all); ``target_n``: the user's training-set size for the advice; ``mem_level``:
     tau_mem is the first checkpoint from which the 95% lower bound of the memorized share stays above it;
-    ``settings``: the experiment's config (``AuditConfig`` / ``HierarchyConfig`` fields).
+    ``settings``: fields of the experiment's config.
     """
     started = time.time()
     plan = plan_sweep(kind, sizes, preset, config, steps_per_image, target_n, mem_level, max_exponent_ci_width,
                       **settings)
-    out = prepare_run_dir(out, plan.config, resume=resume, force=force, kind="sweep", runtime_keys=RUNTIME_KEYS)
-    rows, timing = [], {}
-    for n, experiment in zip(plan.sizes, plan.experiments):
-        folder = out / f"n{n:06d}"
-        summary = completed_summary(folder, experiment)
-        if summary is None:
-            t0 = time.time()
-            summary = run_experiment(experiment, folder, resume=True, progress=progress)
-            timing[str(n)] = round(time.time() - t0, 1)
-        rows.append(size_row(n, folder, summary, read_jsonl(folder / "metrics.jsonl"), plan, experiment))
-        write_bytes(out / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
-        write_report(out)  # "in progress: k of K sizes" until sweep.json exists
-    result = assemble(plan, rows)
-    result["timing"] = {"wall_s_this_invocation": round(time.time() - started, 1), "wall_s_per_size_run": timing}
-    from .figure import plot_phase_diagram
+    inputs = (*plan.experiments[0].cfg.input_paths(), *([config] if config else []))
+    with open_run_dir(out, plan.config, resume=resume, force=force, kind="sweep", runtime_keys=RUNTIME_KEYS,
+                      inputs=inputs) as out:
+        rows, timing = [], {}
+        for n, experiment in zip(plan.sizes, plan.experiments):
+            folder = out / f"n{n:06d}"
+            summary = completed_summary(folder, experiment)
+            if summary is None:
+                t0 = time.time()
+                summary = run_experiment(experiment, folder, resume=True, progress=progress)
+                timing[str(n)] = round(time.time() - t0, 1)
+            rows.append(size_row(n, folder, summary, read_jsonl(folder / "metrics.jsonl", STEP), plan, experiment))
+            write_bytes(out / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+            write_report(out)  # "in progress: k of K sizes" until sweep.json exists
+        result = assemble(plan, rows)
+        result["timing"] = {"wall_s_this_invocation": round(time.time() - started, 1), "wall_s_per_size_run": timing}
+        from .figure import plot_phase_diagram
 
-    plot_phase_diagram(out / "fig_phase_diagram.png", result)
-    write_json(out / "sweep.json", result)
-    write_report(out)
-    return result
+        plot_phase_diagram(out / "fig_phase_diagram.png", result)
+        write_json(out / "sweep.json", result)
+        write_report(out)
+        return result
 
 
 def completed_summary(folder: Path, experiment: TwinExperiment) -> dict | None:
     """The size's ``summary.json`` when its run is complete and has this size's config, else ``None``."""
     if not (folder / "summary.json").exists():
         return None
-    summary = read_json(folder / "summary.json")
+    summary = read_json(folder / "summary.json", fix="Delete that file, then continue with --resume: the size's "
+                        "summary is rebuilt from its metrics and models, which are kept.")
     want = json.loads(json.dumps(dataclasses.asdict(experiment.cfg)))
     runtime = experiment.cfg.RUNTIME_KEYS
     same = all(summary.get("config", {}).get(k) == v for k, v in want.items() if k not in runtime)
@@ -212,13 +213,15 @@ def located_tau(tau: dict, checkpoints: list[int]) -> dict:
 def size_row(n: int, folder: Path, summary: dict, records: list[dict], plan: Plan, experiment: TwinExperiment) -> dict:
     """One row of ``sweep.jsonl``: the taus of size ``n`` (each a step or a bound), its verdict and advice.
 
-    tau_mem is located at the sweep's own ``mem_level`` (the run's summary uses level 0)."""
+    tau_mem is located at the sweep's own ``mem_level`` (the run's summary uses level 0); it is None (and so is
+    ``mem_share``) for an experiment that does not measure copies (no ``memorized_share``)."""
     steps = summary["checkpoints"]
     share = experiment.memorized_share(records)
     return {"n": n, "steps": steps[-1], "folder": folder.name, "verdict": summary["verdict"],
             "reason": summary["reason"], "recommended_step": summary["recommended_step"],
             "tau_bias": located_tau(summary["tau_bias"], steps), "tau_loss": located_tau(summary["tau_loss"], steps),
-            "tau_mem": memorization_onset(share, plan.mem_level), "mem_share": share[0]["key"],
+            "tau_mem": memorization_onset(share, plan.mem_level) if share else None,
+            "mem_share": share[0]["key"] if share else None,
             "tau_loss_open": summary["tau_loss_open"], "checkpoints": steps, "complete": summary["complete"]}
 
 
@@ -230,7 +233,9 @@ def assemble(plan: Plan, rows: list[dict]) -> dict:
     floor = max(0.02, (sum(grid) / len(grid)) / math.sqrt(12)) if grid else 0.05
     fits = {name: fit_power_law([r["n"] for r in done], [r[name]["value"] for r in done],
                                 [r[name]["bound"] or "value" for r in done], sigma_floor=floor)
-            if len(done) >= 1 else {"fit": False, "reason": "no size measured"} for name in TAUS}
+            if done and all(r[name] for r in done) else
+            {"fit": False, "reason": "no size measured" if not done else f"not measured by the {plan.kind} experiment"}
+            for name in TAUS}
     target = None
     if plan.target_n is not None:
         target = extrapolate(fits, [r["n"] for r in done], plan.target_n, max_ci_width=plan.max_exponent_ci_width)
@@ -247,7 +252,9 @@ def assemble(plan: Plan, rows: list[dict]) -> dict:
 
 
 def describe_tau(t: dict) -> str:
-    """``'211 [142, 211]'``, ``'>= 1500'`` (not reached by the last step) or ``'<= 20'``."""
+    """``'211 [142, 211]'``, ``'>= 1500'`` (not reached by the last step), ``'<= 20'`` or ``'not measured'`` (None)."""
+    if t is None:
+        return "not measured"
     if t["bound"] == "lower":
         return f">= {t['value']}"
     if t["bound"] == "upper":
@@ -275,11 +282,18 @@ def terminal_summary(result: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
-def build_parser(kind: str | None) -> argparse.ArgumentParser:
+def _kind_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--kind`` and ``--preset``, their choices from the experiments (:func:`biasgen.experiments.experiments`)."""
+    defaults = "; ".join(f"{kind}: {next(iter(e.sweep_presets), 'none, give --sizes')}" for kind, e in experiments().items())
+    parser.add_argument("--kind", choices=tuple(experiments()), help="the experiment run at each size (default: the "
+                        f"preset's, else {next(iter(experiments()))})")
+    parser.add_argument("--preset", choices=tuple(sweep_presets()), help=f"sweep preset (default per kind: {defaults})")
+
+
+def build_parser(exp_class: type[TwinExperiment]) -> argparse.ArgumentParser:
+    """The parser of ``biasgen sweep`` with the config flags of ``exp_class``."""
     parser = argparse.ArgumentParser(prog="biasgen sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kind", choices=("audit", "hierarchy"), help="image audit or hierarchical lab (default: the preset's)")
-    parser.add_argument("--preset", choices=tuple(PRESETS), help="sweep preset (default: 'default' for audit, "
-                                                                 "'hierarchy-cpu' for hierarchy)")
+    _kind_arguments(parser)
     parser.add_argument("--sizes", help="increasing training-set sizes per split, e.g. 16,32,64,128")
     parser.add_argument("--steps-per-image", type=float, help="each size trains ceil(X * n) steps")
     parser.add_argument("--target-n", type=int, help="your training-set size: extrapolate the taus to it")
@@ -290,25 +304,26 @@ def build_parser(kind: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE.toml", help="TOML file of the experiment's settings")
     parser.add_argument("--out", default="runs/sweep", help="sweep folder (default: runs/sweep)")
     parser.add_argument("--resume", action="store_true", help="continue the sweep in --out")
-    parser.add_argument("--force", action="store_true", help="delete whatever is in --out and start over")
+    parser.add_argument("--force", action="store_true", help="delete the biasgen sweep in --out and start over "
+                        "(never a folder biasgen did not write; docs/safety.md)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_flags(parser, experiments()[kind or "audit"].config_class)
+    add_config_flags(parser, exp_class.config_class)
     return parser
 
 
 def main(argv: list[str]) -> int:
     """``biasgen sweep ...``: the experiment's flags depend on the kind, so ``--kind``/``--preset`` are read first."""
-    first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--kind", choices=("audit", "hierarchy"))
-    first.add_argument("--preset")
+    first = argparse.ArgumentParser(prog="biasgen sweep", add_help=False)
+    _kind_arguments(first)
     known, _ = first.parse_known_args(argv)
-    kind = known.kind or PRESETS.get(known.preset or "", {}).get("kind")
-    args = build_parser(kind).parse_args(argv)
+    exp_class = (experiments()[known.kind] if known.kind else sweep_presets()[known.preset][0] if known.preset
+                 else next(iter(experiments().values())))
+    args = build_parser(exp_class).parse_args(argv)
 
     def run() -> int:
         if args.resume and args.force:
             raise BiasgenError("--resume and --force contradict each other: pick one.")
-        settings = flags_given(args, experiments()[kind or "audit"].config_class)
+        settings = flags_given(args, exp_class.config_class)
         result = sweep(args.out, args.kind, args.sizes, args.preset, args.config, steps_per_image=args.steps_per_image,
                        target_n=args.target_n, mem_level=args.mem_level, max_exponent_ci_width=args.max_exponent_ci_width,
                        resume=args.resume, force=args.force, progress=not args.quiet, **settings)

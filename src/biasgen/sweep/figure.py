@@ -28,12 +28,14 @@ STYLE = {  # colour, marker, legend, horizontal offset (so that bounds at the sa
 REGIONS = (("generalization", "#d9f0d3"), ("biased generalization", "#fee8c8"), ("memorization", "#fcc5c0"))
 
 
-def _curve(result: dict, name: str, x: np.ndarray) -> np.ndarray:
-    """The tau ``name`` at sizes ``x`` ``(k,)``: its fitted power law, else the measured steps/bounds joined in log-log."""
-    fit = result["fits"][name]
+def _curve(result: dict, name: str, x: np.ndarray) -> np.ndarray | None:
+    """The tau ``name`` at sizes ``x`` ``(k,)``: its fitted power law, else the measured steps/bounds joined in log-log;
+    None when the experiment does not measure it."""
+    fit, rows = result["fits"][name], result["rows"]
     if fit["fit"]:
         return fit["prefactor"] * x ** fit["exponent"]
-    rows = result["rows"]
+    if not all(r[name] for r in rows):
+        return None
     return np.exp(np.interp(np.log(x), np.log([r["n"] for r in rows]), np.log([r[name]["value"] for r in rows])))
 
 
@@ -54,7 +56,8 @@ def plot_phase_diagram(path: str | Path, result: dict) -> Path:
     predicted = [v for t in (target or {}).get("taus", {}).values() if not t.get("refused") for v in t["interval"]]
     bottom, top = min(steps) / 2, max(steps + predicted) * 3
     bias = np.clip(_curve(result, "tau_bias", x), bottom, top)
-    mem = np.clip(np.maximum(_curve(result, "tau_mem", x), bias), bottom, top)
+    mem = _curve(result, "tau_mem", x)
+    mem = np.full_like(x, top) if mem is None else np.clip(np.maximum(mem, bias), bottom, top)  # not measured: none
     for (label, colour), lo, hi in zip(REGIONS, (np.full_like(x, bottom), bias, mem), (bias, mem, np.full_like(x, top))):
         ax.fill_between(x, lo, hi, color=colour, alpha=0.6, lw=0, label=label)
 
@@ -64,6 +67,8 @@ def plot_phase_diagram(path: str | Path, result: dict) -> Path:
                     label="beyond the training budget")
     ax.scatter(sizes, [r["steps"] for r in rows], marker="_", s=250, color="0.4", label="training budget", zorder=3)
     for name, (colour, marker, label, shift) in STYLE.items():
+        if not all(r[name] for r in rows):  # a tau the experiment does not measure
+            continue
         located = [r for r in rows if r[name]["located"]]
         if located:
             n = np.array([r["n"] for r in located], dtype=float) * shift
