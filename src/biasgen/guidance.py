@@ -40,7 +40,9 @@ def guided_eps(model: EpsModel, scale: float, null_label: int, start: int | None
 
     ``null_label``: the label that means "no label" (``num_classes`` of biasgen's U-Net); ``start``: apply a
     scale above 1 only at steps ``t <= start`` (None: at every step). At ``w = 0`` only ``eps_u`` is computed and
-    at ``w = 1`` only ``eps_c``, so those equal plain unconditional and conditional sampling bit for bit.
+    at ``w = 1`` only ``eps_c``, so those equal plain unconditional and conditional sampling bit for bit; at other
+    scales each is computed by its own call on the batch (not one call on both), so a network whose two predictions
+    agree samples the same at every ``w``, bit for bit.
     """
     check_scales([scale])
 
@@ -53,7 +55,7 @@ def guided_eps(model: EpsModel, scale: float, null_label: int, start: int | None
             return model(x, t, null)
         if bool((w == 1).all()):
             return model(x, t, y)
-        eps_c, eps_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+        eps_c, eps_u = model(x, t, y), model(x, t, null)  # two calls: each as the plain samplers compute it
         return eps_u + w.view(-1, *[1] * (x.ndim - 1)) * (eps_c - eps_u)
 
     return eps
