@@ -270,3 +270,18 @@ def test_memorizing_model_copies_more_with_guidance(memorizing_run):
     # unguided samples copy an image of their own class only by chance; conditional and guided ones do so often
     assert ci["0"][1] < ci["1"][0] and ci["0"][1] < ci["3"][0], (f_mem, ci)
     assert f_mem["3"] >= f_mem["1"] - 1 / 80, f_mem  # 80 samples per scale: no drop beyond one copy from 1 to 3
+
+
+def test_sweep_takes_the_conditional_settings_and_draws_a_phase_diagram_per_w(tmp_path):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--preset", "tiny", "--conditional", "--guidance", "0,3", "--sizes", "20,30",
+                 "--out", str(out), "--quiet"]) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert set(result["guidance"]) == {"0", "3"}
+    for w in ("0", "3"):
+        assert [r["n"] for r in result["guidance"][w]["rows"]] == [20, 30]
+        assert {"tau_bias", "tau_mem", "verdict"} <= set(result["guidance"][w]["rows"][0])
+        assert (out / f"fig_phase_diagram_w{w}.png").stat().st_size > 0
+    size = json.loads((out / "n000020" / "summary.json").read_text())
+    assert result["rows"][0]["tau_bias"]["value"] == result["guidance"]["3"]["rows"][0]["tau_bias"]["value"]
+    assert size["guidance"]["use_guidance"] == 3.0

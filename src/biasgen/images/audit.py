@@ -276,6 +276,9 @@ class ImageAudit(TwinExperiment):
         return {"tau_score": tau_score, "tau_score_reference_t": str(self.cfg.score_ts[0]),
                 "loss_by_band": loss_bands(records, n_boot=self.cfg.n_boot, seed=self.seeds.bootstrap()), **guidance}
 
+    def terminal_lines(self, summary: dict) -> list[str]:
+        return conditional.terminal_lines(summary) if "guidance" in summary else []
+
     def plot(self, run: Path, records, summary, data: Data) -> None:
         cfg = self.cfg
         members = [(m["split"], m["split_seed"]) for m in summary["models"]]

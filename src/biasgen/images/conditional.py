@@ -145,6 +145,25 @@ def at_scale(records: list[dict], w: float) -> list[dict]:
     return [{**r, **r["guidance"][scale_key(w)]} for r in records]
 
 
+def tau_text(tau: dict | None) -> str:
+    """A tau of one scale in a few characters: its step, '>N' when not reached by step N, '-' when not measured."""
+    if not tau:
+        return "-"
+    if tau.get("step") is not None:
+        return str(tau["step"])
+    return f">{tau['value']}" if tau.get("value") is not None else "-"
+
+
+def terminal_lines(summary: dict) -> list[str]:
+    """The per-scale lines of the terminal summary of a conditional audit (the rest is at ``--use-guidance``)."""
+    block = summary["guidance"]
+    lines = [f"guidance: the lines above are at w = {block['use_guidance']:g} (--use-guidance); per scale w:"]
+    for w, judged in block["per_scale"].items():
+        taus = ", ".join(f"{name} {tau_text(judged.get(name))}" for name in ("tau_data", "tau_bias", "tau_mem"))
+        lines.append(f"  w = {w:>4}: {judged['verdict']}; {taus}; recommended step {judged['recommended_step']}")
+    return lines
+
+
 def judge_per_scale(experiment, records: list[dict], members) -> dict:
     """summary.json's ``"guidance"`` block: per scale the verdict, the taus (``tau_bias``, ``tau_loss``, ``tau_mem``
     and any other the judge locates) and the recommended step, judged on that scale's curves alone."""
@@ -155,7 +174,8 @@ def judge_per_scale(experiment, records: list[dict], members) -> dict:
     for w in cfg.guidance_scales:
         judged = judge_records(experiment, at_scale(records, w), members)
         per_scale[scale_key(w)] = {k: v for k, v in judged.items() if k.startswith("tau_") or k in (
-            "verdict", "reason", "p_value", "recommended_step", "recommendation", "recommendation_basis", "window")}
+            "verdict", "reason", "p_value", "recommended_step", "recommended_ci", "recommendation", "recommendation_basis",
+            "window", "candidate_costs")}
     use = per_scale[scale_key(cfg.use_scale)]
     return {"scales": list(cfg.guidance_scales), "use_guidance": cfg.use_scale, "start": cfg.guidance_start,
             "label_dropout": cfg.label_dropout, "recommended_step": use["recommended_step"], "per_scale": per_scale}
