@@ -158,6 +158,9 @@ def test_a_class_too_rare_for_every_split_is_refused():
     labels = torch.cat([torch.zeros(100), torch.ones(100), torch.full((3,), 2)]).long()
     with pytest.raises(BiasgenError, match="class 2 would have 0 image"):
         make_class_splits(torch.zeros(203, 1, 2, 2), labels, n=20, k=2, n_test=20, seed=0)
+    labels = torch.cat([torch.zeros(100), torch.ones(100), torch.full((30,), 2)]).long()
+    with pytest.raises(BiasgenError, match="class 2 would have 1 image.* in the test set of 10; .* --n-test"):
+        make_class_splits(torch.zeros(230, 1, 2, 2), labels, n=40, k=2, n_test=10, seed=0)
 
 
 def test_nearest_neighbours_within_the_own_class():

@@ -188,6 +188,12 @@ def make_class_splits(images: torch.Tensor, labels: torch.Tensor, n: int, k: int
             f"class {short[0]} would have {per_split[short[0]]} image(s) in each split of n={n} ({len(counts)} classes, "
             f"{int(counts[short[0]])} images of that class); every class needs at least 2 per split: raise --n to at "
             f"least {int(2 * counts.sum() / counts[short[0]]) + 1}, or leave out the rare classes.")
+    short = [c for c in range(len(counts)) if per_test[c] < 2]
+    if short:
+        raise BiasgenError(
+            f"class {short[0]} would have {per_test[short[0]]} image(s) in the test set of {n_test}; every class needs "
+            f"at least 2 there (copies are counted within a class): raise --n-test to at least "
+            f"{int(2 * counts.sum() / counts[short[0]]) + 1}.")
     rank = torch.empty_like(perm)
     rank[perm] = torch.arange(len(perm))
     train, head, tail = [[] for _ in range(k)], [], []
