@@ -196,3 +196,4 @@ def test_non_finite_loss_stops_training(tmp_path, capsys):
     out = tmp_path / "diverged"
     code, err = _run(TINY + ["--out", str(out), "--lr", "1e30", "--grad-clip", "none"], capsys)
     assert code == 2 and "non-finite loss at step" in err and "Lower --lr" in err
+    assert "new --out" in err  # the advice keeps the run's checkpoints (--force would delete them)

@@ -71,7 +71,7 @@ def load_checkpoint(stem: Path | str, model: torch.nn.Module) -> dict:
     except RuntimeError as e:
         raise BiasgenError(
             f"Checkpoint {stem} does not fit this model (different architecture?): {str(e)[:300]}. "
-            "Rerun with the checkpoint's config, or --force to start over."
+            "Rerun with the checkpoint's config (its run.json), or start over in a new --out."
         ) from e
     return meta
 

@@ -263,7 +263,7 @@ def prepare_run_dir(out: Path | str, config: dict, *, resume: bool, force: bool,
             if old["kind"] != kind or changed:
                 raise BiasgenError(
                     f"--out {out} holds a different {old['kind']} run (differs in: {', '.join(changed) or 'kind'}). "
-                    "Use another --out, or --force to delete it and start over."
+                    "Use another --out, or --force to delete it (with its trained models) and start over."
                 )
             if not resume:
                 raise BiasgenError(

@@ -106,7 +106,8 @@ def train(
             where = f"checkpoint step {last_good} in {out_dir}" if last_good else "no checkpoint yet"
             raise BiasgenError(
                 f"Training diverged: non-finite loss at step {step} ({desc or out_dir}). Last good: {where}. "
-                "Lower --lr (or enable gradient clipping) and rerun with --force."
+                "Lower --lr (or enable gradient clipping) and rerun into a new --out (this run's checkpoints stay); "
+                "--force in this folder would delete them."
             )
         for group in opt.param_groups:
             group["lr"] = lr * lr_factor(lr_schedule, step, steps)
@@ -194,7 +195,8 @@ def _resume(out_dir: Path, model, opt, ema) -> int:
         except (RuntimeError, ValueError, KeyError) as e:
             raise BiasgenError(
                 f"Cannot resume from {out_dir / 'state'}: it does not match this model or optimizer ({str(e)[:200]}). "
-                "Rerun with --force to start over."
+                "Resume with the config recorded in its run.json, or start over in a new --out; --force here would "
+                "delete the trained models."
             ) from e
     return start
 
