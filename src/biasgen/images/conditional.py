@@ -71,7 +71,8 @@ def class_labels(labels: torch.Tensor | None, data: str) -> tuple[torch.Tensor, 
 
 
 def sample_labels(n_samples: int, num_classes: int) -> torch.Tensor:
-    """``(n_samples,)`` long: the label of sample ``j`` is ``j mod C`` (every class equally often, the same for all models)."""
+    """``(n_samples,)`` long: the label of sample ``j`` is ``j mod C`` (every class equally often, the same for
+    every model)."""
     return torch.arange(n_samples) % num_classes
 
 
@@ -174,8 +175,8 @@ def judge_per_scale(experiment, records: list[dict], members) -> dict:
     for w in cfg.guidance_scales:
         judged = judge_records(experiment, at_scale(records, w), members)
         per_scale[scale_key(w)] = {k: v for k, v in judged.items() if k.startswith("tau_") or k in (
-            "verdict", "reason", "p_value", "recommended_step", "recommended_ci", "recommendation", "recommendation_basis",
-            "window", "candidate_costs")}
+            "verdict", "reason", "p_value", "recommended_step", "recommended_ci", "recommendation",
+            "recommendation_basis", "window", "candidate_costs")}
     use = per_scale[scale_key(cfg.use_scale)]
     return {"scales": list(cfg.guidance_scales), "use_guidance": cfg.use_scale, "start": cfg.guidance_start,
             "label_dropout": cfg.label_dropout, "recommended_step": use["recommended_step"], "per_scale": per_scale}
