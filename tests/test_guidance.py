@@ -288,3 +288,16 @@ def test_sweep_takes_the_conditional_settings_and_draws_a_phase_diagram_per_w(tm
     size = json.loads((out / "n000020" / "summary.json").read_text())
     assert result["rows"][0]["tau_bias"]["value"] == result["guidance"]["3"]["rows"][0]["tau_bias"]["value"]
     assert size["guidance"]["use_guidance"] == 3.0
+
+
+def test_a_loss_interval_that_starts_too_early_to_test_is_said_in_words():
+    """The rise is there at the loss minimum but its interval's early end has too few checkpoints before it (the
+    guidance preset at w = 3): the reason says so instead of failing."""
+    from biasgen.verdict_text import reason_for
+
+    end = {"drift": {"value": 0.05, "ci95": [0.01, 0.09], "end_steps": [985, 3000], "floor_steps": [20, 61]},
+           "until_step": 3000, "noise_sd": 0.01, "p_value": 0.01, "persist": 3}
+    tests = {"at": None, "end": end, "p_value": 1.0, "p_value_at_tau_loss": 0.02, "tested_until": 185}
+    tau_loss = {"step": 565, "ci95": [185, 565]}
+    reason = reason_for("loss-unresolved", tests, tau_loss, False, 0.05, None)
+    assert "step 185 is too early to test" in reason and "p = 0.020 at step 565" in reason
