@@ -26,6 +26,45 @@ class EpsMSELoss:
         return F.mse_loss(model(self.schedule.add_noise(x0, eps, t), t), eps)
 
 
+@dataclass
+class Labelled:
+    """Examples ``x`` ``(N, ...)`` with one class label each, ``y`` ``(N,)`` long: indexes and moves like a tensor,
+    so the training loop draws batches of it as of a plain training set."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index) -> "Labelled":
+        return Labelled(self.x[index], self.y[index])
+
+    def to(self, device) -> "Labelled":
+        return Labelled(self.x.to(device), self.y.to(device))
+
+
+@dataclass(frozen=True)
+class EpsMSEConditionalLoss:
+    """Class-conditional image loss: :class:`EpsMSELoss` with ``model(x_t, t, y)``, each label replaced by
+    ``null_label`` with probability ``label_dropout`` (so one network also learns the unconditional noise, as
+    classifier-free guidance needs; Ho & Salimans 2022). The batch is a :class:`Labelled` of ``(B, C, H, W)``
+    images with ``(B,)`` labels."""
+
+    schedule: NoiseSchedule
+    label_dropout: float
+    null_label: int
+
+    def __call__(self, model: torch.nn.Module, batch: Labelled, gen: torch.Generator) -> torch.Tensor:
+        x0 = batch.x
+        t = torch.randint(1, self.schedule.T, (len(x0),), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen).to(x0.device)  # drawn on the CPU: the same on every device
+        dropped = (torch.rand(len(x0), generator=gen) < self.label_dropout).to(x0.device)
+        y = torch.where(dropped, torch.full_like(batch.y, self.null_label), batch.y)
+        t = t.to(x0.device)
+        return F.mse_loss(model(self.schedule.add_noise(x0, eps, t), t, y), eps)
+
+
 @dataclass(frozen=True)
 class X0CrossEntropyLoss:
     """One-hot sequence loss: ``t`` uniform in ``{1..T-1}``, cross-entropy of ``model(x_t, t)`` logits against the tokens.

@@ -132,6 +132,11 @@ class TwinExperiment:
         e.g. :class:`biasgen.losses.EpsMSELoss`."""
         raise NotImplementedError
 
+    def training_data(self, data: Data) -> list:
+        """What each split's models train on, one per split, indexable like a tensor; default: ``data.train``
+        (a conditional experiment pairs each example with its label, e.g. :class:`biasgen.losses.Labelled`)."""
+        return data.train
+
     def reference(self, data: Data, members: list[tuple[int, int]]) -> Any:
         """Evaluation inputs computed once per run (frozen noise, exact references); default: the data."""
         return data
@@ -212,7 +217,7 @@ def _train_and_evaluate(experiment: TwinExperiment, run: Path, data: Data, backe
 
     t0 = time.time()
     meta = {"config": dataclasses.asdict(cfg), "model": model_kwargs, "environment": environment()}
-    train_members(model_class, model_kwargs, experiment.loss(), data.train, members, run / "models",
+    train_members(model_class, model_kwargs, experiment.loss(), experiment.training_data(data), members, run / "models",
                   seeds=experiment.seeds, meta=meta, backend=backend, device=cfg.device, progress=progress,
                   steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, checkpoints=steps,
                   grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, lr_schedule=cfg.lr_schedule)

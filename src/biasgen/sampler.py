@@ -7,7 +7,9 @@ how many other samples are drawn.
 
 The sampler knows nothing of the network: it takes an ``x0``-predictor
 ``denoise(x_t, t) -> x0_hat`` with ``x_t`` of shape ``(B, *shape)`` and ``t`` a
-LongTensor ``(B,)``. :func:`x0_from_eps_model` wraps an eps-predicting network.
+LongTensor ``(B,)``; with per-sample ``labels`` it calls ``denoise(x_t, t, y)``,
+``y`` the ``(B,)`` labels of the batch. :func:`x0_from_eps_model` wraps an
+eps-predicting network; :mod:`biasgen.guidance` makes a guided one.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from .errors import BiasgenError
 from .runs import progress_bar
 from .schedule import NoiseSchedule
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Denoiser = Callable[..., torch.Tensor]  # (x_t, t) -> x0_hat, or (x_t, t, y) -> x0_hat with class labels
 
 NOISE_CHUNK = 64  # steps of noise drawn at once per sample; fixed so streams never depend on batching
 
@@ -44,10 +46,11 @@ class NoiseStreams:
 
 
 def x0_from_eps_model(model: Callable, schedule: NoiseSchedule, clip: float | None = None) -> Denoiser:
-    """Turn ``model(x_t, t) -> eps_hat`` into ``denoise(x_t, t) -> x0_hat`` (Tweedie), optionally clipped to ``[-clip, clip]``."""
+    """Turn ``model(x_t, t[, y]) -> eps_hat`` into ``denoise(x_t, t[, y]) -> x0_hat`` (Tweedie), optionally clipped
+    to ``[-clip, clip]``; a class label ``y`` is passed on to the model."""
 
-    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x0 = schedule.x0_from_eps(x_t, model(x_t, t), t)
+    def denoise(x_t: torch.Tensor, t: torch.Tensor, *y: torch.Tensor) -> torch.Tensor:
+        x0 = schedule.x0_from_eps(x_t, model(x_t, t, *y), t)
         return x0.clamp(-clip, clip) if clip is not None else x0
 
     return denoise
@@ -94,6 +97,7 @@ def sample(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw ``len(seeds)`` samples of per-sample shape ``shape``; returns ``(N, *shape)`` float32 on CPU.
 
@@ -106,10 +110,13 @@ def sample(
       random), eta = 1 gives the same chain as ``'ddpm'`` on the same steps.
 
     Every random draw (``x_T``, then one per step when the sampler is stochastic) comes from the
-    sample's own stream, so a sample never depends on the batch it was drawn in.
+    sample's own stream, so a sample never depends on the batch it was drawn in. ``labels``: ``(N,)``
+    long, one class label per sample, passed to ``denoise`` as its third argument (None: not passed).
     """
     if method not in SAMPLERS:
         raise BiasgenError(f"Unknown sampler {method!r}; choose 'ddpm' (ancestral) or 'ddim'.")
+    if labels is not None and len(labels) != len(seeds):
+        raise BiasgenError(f"One label per sample is needed: {len(seeds)} seeds but {len(labels)} labels.")
     if method == "ddpm" and eta != 0:
         raise BiasgenError("eta is a DDIM setting; the ancestral 'ddpm' sampler always draws the full posterior noise.")
     ts = timesteps(schedule, steps)
@@ -121,9 +128,10 @@ def sample(
         batch_seeds = seeds[start : start + batch_size]
         streams = NoiseStreams(batch_seeds, shape)
         x = streams.draw().to(device)
+        y = () if labels is None else (torch.as_tensor(labels[start : start + batch_size]).long().to(device),)
         for i, t in enumerate(ts):
             t_vec = torch.full((len(batch_seeds),), t, dtype=torch.long, device=device)
-            x0_hat = denoise(x, t_vec)
+            x0_hat = denoise(x, t_vec, *y)
             t_prev = ts[i + 1] if i + 1 < len(ts) else 0
             noise = streams.draw().to(device) if stochastic else None
             if method == "ddpm":

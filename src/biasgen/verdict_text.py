@@ -57,11 +57,13 @@ def reason_for(case: str, tests: dict, tau_loss: dict, loss_open: bool, level: f
         return (f"{describe_rise(at, what)} <= {level}, the largest p over the test-loss minimum's interval ({loss}): "
                 f"the twins drift apart{more} before the test loss bottoms out.")
     if case == "loss-unresolved":
+        early = (f"{describe_rise(at, what)} > {level} at step {tests['tested_until']}" if at is not None else
+                 f"step {tests['tested_until']} is too early to test (the test needs {min_checkpoints(end['persist'])}"
+                 " checkpoints up to the step it tests)")
         return (f"{what} has risen above its floor by the test-loss minimum (p = {tests['p_value_at_tau_loss']:.3f} "
                 f"at step {tau_loss['step']}), but not clearly by every checkpoint of its interval ({loss}): "
-                f"{describe_rise(at, what)} > {level} at step {tests['tested_until']}. The rise and the loss minimum "
-                "are too close to order; more test examples or denser checkpoints around the minimum would pin it "
-                "down.")
+                f"{early}. The rise and the loss minimum are too close to order; more test examples or denser "
+                "checkpoints around the minimum would pin it down.")
     if case == "overfitting":
         return (f"{describe_rise(end, what)} <= {level} by the end of training, but not by the test-loss minimum "
                 f"({loss}; {describe_rise(at, what)} > {level}): the twins drift apart{more} only after the test "

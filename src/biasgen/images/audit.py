@@ -22,7 +22,7 @@ import torch
 
 from ..config import TwinConfig, check, check_at_least, opt
 from ..errors import BiasgenError
-from ..losses import EpsMSELoss
+from ..losses import EpsMSEConditionalLoss, EpsMSELoss, Labelled
 from ..drift import noise_sd
 from ..onset import checkpoint_minimum, score_crossing
 from ..pipeline import Curve, Data, Shared, TwinExperiment, metric_table, run_experiment
@@ -30,9 +30,9 @@ from ..runs import read_json
 from ..sampler import sample, x0_from_eps_model
 from ..schedule import NoiseSchedule
 from ..training import checkpoint_stem
-from ..twins import model_pairs
-from . import figures
-from .data import describe, load_images, make_splits, scale_images, unscale_images
+from ..twins import make_members, model_pairs
+from . import conditional, figures, guidance_figures
+from .data import describe, load_images, make_class_splits, make_splits, scale_images, unscale_images
 from .gallery import gallery_rows
 from .diffusers_model import (DiffusersEps, check_unet_fits, export_pipeline, load_unet_config,
                               schedule_from_scheduler_config)
@@ -82,6 +82,16 @@ class AuditConfig(TwinConfig):
     score_ts: tuple[int, ...] = opt(SCORE_TS, "diffusion steps t for the score-level twin similarity")
     n_score_inputs: int = opt(128, "training and test inputs for the score-level similarity")
     eval_batch: int = opt(256, "batch size of evaluation passes")
+    # class-conditional twins and guidance (docs/guidance.md)
+    conditional: bool = opt(False, "train class-conditional twins on the data's labels (digits, fashion-mnist, a "
+                                   "folder with one sub-folder per class, a .npz with 'labels')")
+    label_dropout: float = opt(0.1, "with --conditional: probability of training on the null label instead")
+    guidance: tuple[float, ...] = opt((), "with --conditional: guidance scales w to sample with, e.g. 0,1,3 (0: "
+                                          "unconditional, 1: conditional, >1: guided); none given: 1")
+    guidance_start: int | None = opt(None, "with --conditional: apply scales w > 1 only at steps t <= this (delayed "
+                                           "guidance; earlier steps sample conditionally)")
+    use_guidance: float | None = opt(None, "with --conditional: the scale you sample with, which the top-level verdict "
+                                           "and recommended step use (default: the largest of --guidance)")
 
     RUNTIME_KEYS = TwinConfig.RUNTIME_KEYS + ("eval_batch",)
     INPUT_KEYS = ("data", "data_dir", "model_config", "scheduler_config")
@@ -106,6 +116,17 @@ class AuditConfig(TwinConfig):
             load_unet_config(self.model_config)  # a clear error now for a config that is not a UNet2DModel's
         T = noise_schedule(self.schedule, self.T, self.scheduler_config).T
         check(T == self.T, f"--scheduler-config has num_train_timesteps={T} but --T is {self.T}; pass --T {T}.")
+        conditional.check_guidance(self)
+
+    @property
+    def guidance_scales(self) -> tuple[float, ...]:
+        """The guidance scales evaluated: ``--guidance``, or 1 (conditional sampling) when none is given."""
+        return tuple(self.guidance) or (1.0,)
+
+    @property
+    def use_scale(self) -> float:
+        """The scale of the top-level verdict: ``--use-guidance``, or the largest evaluated scale."""
+        return max(self.guidance_scales) if self.use_guidance is None else self.use_guidance
 
 
 PRESETS: dict[str, dict] = {
@@ -125,6 +146,11 @@ PRESETS: dict[str, dict] = {
                   base_width=32, channel_mults=(1, 2, 4), attention_levels=(1, 2), res_blocks=2, dropout=0.1,
                   lr=1e-4, batch_size=512, steps=10_000, checkpoints=50, first_checkpoint=10, n_samples=512,
                   sampler="ddpm", sample_steps=None, eval_batch=512, device="cuda"),
+    # Class-conditional twins on the bundled digits (labels dropped 10% of the time) sampled at w = 0, 1 and 3 with
+    # the paper's sampler: 64 images per split (6-7 per class) so that copies can appear within the run;
+    # docs/guidance.md gives the measured result and time.
+    "guidance": dict(conditional=True, guidance=(0.0, 1.0, 3.0), n=64, splits=2, seeds_per_split=2, steps=3000,
+                     checkpoints=10, n_samples=40),
     # A seconds-long smoke run (used by the tests); far too small to show anything.
     "tiny": dict(n=24, splits=2, n_test=32, steps=12, checkpoints=3, first_checkpoint=4, base_width=8,
                  channel_mults=(1, 2), attention_levels=(), res_blocks=1, n_samples=8, sampler="ddim",
@@ -164,13 +190,23 @@ class ImageAudit(TwinExperiment):
         cfg = self.cfg
         images = load_images(cfg.data, data_dir=cfg.data_dir, resolution=cfg.resolution, grayscale=cfg.grayscale,
                              center_crop=cfg.center_crop)
-        splits = make_splits(images.images, cfg.n, cfg.splits, cfg.n_test, self.seeds.image_permutation())
+        if cfg.conditional:  # class-balanced splits of labelled images
+            labels, classes = conditional.class_labels(images.labels, cfg.data)
+            self.num_classes = len(classes)  # the null label of the loss
+            splits = make_class_splits(images.images, labels, cfg.n, cfg.splits, cfg.n_test,
+                                       self.seeds.image_permutation())
+        else:
+            splits = make_splits(images.images, cfg.n, cfg.splits, cfg.n_test, self.seeds.image_permutation())
         reference = torch.cat(splits.train)  # 'center' scaling subtracts the mean training image
         train = [scale_images(x, cfg.scaling, reference)[0] for x in splits.train]
         test, mean = scale_images(splits.test, cfg.scaling, reference)
         if cfg.model == "diffusers":  # checked before the run folder is created
             check_unet_fits(load_unet_config(cfg.model_config), train[0].shape[1:])
-        return Data(train=train, test=test, description=describe(images, splits), extra={"mean": mean})
+        if not cfg.conditional:
+            return Data(train=train, test=test, description=describe(images, splits), extra={"mean": mean})
+        return Data(train=train, test=test, description={**describe(images, splits), "classes": classes},
+                    extra={"mean": mean, "num_classes": len(classes), "train_labels": splits.train_labels,
+                           "test_labels": splits.test_labels})
 
     def largest_size(self) -> int:
         cfg = self.cfg
@@ -189,19 +225,36 @@ class ImageAudit(TwinExperiment):
             kwargs = dict(channels=data.train[0].shape[1], base_width=cfg.base_width,
                           channel_mults=tuple(cfg.channel_mults), attention_levels=tuple(cfg.attention_levels),
                           res_blocks=cfg.res_blocks, dropout=cfg.dropout)
+        if cfg.conditional:  # the class embedding: one row per class and one for "no label"
+            classes = data.extra["num_classes"]
+            kwargs.update({"config": {**kwargs["config"], "num_class_embeds": classes + 1}} if cfg.model == "diffusers"
+                          else {"num_classes": classes})
         return network_class(cfg.model), kwargs
 
+    def training_data(self, data: Data) -> list:
+        if not self.cfg.conditional:
+            return data.train
+        return [Labelled(x, y) for x, y in zip(data.train, data.extra["train_labels"])]
+
     def loss(self):
+        if self.cfg.conditional:
+            return EpsMSEConditionalLoss(self.schedule(), self.cfg.label_dropout, null_label=self.num_classes)
         return EpsMSELoss(self.schedule())
 
     def reference(self, data: Data, members) -> dict:
         """The data, and the held-out reference of the data-copying test: the test images' nearest-neighbour
         distances to each model's split (the same at every checkpoint)."""
+        ref = {"train": data.train, "test": data.test, "schedule": self.schedule()}
+        if self.cfg.conditional:  # labelled sets; copies are counted within the sample's class
+            return {**ref, "num_classes": data.extra["num_classes"], **conditional.labelled_reference(
+                data.train, data.test, data.extra["train_labels"], data.extra["test_labels"], members,
+                self.cfg.n_samples, data.extra["num_classes"])}
         heldout_l2 = [nearest_neighbors(data.test[: self.cfg.n_samples], data.train[split])["l2"] for split, _ in members]
-        return {"train": data.train, "test": data.test, "heldout_l2": heldout_l2, "schedule": self.schedule()}
+        return {**ref, "heldout_l2": heldout_l2}
 
     def evaluate(self, models, shared: Shared):
-        return evaluate_checkpoint(models, shared.members, shared.reference, self.cfg, self.seeds)
+        evaluate = conditional.evaluate_guided if self.cfg.conditional else evaluate_checkpoint
+        return evaluate(models, shared.members, shared.reference, self.cfg, self.seeds)
 
     def curves(self, records: list[dict]) -> dict[str, Curve]:
         curves = {"tau_bias": Curve(metric_table(records, "twin_distance_pairs"), "mean", "twin pairs"),
@@ -218,8 +271,13 @@ class ImageAudit(TwinExperiment):
         steps = [r["step"] for r in records]
         tau_score = {t: score_crossing(steps, [r["score_sim"][t]["train"] for r in records],
                                        [r["score_sim"][t]["test"] for r in records]) for t in records[0]["score_sim"]}
+        guidance = {"guidance": conditional.judge_per_scale(self, records, make_members(self.cfg.splits,
+                    self.cfg.seeds_per_split))} if self.cfg.conditional else {}
         return {"tau_score": tau_score, "tau_score_reference_t": str(self.cfg.score_ts[0]),
-                "loss_by_band": loss_bands(records, n_boot=self.cfg.n_boot, seed=self.seeds.bootstrap())}
+                "loss_by_band": loss_bands(records, n_boot=self.cfg.n_boot, seed=self.seeds.bootstrap()), **guidance}
+
+    def terminal_lines(self, summary: dict) -> list[str]:
+        return conditional.terminal_lines(summary) if "guidance" in summary else []
 
     def plot(self, run: Path, records, summary, data: Data) -> None:
         cfg = self.cfg
@@ -227,6 +285,8 @@ class ImageAudit(TwinExperiment):
         rows = [(label, unscale_images(x, cfg.scaling, data.extra["mean"]).clamp(0, 1))
                 for label, x in gallery_rows(run, summary, data.train, members)]
         figures.plot_all(run, records, summary, rows, value_range=(0.0, 1.0))
+        if cfg.conditional:
+            guidance_figures.plot_guidance(run, records, summary)
 
 
 def network_class(model: str) -> type:
@@ -271,62 +331,80 @@ def evaluate_checkpoint(models, members, ref: dict, cfg: AuditConfig, seeds) -> 
     ``(n_samples,)`` L2 distances of test images to its split), ``schedule``.
     Returns the metric record and ``{"samples": (M, n_samples, C, H, W)}``.
     """
-    train_sets, test_set, schedule = ref["train"], ref["test"], ref["schedule"]
-    device, shape = cfg.device, tuple(test_set.shape[1:])
-    twins, controls = model_pairs(members)
-    record: dict = {}
-
-    # frozen-noise losses: the same (t, eps) per example at every checkpoint
-    test_runs = [frozen_noise_loss(m, test_set.to(device), schedule, seed=seeds.evaluation("test_loss"),
-                                   batch_size=cfg.eval_batch) for m in models]
-    test_losses = torch.stack([r["per_example"] for r in test_runs])  # (M, n_test); the same t per example in every run
-    train_runs = [frozen_noise_loss(m, train_sets[members[i][0]].to(device), schedule, seed=seeds.evaluation("train_loss"),
-                                    batch_size=cfg.eval_batch) for i, m in enumerate(models)]
-    train_losses = torch.stack([r["per_example"] for r in train_runs])  # (M, n); the same t per index in every run
-    per_example = test_losses.mean(0)
-    record.update(test_loss=float(per_example.mean()), test_loss_sem=float(per_example.std() / len(per_example) ** 0.5),
-                  test_loss_per_model=[float(v) for v in test_losses.mean(1)], train_loss=float(train_losses.mean()))
-    record["test_loss_units"] = [round(float(v), 6) for v in per_example]
-    record["test_loss_by_t"] = loss_by_t(per_example, test_runs[0]["t"], n_bins=10, T=schedule.T)
-    record["train_loss_by_t"] = loss_by_t(train_losses.mean(0), train_runs[0]["t"], n_bins=10, T=schedule.T)
-
-    # samples from shared noise
-    clip = 1.0 if cfg.scaling == "minus1to1" else None
-    samples = torch.stack([
-        sample(x0_from_eps_model(m, schedule, clip=clip), schedule, shape, seeds.sample_seeds(cfg.n_samples),
-               method=cfg.sampler, steps=cfg.sample_steps, eta=cfg.eta,
-               batch_size=cfg.eval_batch, device=device)
-        for m in models])
-
-    twin = twin_distance(list(samples), twins)
-    record.update(twin_distance=twin["median"], twin_distance_sem=twin["sem"], twin_distance_pairs=twin["per_pair"],
-                  twin_distance_samples=[round(v, 6) for v in twin["per_sample"]])
-    if controls:
-        control = twin_distance(list(samples), controls)
-        record.update(same_split_distance=control["median"], same_split_distance_sem=control["sem"],
-                      same_split_distance_pairs=control["per_pair"])
-
-    record.update(proximity(samples, members, train_sets, test_set, ref["heldout_l2"], cfg, seeds))
-
-    # score-level twin similarity on training vs test inputs
-    x_train = [train_sets[split][: cfg.n_score_inputs].to(device) for split, _ in members]
-    ordered = twins + [(b, a) for a, b in twins]
-    sim = score_similarity(models, ordered, x_train, test_set[: cfg.n_score_inputs].to(device), list(cfg.score_ts),
-                           schedule, seed=seeds.evaluation("score_inputs"), batch_size=cfg.eval_batch, device=device)
-    record["score_sim"] = {str(t): {"train": sim["train_mean"][i], "train_sem": sim["train_sem"][i],
-                                    "test": sim["test_mean"][i], "test_sem": sim["test_sem"][i]}
-                           for i, t in enumerate(sim["ts"])}
+    record = loss_record(models, members, ref, cfg, seeds)
+    samples = torch.stack([sample(x0_from_eps_model(m, ref["schedule"], clip=sample_clip(cfg)), ref["schedule"],
+                                  tuple(ref["test"].shape[1:]), seeds.sample_seeds(cfg.n_samples), method=cfg.sampler,
+                                  steps=cfg.sample_steps, eta=cfg.eta, batch_size=cfg.eval_batch, device=cfg.device)
+                           for m in models])  # from shared noise
+    record.update(sample_record(list(samples), members, ref["train"], ref["test"], ref["heldout_l2"], cfg, seeds))
+    record.update(score_record(models, members, ref["train"], ref["test"], ref["schedule"], cfg, seeds))
     return record, {"samples": samples}
 
 
-def proximity(samples: torch.Tensor, members, train_sets, test_set, heldout_l2, cfg: AuditConfig, seeds) -> dict:
-    """Nearest-neighbour proximity of each model's samples ``(M, n_samples, C, H, W)`` to its own split, the
-    other splits and a size-matched test slice; the memorized fraction and the data-copying z (docs/method.md §3)."""
+def sample_clip(cfg: AuditConfig) -> float | None:
+    """The sampler's clip of ``x0_hat``: [-1, 1] for images scaled to [-1, 1], none for centred ones."""
+    return 1.0 if cfg.scaling == "minus1to1" else None
+
+
+def loss_record(models, members, ref: dict, cfg: AuditConfig, seeds, labels: tuple | None = None) -> dict:
+    """Frozen-noise test and train losses (the same ``(t, eps)`` per example at every checkpoint), overall and per
+    noise band. ``labels``: ``(train labels per split, test labels)`` for class-conditional models."""
+    train_sets, test_set, schedule, device = ref["train"], ref["test"], ref["schedule"], cfg.device
+    train_labels, test_labels = labels or ([None] * len(train_sets), None)
+    test_runs = [frozen_noise_loss(m, test_set.to(device), schedule, seed=seeds.evaluation("test_loss"),
+                                   batch_size=cfg.eval_batch, labels=test_labels) for m in models]
+    test_losses = torch.stack([r["per_example"] for r in test_runs])  # (M, n_test); the same t per example in every run
+    train_runs = [frozen_noise_loss(m, train_sets[members[i][0]].to(device), schedule, seed=seeds.evaluation("train_loss"),
+                                    batch_size=cfg.eval_batch, labels=train_labels[members[i][0]])
+                  for i, m in enumerate(models)]
+    train_losses = torch.stack([r["per_example"] for r in train_runs])  # (M, n); the same t per index in every run
+    per_example = test_losses.mean(0)
+    return dict(test_loss=float(per_example.mean()), test_loss_sem=float(per_example.std() / len(per_example) ** 0.5),
+                test_loss_per_model=[float(v) for v in test_losses.mean(1)], train_loss=float(train_losses.mean()),
+                test_loss_units=[round(float(v), 6) for v in per_example],
+                test_loss_by_t=loss_by_t(per_example, test_runs[0]["t"], n_bins=10, T=schedule.T),
+                train_loss_by_t=loss_by_t(train_losses.mean(0), train_runs[0]["t"], n_bins=10, T=schedule.T))
+
+
+def sample_record(samples, members, train_sets, test_set, heldout_l2, cfg: AuditConfig, seeds,
+                  nn=nearest_neighbors) -> dict:
+    """Twin and control distances of each model's samples ``samples[m]`` (drawn from shared noise), and their
+    proximity to the data (:func:`proximity`; ``nn``: the nearest-neighbour search)."""
+    twins, controls = model_pairs(members)
+    samples_x = [getattr(s, "x", s) for s in samples]  # the images of labelled samples
+    twin = twin_distance(samples_x, twins)
+    record = dict(twin_distance=twin["median"], twin_distance_sem=twin["sem"], twin_distance_pairs=twin["per_pair"],
+                  twin_distance_samples=[round(v, 6) for v in twin["per_sample"]])
+    if controls:
+        control = twin_distance(samples_x, controls)
+        record.update(same_split_distance=control["median"], same_split_distance_sem=control["sem"],
+                      same_split_distance_pairs=control["per_pair"])
+    record.update(proximity(samples, members, train_sets, test_set, heldout_l2, cfg, seeds, nn=nn))
+    return record
+
+
+def score_record(models, members, train_sets, test_set, schedule, cfg: AuditConfig, seeds) -> dict:
+    """The score-level twin similarity on training vs test inputs, per noise level in ``cfg.score_ts``."""
+    twins, _ = model_pairs(members)
+    x_train = [train_sets[split][: cfg.n_score_inputs].to(cfg.device) for split, _ in members]
+    ordered = twins + [(b, a) for a, b in twins]
+    sim = score_similarity(models, ordered, x_train, test_set[: cfg.n_score_inputs].to(cfg.device), list(cfg.score_ts),
+                           schedule, seed=seeds.evaluation("score_inputs"), batch_size=cfg.eval_batch, device=cfg.device)
+    return {"score_sim": {str(t): {"train": sim["train_mean"][i], "train_sem": sim["train_sem"][i],
+                                   "test": sim["test_mean"][i], "test_sem": sim["test_sem"][i]}
+                          for i, t in enumerate(sim["ts"])}}
+
+
+def proximity(samples, members, train_sets, test_set, heldout_l2, cfg: AuditConfig, seeds, nn=nearest_neighbors) -> dict:
+    """Nearest-neighbour proximity of each model's samples ``samples[m]`` ``(n_samples, C, H, W)`` to its own split,
+    the other splits and a size-matched test slice; the memorized fraction and the data-copying z (docs/method.md
+    §3). ``nn(samples, reference)``: :func:`~biasgen.images.metrics.nearest_neighbors`, or a class-restricted search
+    on labelled sets (:func:`biasgen.images.conditional.nearest_in_class`)."""
     own, other, test_nn = [], [], []
     for m, (split, _) in enumerate(members):
-        own.append(nearest_neighbors(samples[m], train_sets[split]))
-        other.extend(nearest_neighbors(samples[m], train_sets[j]) for j in range(cfg.splits) if j != split)
-        test_nn.append(nearest_neighbors(samples[m], test_set[: cfg.n]))  # size-matched to a split
+        own.append(nn(samples[m], train_sets[split]))
+        other.extend(nn(samples[m], train_sets[j]) for j in range(cfg.splits) if j != split)
+        test_nn.append(nn(samples[m], test_set[: cfg.n]))  # size-matched to a split
     cat = lambda results, key: torch.cat([r[key] for r in results])
     fmem = memorized_fraction(cat(own, "l2"), cat(own, "l2_second"), n_boot=cfg.n_boot,
                               seed=seeds.evaluation("f_mem_bootstrap"))

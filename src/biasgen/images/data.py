@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BiasgenError
-from .loaders import load_array, load_cifar10, load_digits, load_fashion_mnist, load_folder, preprocess
+from .loaders import folder_labels, load_array, load_cifar10, load_digits, load_fashion_mnist, load_folder, preprocess
 
 NAMED_DATA = ("digits", "fashion-mnist", "cifar10")
 SCALE_MODES = ("minus1to1", "center")
@@ -43,7 +43,7 @@ class ImageData:
     images: torch.Tensor
     name: str  # 'digits', 'fashion-mnist', 'cifar10', 'folder' or 'array'
     source: str  # the file or folder read, or 'sklearn bundled'
-    labels: torch.Tensor | None = None
+    labels: torch.Tensor | None = None  # a folder's labels: its sub-folders in sorted order, when every image is in one
     preprocessing: dict = field(default_factory=dict)  # resolution, grayscale, center_crop, limit
 
 
@@ -61,6 +61,8 @@ class Splits:
     test_index: torch.Tensor
     seed: int
     duplicates: dict = field(default_factory=dict)  # see find_exact_duplicates
+    train_labels: list[torch.Tensor] | None = None  # class splits (make_class_splits): (n,) labels per split
+    test_labels: torch.Tensor | None = None  # and (n_test,)
 
 
 # -- loading -------------------------------------------------------------------
@@ -96,8 +98,9 @@ def load_images(
                 "file or folder; pick one of those names, or give the path of a folder of PNG/JPEG "
                 "images or of a .npz/.npy file.")
         if path.is_dir():
-            name, labels, source = "folder", None, str(path)
+            name, source = "folder", str(path)
             x = load_folder(path, limit, **options)
+            labels = folder_labels(path, limit)
         elif path.suffix.lower() in (".npz", ".npy"):
             name, source = "array", str(path)
             x, labels = load_array(path)
@@ -166,6 +169,68 @@ def make_splits(images: torch.Tensor, n: int, k: int, n_test: int, seed: int) ->
     return splits
 
 
+def make_class_splits(images: torch.Tensor, labels: torch.Tensor, n: int, k: int, n_test: int, seed: int) -> Splits:
+    """Class-balanced splits: like :func:`make_splits`, but every split holds the same number of images of each
+    class (the classes' shares of the pool, rounded by largest remainder), and so does the test set's first ``n``.
+
+    ``labels``: ``(N,)`` long in ``0..C-1``. Each class's images are taken in the order of the one seeded
+    permutation, so no image (and no label) is in two sets. Every class needs at least 2 images per split
+    (the second-nearest distance of f_mem).
+    """
+    if n * k + n_test > len(images):
+        return make_splits(images, n, k, n_test, seed)  # its error names the fix
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(int(seed)))
+    counts = torch.bincount(labels, minlength=int(labels.max()) + 1)
+    per_split, per_test = _largest_remainder(counts, n), _largest_remainder(counts, n_test)
+    short = [c for c in range(len(counts)) if per_split[c] < 2]
+    if short:
+        raise BiasgenError(
+            f"class {short[0]} would have {per_split[short[0]]} image(s) in each split of n={n} ({len(counts)} classes, "
+            f"{int(counts[short[0]])} images of that class); every class needs at least 2 per split: raise --n to at "
+            f"least {int(2 * counts.sum() / counts[short[0]]) + 1}, or leave out the rare classes.")
+    short = [c for c in range(len(counts)) if per_test[c] < 2]
+    if short:
+        raise BiasgenError(
+            f"class {short[0]} would have {per_test[short[0]]} image(s) in the test set of {n_test}; every class needs "
+            f"at least 2 there (copies are counted within a class): raise --n-test to at least "
+            f"{int(2 * counts.sum() / counts[short[0]]) + 1}.")
+    rank = torch.empty_like(perm)
+    rank[perm] = torch.arange(len(perm))
+    train, head, tail = [[] for _ in range(k)], [], []
+    for c in range(len(counts)):
+        members = perm[labels[perm] == c]  # class c in permutation order
+        if k * per_split[c] + per_test[c] > len(members):
+            raise BiasgenError(
+                f"class {c} has {len(members)} images, fewer than the {k * per_split[c] + per_test[c]} that {k} "
+                f"class-balanced splits of n={n} and a test set of {n_test} take from it; reduce --n or --n-test.")
+        for i in range(k):
+            train[i].append(members[i * per_split[c]:(i + 1) * per_split[c]])
+        test_c = members[len(members) - per_test[c]:]
+        head.append(test_c[:per_split[c]])
+        tail.append(test_c[per_split[c]:])
+    train_index = [_in_order(parts, rank) for parts in train]
+    test_index = torch.cat([_in_order(head, rank), _in_order(tail, rank)])  # the first n: balanced like a split
+    splits = Splits([images[i] for i in train_index], images[test_index], train_index, test_index, int(seed),
+                    train_labels=[labels[i] for i in train_index], test_labels=labels[test_index])
+    splits.duplicates = find_exact_duplicates(splits)
+    return splits
+
+
+def _in_order(parts: list[torch.Tensor], rank: torch.Tensor) -> torch.Tensor:
+    """The pool indices of ``parts`` joined, in the order of the permutation (``rank[i]``: position of image i)."""
+    index = torch.cat(parts)
+    return index[rank[index].argsort()]
+
+
+def _largest_remainder(counts: torch.Tensor, total: int) -> list[int]:
+    """``total`` shared among classes in proportion to ``counts`` (Hamilton's largest-remainder rounding)."""
+    quota = counts.double() * total / counts.sum()
+    share = quota.floor().long()
+    extra = (quota - share).argsort(descending=True)[: total - int(share.sum())]
+    share[extra] += 1
+    return share.tolist()
+
+
 def find_exact_duplicates(splits: Splits) -> dict:
     """Byte-identical images across splits and between splits and the test set (a report, not an error).
 
@@ -222,4 +287,7 @@ def describe(data: ImageData, splits: Splits) -> dict:
         n_test=len(splits.test),
         seed=splits.seed,
         duplicates=splits.duplicates,
+        **({} if splits.train_labels is None else
+           {"class_counts_per_split": torch.bincount(splits.train_labels[0]).tolist(),
+            "class_counts_test": torch.bincount(splits.test_labels).tolist()}),
     )

@@ -100,7 +100,7 @@ def load_unet_config(source) -> dict:
     config = {k: v for k, v in config.items() if k in known}
     if config.get("class_embed_type") is not None or config.get("num_class_embeds") is not None:
         raise BiasgenError("The model config is class-conditional (class_embed_type / num_class_embeds); "
-                           "biasgen audits unconditional models: set both to null.")
+                           "set both to null: with --conditional biasgen adds the class embedding itself.")
     return json.loads(json.dumps(config))  # tuples become lists
 
 
@@ -155,8 +155,17 @@ class DiffusersEps(nn.Module):
             raise BiasgenError("DiffusersEps takes either a UNet2DModel config or a built unet=..., not both or neither.")
         self.unet = unet if unet is not None else build_unet(config)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t - 1, return_dict=False)[0]
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """``y``: ``(B,)`` class labels of a network built with ``num_class_embeds`` (its last class is "no
+        label", used when ``y`` is None)."""
+        classes = self.unet.config.num_class_embeds
+        if classes is None:
+            if y is not None:
+                raise BiasgenError("This UNet2DModel has no class embedding (num_class_embeds is null) and takes "
+                                   "no class labels.")
+            return self.unet(x, t - 1, return_dict=False)[0]
+        y = torch.full((len(x),), classes - 1, dtype=torch.long, device=x.device) if y is None else y
+        return self.unet(x, t - 1, class_labels=y, return_dict=False)[0]
 
 
 def is_unet2d(model) -> bool:

@@ -128,10 +128,26 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return x.reshape(-1, 3, 32, 32), np.asarray(y, dtype=np.int64)
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder``: recursive, sorted by path, hidden files skipped."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+
+
+def folder_labels(folder: Path, limit: int | None) -> torch.Tensor | None:
+    """``(N,)`` class labels of :func:`load_folder`'s images: the index of each image's sub-folder of ``folder``
+    among the sorted sub-folders (one sub-folder per class); None when some image lies directly in ``folder``."""
+    classes = [p.relative_to(folder).parts[0] if len(p.relative_to(folder).parts) > 1 else None
+               for p in image_files(folder)[:limit]]
+    if not classes or None in classes:
+        return None
+    names = sorted(set(classes))
+    return torch.tensor([names.index(c) for c in classes], dtype=torch.long)
+
+
 def load_folder(folder: Path, limit: int | None, **options) -> torch.Tensor:
     """PNG/JPEG/TIFF files under ``folder`` (recursive, sorted by path), each preprocessed as it is read."""
-    files = sorted(p for p in folder.rglob("*")
-                   if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+    files = image_files(folder)
     if not files:
         raise BiasgenError(f"no PNG/JPEG/TIFF images found in {folder} (searched recursively); put .png/.jpg/.tif "
                            "files there, or pass a .npz/.npy file or a data set name.")

@@ -223,14 +223,17 @@ def _noised(x0: torch.Tensor, t: int, schedule: NoiseSchedule, seed: int) -> tor
 
 
 @torch.no_grad()
-def _outputs(denoise: EpsDenoiser, x: torch.Tensor, t: torch.Tensor | int, batch_size: int, device) -> torch.Tensor:
-    """``denoise`` applied in batches; ``x``: ``(N, ...)``, ``t``: ``(N,)`` or int -> ``(N, D)`` float32 on CPU."""
+def _outputs(denoise: EpsDenoiser, x: torch.Tensor, t: torch.Tensor | int, batch_size: int, device,
+             labels: torch.Tensor | None = None) -> torch.Tensor:
+    """``denoise`` applied in batches; ``x``: ``(N, ...)``, ``t``: ``(N,)`` or int -> ``(N, D)`` float32 on CPU.
+    ``labels``: ``(N,)`` class labels passed as ``denoise``'s third argument (None: not passed)."""
     t = torch.as_tensor(t, dtype=torch.long).expand(len(x))
     out = []
     for start in range(0, len(x), batch_size):
         xb = x[start : start + batch_size].to(device)
         tb = t[start : start + batch_size].to(device)
-        out.append(denoise(xb, tb).detach().to("cpu", torch.float32).reshape(len(xb), -1))
+        yb = () if labels is None else (labels[start : start + batch_size].to(device),)
+        out.append(denoise(xb, tb, *yb).detach().to("cpu", torch.float32).reshape(len(xb), -1))
     return torch.cat(out)
 
 
@@ -320,11 +323,13 @@ def frozen_noise_loss(
     seed: int,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
+    labels: torch.Tensor | None = None,
 ) -> dict:
     """Denoising loss with frozen noise: example i gets one ``(t_i, eps_i)`` drawn from ``seed``, reused at every call.
 
     ``x0``: ``(N, ...)``. ``t_i`` is uniform in ``1..T-1``, ``eps_i ~ N(0, I)``;
-    the draws depend only on ``seed``, ``N`` and the image shape.
+    the draws depend only on ``seed``, ``N`` and the image shape. ``labels``: ``(N,)`` class labels for a
+    conditional ``eps_model(x_t, t, y)`` (None: ``eps_model(x_t, t)``).
     Returns ``{"per_example": (N,) MSE(eps_i, eps_hat_i), "t": (N,) long, "mean": float}``.
     """
     x0 = x0.detach().to("cpu", torch.float32)
@@ -333,7 +338,7 @@ def frozen_noise_loss(
     g = torch.Generator().manual_seed(int(seed))
     t = torch.randint(1, schedule.T, (len(x0),), generator=g)
     eps = torch.randn(x0.shape, generator=g)
-    eps_hat = _outputs(eps_model, schedule.add_noise(x0, eps, t), t, batch_size, device)
+    eps_hat = _outputs(eps_model, schedule.add_noise(x0, eps, t), t, batch_size, device, labels)
     per_example = ((eps_hat - eps.reshape(len(x0), -1)) ** 2).mean(1)
     return {"per_example": per_example, "t": t, "mean": float(per_example.mean())}
 

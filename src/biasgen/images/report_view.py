@@ -13,6 +13,11 @@ VIEW = ReportView(
         "fig_memorization.png": "Memorized fraction and nearest-neighbour proximity of the samples to each split.",
         "fig_loss_bands.png": "Test-minus-train loss per noise band over training; the band where the gap "
                               "opens first is drawn bold.",
+        "fig_guidance_curves.png": "Conditional twins: the contrast (twin minus control distance) and the memorized "
+                                   "fraction (copies of the sample's own class in the model's split) over training, "
+                                   "one line per guidance scale w.",
+        "fig_guidance_taus.png": "Conditional twins: tau_data, tau_bias and tau_mem against the guidance scale w, "
+                                 "with their intervals; hollow markers are bounds (not reached within the run).",
         "fig_gallery.png": "Twin samples from the same noise and their nearest training images in each twin's split, "
                            "at tau_bias and at the last checkpoint.",
     },

@@ -1,11 +1,13 @@
 """A DDPM-style U-Net that predicts the noise ``eps`` of an image (docs/method.md §1, §8).
 
-The network sees only ``(x_t, t)``: ``t`` enters through a sinusoidal embedding
-of its raw value, so the model knows nothing of the noise schedule and works
-with any of them.
+The network sees only ``(x_t, t)`` (and a class label ``y`` when it has
+``num_classes``): ``t`` enters through a sinusoidal embedding of its raw value,
+so the model knows nothing of the noise schedule and works with any of them.
 
     net = UNet(channels=1, base_width=32, channel_mults=(1, 2), attention_levels=(1,), res_blocks=1)
     eps_hat = net(x_t, t)              # x_t: (B, 1, H, W), t: (B,) -> (B, 1, H, W)
+    cond = UNet(channels=1, num_classes=10)
+    eps_hat = cond(x_t, t, y)          # y: (B,) long in 0..10; label 10 (= num_classes) is "no label"
     net2 = UNet.from_config(net.config)  # the plain dict stored in the JSON sidecar
 
 Level ``i`` runs at resolution ``H / 2**i`` with ``base_width * channel_mults[i]``
@@ -149,14 +151,19 @@ class UNet(nn.Module):
         res_blocks: int = 2,  # ResBlocks per level on the way down (one more on the way up)
         dropout: float = 0.1,  # dropout inside every ResBlock
         groups: int = 8,  # GroupNorm groups
+        num_classes: int = 0,  # class labels 0..num_classes-1 plus the null label num_classes; 0: unconditional
     ):
         super().__init__()
         channel_mults, attention_levels = tuple(channel_mults), tuple(attention_levels)
         _check_config(channels, base_width, channel_mults, attention_levels, res_blocks, dropout, groups)
+        if num_classes < 0:
+            raise BiasgenError(f"U-Net num_classes must be >= 0 (0: unconditional), got {num_classes}.")
         self.config = dict(
             channels=channels, base_width=base_width, channel_mults=list(channel_mults),
             attention_levels=list(attention_levels), res_blocks=res_blocks, dropout=dropout, groups=groups,
         )  # plain JSON types: rebuild with UNet.from_config
+        if num_classes:
+            self.config["num_classes"] = num_classes
         emb_dim = 4 * base_width
         self.base_width = base_width
         self.levels = len(channel_mults)
@@ -192,11 +199,14 @@ class UNet(nn.Module):
 
         self.out_norm = nn.GroupNorm(groups, ch)
         self.out = nn.Conv2d(ch, channels, 3, padding=1)
+        # created last, so an unconditional network draws exactly the initial weights it always did
+        self.num_classes = num_classes
+        self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
 
     @classmethod
     def from_config(cls, config: dict) -> "UNet":
         """Build from a plain dict of the constructor's keyword arguments (as in :attr:`config`)."""
-        known = set(PAPER_CONFIG)
+        known = set(PAPER_CONFIG) | {"num_classes"}
         unknown = set(config) - known
         if unknown:
             raise BiasgenError(
@@ -204,10 +214,16 @@ class UNet(nn.Module):
             )
         return cls(**config)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``x``: ``(B, C, H, W)`` float, ``t``: ``(B,)`` long or float steps -> ``eps_hat`` ``(B, C, H, W)``."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: ``(B, C, H, W)`` float, ``t``: ``(B,)`` long or float steps, ``y``: ``(B,)`` long class labels in
+        ``0..num_classes`` (``num_classes``: no label; None: no label for every image) -> ``eps_hat`` ``(B, C, H, W)``."""
         self._check_input(x, t)
         emb = self.time_mlp(timestep_embedding(t, self.base_width))
+        if self.class_emb is not None:
+            emb = emb + self.class_emb(null_labels(len(x), self.num_classes, x.device) if y is None else y)
+        elif y is not None:
+            raise BiasgenError("This U-Net is unconditional (num_classes = 0) and takes no class labels; "
+                               "build it with num_classes to condition on labels.")
         h = self.stem(x)
         skips = [h]
         for layer in self.down:
@@ -231,6 +247,11 @@ class UNet(nn.Module):
             )
         if t.shape != (x.shape[0],):
             raise BiasgenError(f"The U-Net expects one step per image, t of shape ({x.shape[0]},), got {tuple(t.shape)}.")
+
+
+def null_labels(n: int, num_classes: int, device=None) -> torch.Tensor:
+    """``(n,)`` long: the "no label" class ``num_classes`` of a conditional network."""
+    return torch.full((n,), num_classes, dtype=torch.long, device=device)
 
 
 def count_parameters(model: nn.Module) -> int:

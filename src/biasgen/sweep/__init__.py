@@ -178,6 +178,11 @@ def sweep(out: str | Path = "runs/sweep", kind: str | None = None, sizes=None, p
         from .figure import plot_phase_diagram
 
         plot_phase_diagram(out / "fig_phase_diagram.png", result)
+        for w in rows[0].get("guidance", {}):  # one phase diagram per guidance scale
+            at_w = assemble(plan, [{**r, **r["guidance"][w]} for r in rows])
+            plot_phase_diagram(out / f"fig_phase_diagram_w{w}.png", at_w)
+            result.setdefault("guidance", {})[w] = {"rows": [{"n": r["n"], **r["guidance"][w]} for r in rows],
+                                                    "fits": at_w["fits"], "target": at_w["target"]}
         write_json(out / "sweep.json", result)
         write_report(out)
         return result
@@ -217,12 +222,20 @@ def size_row(n: int, folder: Path, summary: dict, records: list[dict], plan: Pla
     ``mem_share``) for an experiment that does not measure copies (no ``memorized_share``)."""
     steps = summary["checkpoints"]
     share = experiment.memorized_share(records)
-    return {"n": n, "steps": steps[-1], "folder": folder.name, "verdict": summary["verdict"],
-            "reason": summary["reason"], "recommended_step": summary["recommended_step"],
-            "tau_bias": located_tau(summary["tau_bias"], steps), "tau_loss": located_tau(summary["tau_loss"], steps),
-            "tau_mem": memorization_onset(share, plan.mem_level) if share else None,
-            "mem_share": share[0]["key"] if share else None,
-            "tau_loss_open": summary["tau_loss_open"], "checkpoints": steps, "complete": summary["complete"]}
+    row = {"n": n, "steps": steps[-1], "folder": folder.name, "verdict": summary["verdict"],
+           "reason": summary["reason"], "recommended_step": summary["recommended_step"],
+           "tau_bias": located_tau(summary["tau_bias"], steps), "tau_loss": located_tau(summary["tau_loss"], steps),
+           "tau_mem": memorization_onset(share, plan.mem_level) if share else None,
+           "mem_share": share[0]["key"] if share else None,
+           "tau_loss_open": summary["tau_loss_open"], "checkpoints": steps, "complete": summary["complete"]}
+    if "guidance" in summary:  # class-conditional twins: tau_bias and tau_mem per guidance scale (docs/guidance.md)
+        from ..images.conditional import at_scale
+
+        row["guidance"] = {w: {"verdict": judged["verdict"], "tau_bias": located_tau(judged["tau_bias"], steps),
+                               "tau_mem": memorization_onset(experiment.memorized_share(at_scale(records, float(w))),
+                                                             plan.mem_level)}
+                           for w, judged in summary["guidance"]["per_scale"].items()}
+    return row
 
 
 def assemble(plan: Plan, rows: list[dict]) -> dict:
