@@ -34,6 +34,7 @@ from ..twins import model_pairs
 from . import figures
 from .data import describe, load_images, make_splits, scale_images, unscale_images
 from .gallery import gallery_rows
+from .groups import group_ids, image_names, make_grouped_splits
 from .diffusers_model import (DiffusersEps, check_unet_fits, export_pipeline, load_unet_config,
                               schedule_from_scheduler_config)
 from .metrics import (
@@ -66,6 +67,8 @@ class AuditConfig(TwinConfig):
     grayscale: bool = opt(False, "convert colour images to grayscale")
     center_crop: bool = opt(True, "centre-crop to a square before resizing")
     scaling: str = opt("minus1to1", "pixel scaling: minus1to1 (2x-1) or center (subtract the training mean, as the paper)")
+    groups: str | None = opt(None, "CSV of 'file name,group id' rows: splits and test set disjoint at group level")
+    group_by_regex: str | None = opt(None, "group images by this regex's first capture group in their file names")
     # model
     model: str = opt("unet", "network: unet (biasgen's U-Net, set by the options below) or diffusers (a UNet2DModel "
                              "built from --model-config; the U-Net options and --dropout then do not apply)")
@@ -84,11 +87,12 @@ class AuditConfig(TwinConfig):
     eval_batch: int = opt(256, "batch size of evaluation passes")
 
     RUNTIME_KEYS = TwinConfig.RUNTIME_KEYS + ("eval_batch",)
-    INPUT_KEYS = ("data", "data_dir", "model_config", "scheduler_config")
+    INPUT_KEYS = ("data", "data_dir", "model_config", "scheduler_config", "groups")
 
     def validate(self) -> None:
         super().validate()
         check_at_least(self, 1, "base_width", "res_blocks", "n_score_inputs", "eval_batch")
+        check(self.groups is None or self.group_by_regex is None, "pass --groups FILE or --group-by-regex, not both.")
         check(self.scaling in ("minus1to1", "center"), f"--scaling must be minus1to1 or center, got {self.scaling!r}.")
         check(self.schedule in ("linear", "cosine"), f"--schedule must be linear or cosine, got {self.schedule!r}.")
         check(self.resolution is None or self.resolution >= 4, "--resolution must be at least 4 pixels.")
@@ -164,13 +168,16 @@ class ImageAudit(TwinExperiment):
         cfg = self.cfg
         images = load_images(cfg.data, data_dir=cfg.data_dir, resolution=cfg.resolution, grayscale=cfg.grayscale,
                              center_crop=cfg.center_crop)
-        splits = make_splits(images.images, cfg.n, cfg.splits, cfg.n_test, self.seeds.image_permutation())
+        splits = split_images(images, cfg, self.seeds.image_permutation())
         reference = torch.cat(splits.train)  # 'center' scaling subtracts the mean training image
         train = [scale_images(x, cfg.scaling, reference)[0] for x in splits.train]
         test, mean = scale_images(splits.test, cfg.scaling, reference)
         if cfg.model == "diffusers":  # checked before the run folder is created
             check_unet_fits(load_unet_config(cfg.model_config), train[0].shape[1:])
-        return Data(train=train, test=test, description=describe(images, splits), extra={"mean": mean})
+        names = image_names(images.names, len(images.images))
+        train_names = [[names[i] for i in index.tolist()] for index in splits.train_index]
+        return Data(train=train, test=test, description=describe(images, splits),
+                    extra={"mean": mean, "train_names": train_names})
 
     def largest_size(self) -> int:
         cfg = self.cfg
@@ -227,6 +234,14 @@ class ImageAudit(TwinExperiment):
         rows = [(label, unscale_images(x, cfg.scaling, data.extra["mean"]).clamp(0, 1))
                 for label, x in gallery_rows(run, summary, data.train, members)]
         figures.plot_all(run, records, summary, rows, value_range=(0.0, 1.0))
+
+
+def split_images(images, cfg: AuditConfig, seed: int):
+    """The run's splits: grouped (``--groups`` / ``--group-by-regex``) or one permutation of the images."""
+    if cfg.groups is None and cfg.group_by_regex is None:
+        return make_splits(images.images, cfg.n, cfg.splits, cfg.n_test, seed)
+    group = group_ids(image_names(images.names, len(images.images)), groups_file=cfg.groups, regex=cfg.group_by_regex)
+    return make_grouped_splits(images.images, group, cfg.n, cfg.splits, cfg.n_test, seed)
 
 
 def network_class(model: str) -> type:

@@ -45,6 +45,7 @@ class ImageData:
     source: str  # the file or folder read, or 'sklearn bundled'
     labels: torch.Tensor | None = None
     preprocessing: dict = field(default_factory=dict)  # resolution, grayscale, center_crop, limit
+    names: list[str] | None = None  # file paths relative to the folder, for a folder of images
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Splits:
     test_index: torch.Tensor
     seed: int
     duplicates: dict = field(default_factory=dict)  # see find_exact_duplicates
+    groups: dict | None = None  # grouped splits: group counts (see biasgen.images.groups)
 
 
 # -- loading -------------------------------------------------------------------
@@ -81,7 +83,7 @@ def load_images(
     if limit is not None and limit < 1:
         raise BiasgenError(f"--limit must be at least 1, got {limit}; leave it out to use all images.")
     options = dict(resolution=resolution, grayscale=grayscale, center_crop=center_crop)
-    data = str(data)
+    data, names = str(data), None
     if data in NAMED_DATA:
         name = data
         x, labels, source = {"digits": load_digits, "fashion-mnist": load_fashion_mnist,
@@ -97,7 +99,7 @@ def load_images(
                 "images or of a .npz/.npy file.")
         if path.is_dir():
             name, labels, source = "folder", None, str(path)
-            x = load_folder(path, limit, **options)
+            x, names = load_folder(path, limit, **options)
         elif path.suffix.lower() in (".npz", ".npy"):
             name, source = "array", str(path)
             x, labels = load_array(path)
@@ -107,7 +109,7 @@ def load_images(
             raise BiasgenError(
                 f"cannot read '{path}': --data takes a folder of PNG/JPEG/TIFF images or a .npz/.npy file; "
                 "put single images in a folder and pass the folder.")
-    return ImageData(x.contiguous(), name, source, labels, dict(options, limit=limit))
+    return ImageData(x.contiguous(), name, source, labels, dict(options, limit=limit), names)
 
 
 def scale_images(x01: torch.Tensor, mode: str = "minus1to1",
@@ -222,4 +224,5 @@ def describe(data: ImageData, splits: Splits) -> dict:
         n_test=len(splits.test),
         seed=splits.seed,
         duplicates=splits.duplicates,
+        **({"groups": splits.groups} if splits.groups else {}),
     )

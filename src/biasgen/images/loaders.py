@@ -128,8 +128,9 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return x.reshape(-1, 3, 32, 32), np.asarray(y, dtype=np.int64)
 
 
-def load_folder(folder: Path, limit: int | None, **options) -> torch.Tensor:
-    """PNG/JPEG/TIFF files under ``folder`` (recursive, sorted by path), each preprocessed as it is read."""
+def load_folder(folder: Path, limit: int | None, **options) -> tuple[torch.Tensor, list[str]]:
+    """PNG/JPEG/TIFF files under ``folder`` (recursive, sorted by path), each preprocessed as it is read, and their
+    paths relative to ``folder``."""
     files = sorted(p for p in folder.rglob("*")
                    if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
     if not files:
@@ -154,7 +155,8 @@ def load_folder(folder: Path, limit: int | None, **options) -> torch.Tensor:
                     "(width x height); pass --resolution R to centre-crop and resize them all to RxR.")
         images.append(preprocess(torch.from_numpy(pixels)[None], **options)[0])
     channels = max(x.shape[0] for x in images)  # gray images join RGB ones as 3 equal channels
-    return torch.stack([x.expand(channels, -1, -1) for x in images])
+    names = [path.relative_to(folder).as_posix() for path in files[:limit]]
+    return torch.stack([x.expand(channels, -1, -1) for x in images]), names
 
 
 def image_pixels(img, path: Path) -> np.ndarray:
