@@ -14,6 +14,7 @@ samples of every checkpoint under ``samples/``. A killed run continues with
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,7 @@ class AuditConfig(TwinConfig):
     grayscale: bool = opt(False, "convert colour images to grayscale")
     center_crop: bool = opt(True, "centre-crop to a square before resizing")
     scaling: str = opt("minus1to1", "pixel scaling: minus1to1 (2x-1) or center (subtract the training mean, as the paper)")
+    classes: tuple[int, ...] = opt((), "keep only images with these labels (a labelled data set, e.g. digits)")
     groups: str | None = opt(None, "CSV of 'file name,group id' rows: splits and test set disjoint at group level")
     group_by_regex: str | None = opt(None, "group images by this regex's first capture group in their file names")
     # model
@@ -168,6 +170,7 @@ class ImageAudit(TwinExperiment):
         cfg = self.cfg
         images = load_images(cfg.data, data_dir=cfg.data_dir, resolution=cfg.resolution, grayscale=cfg.grayscale,
                              center_crop=cfg.center_crop)
+        images = keep_classes(images, cfg.classes)
         splits = split_images(images, cfg, self.seeds.image_permutation())
         reference = torch.cat(splits.train)  # 'center' scaling subtracts the mean training image
         train = [scale_images(x, cfg.scaling, reference)[0] for x in splits.train]
@@ -181,8 +184,8 @@ class ImageAudit(TwinExperiment):
 
     def largest_size(self) -> int:
         cfg = self.cfg
-        pool = load_images(cfg.data, data_dir=cfg.data_dir, resolution=cfg.resolution, grayscale=cfg.grayscale,
-                           center_crop=cfg.center_crop).images
+        pool = keep_classes(load_images(cfg.data, data_dir=cfg.data_dir, resolution=cfg.resolution,
+                                        grayscale=cfg.grayscale, center_crop=cfg.center_crop), cfg.classes).images
         return (len(pool) - cfg.n_test) // cfg.splits
 
     def schedule(self) -> NoiseSchedule:
@@ -234,6 +237,20 @@ class ImageAudit(TwinExperiment):
         rows = [(label, unscale_images(x, cfg.scaling, data.extra["mean"]).clamp(0, 1))
                 for label, x in gallery_rows(run, summary, data.train, members)]
         figures.plot_all(run, records, summary, rows, value_range=(0.0, 1.0))
+
+
+def keep_classes(images, classes: tuple[int, ...]):
+    """``images`` restricted to the labels ``classes`` (all of them when empty); file names follow."""
+    if not classes:
+        return images
+    if images.labels is None:
+        raise BiasgenError(f"--classes needs a labelled data set (digits, fashion-mnist, cifar10, a .npz with labels); "
+                           f"{images.source} has no labels.")
+    keep = torch.isin(images.labels, torch.tensor(classes))
+    names = image_names(images.names, len(images.images))
+    return dataclasses.replace(images, images=images.images[keep], labels=images.labels[keep],
+                               names=[n for n, k in zip(names, keep.tolist()) if k],
+                               preprocessing=dict(images.preprocessing, classes=list(classes)))
 
 
 def split_images(images, cfg: AuditConfig, seed: int):
