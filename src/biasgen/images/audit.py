@@ -131,6 +131,10 @@ PRESETS: dict[str, dict] = {
                   base_width=32, channel_mults=(1, 2, 4), attention_levels=(1, 2), res_blocks=2, dropout=0.1,
                   lr=1e-4, batch_size=512, steps=10_000, checkpoints=50, first_checkpoint=10, n_samples=512,
                   sampler="ddpm", sample_steps=None, eval_batch=512, device="cuda"),
+    # The base of biasgen finetune's default preset: the digits 0-4 only (the fine-tunes get 5-9), one model per
+    # split, cheap evaluation (only the last checkpoint is the base); about 2 minutes on 2 CPU cores.
+    "finetune-base": dict(classes=(0, 1, 2, 3, 4), n=400, splits=2, seeds_per_split=1, n_test=64, steps=2000,
+                          checkpoints=2, first_checkpoint=1000, n_samples=16, sample_steps=20),
     # A seconds-long smoke run (used by the tests); far too small to show anything.
     "tiny": dict(n=24, splits=2, n_test=32, steps=12, checkpoints=3, first_checkpoint=4, base_width=8,
                  channel_mults=(1, 2), attention_levels=(), res_blocks=1, n_samples=8, sampler="ddim",

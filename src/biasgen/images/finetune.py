@@ -58,7 +58,7 @@ PRESETS: dict[str, dict] = {
     # 8x8 digits of the classes 5-9, private to the fine-tune (a base trained on 0-4: docs/finetune.md),
     # 2 splits x 2 seeds of 64 images.
     "default": dict(AUDIT_PRESETS["default"], classes=(5, 6, 7, 8, 9), n=64, n_test=256, steps=1500,
-                    checkpoints=12, lr=3e-4),
+                    checkpoints=12),
     # A seconds-long smoke run (used by the tests); far too small to show anything.
     "tiny": dict(AUDIT_PRESETS["tiny"]),
 }
