@@ -18,7 +18,8 @@ try:
     import peft
 except ImportError:  # CI installs biasgen[finetune]: there the LoRA tests must run, not skip
     peft = None
-needs_peft = pytest.mark.skipif(peft is None and not os.environ.get("CI"), reason='needs pip install "biasgen[finetune]"')
+needs_peft = pytest.mark.skipif(peft is None and not os.environ.get("CI"),
+                                reason='needs pip install "biasgen[finetune]"')
 FAST = dict(preset="tiny", progress=False, threads=1)
 
 

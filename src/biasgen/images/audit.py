@@ -14,7 +14,6 @@ samples of every checkpoint under ``samples/``. A killed run continues with
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +32,9 @@ from ..schedule import NoiseSchedule
 from ..training import checkpoint_stem
 from ..twins import model_pairs
 from . import figures
-from .data import describe, load_images, make_splits, scale_images, unscale_images
+from .data import describe, keep_classes, load_images, scale_images, unscale_images
 from .gallery import gallery_rows
-from .groups import group_ids, image_names, make_grouped_splits
+from .groups import image_names, split_images
 from .diffusers_model import (DiffusersEps, check_unet_fits, export_pipeline, load_unet_config,
                               schedule_from_scheduler_config)
 from .metrics import (
@@ -175,7 +174,8 @@ class ImageAudit(TwinExperiment):
         images = load_images(cfg.data, data_dir=cfg.data_dir, resolution=cfg.resolution, grayscale=cfg.grayscale,
                              center_crop=cfg.center_crop)
         images = keep_classes(images, cfg.classes)
-        splits = split_images(images, cfg, self.seeds.image_permutation())
+        splits = split_images(images, n=cfg.n, k=cfg.splits, n_test=cfg.n_test, seed=self.seeds.image_permutation(),
+                              groups_file=cfg.groups, regex=cfg.group_by_regex)
         reference = torch.cat(splits.train)  # 'center' scaling subtracts the mean training image
         train = [scale_images(x, cfg.scaling, reference)[0] for x in splits.train]
         test, mean = scale_images(splits.test, cfg.scaling, reference)
@@ -241,28 +241,6 @@ class ImageAudit(TwinExperiment):
         rows = [(label, unscale_images(x, cfg.scaling, data.extra["mean"]).clamp(0, 1))
                 for label, x in gallery_rows(run, summary, data.train, members)]
         figures.plot_all(run, records, summary, rows, value_range=(0.0, 1.0))
-
-
-def keep_classes(images, classes: tuple[int, ...]):
-    """``images`` restricted to the labels ``classes`` (all of them when empty); file names follow."""
-    if not classes:
-        return images
-    if images.labels is None:
-        raise BiasgenError(f"--classes needs a labelled data set (digits, fashion-mnist, cifar10, a .npz with labels); "
-                           f"{images.source} has no labels.")
-    keep = torch.isin(images.labels, torch.tensor(classes))
-    names = image_names(images.names, len(images.images))
-    return dataclasses.replace(images, images=images.images[keep], labels=images.labels[keep],
-                               names=[n for n, k in zip(names, keep.tolist()) if k],
-                               preprocessing=dict(images.preprocessing, classes=list(classes)))
-
-
-def split_images(images, cfg: AuditConfig, seed: int):
-    """The run's splits: grouped (``--groups`` / ``--group-by-regex``) or one permutation of the images."""
-    if cfg.groups is None and cfg.group_by_regex is None:
-        return make_splits(images.images, cfg.n, cfg.splits, cfg.n_test, seed)
-    group = group_ids(image_names(images.names, len(images.images)), groups_file=cfg.groups, regex=cfg.group_by_regex)
-    return make_grouped_splits(images.images, group, cfg.n, cfg.splits, cfg.n_test, seed)
 
 
 def network_class(model: str) -> type:

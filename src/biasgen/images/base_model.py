@@ -60,7 +60,8 @@ def resolve_base(path: str | Path) -> dict:
             raise BiasgenError(f"--base {path} holds no diffusers UNet2DModel (config.json and "
                                "diffusion_pytorch_model.safetensors); pass such a folder or a biasgen checkpoint "
                                "(step_*.safetensors with its .json).")
-        return {"format": "diffusers", "network": "diffusers", "kwargs": {"config": load_unet_config(folder / "config.json")},
+        return {"format": "diffusers", "network": "diffusers",
+                "kwargs": {"config": load_unet_config(folder / "config.json")},
                 "weights": str(weights), "sha256": file_sha256(weights)}
     stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
     weights, sidecar = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
@@ -75,7 +76,8 @@ def resolve_base(path: str | Path) -> dict:
     if network not in ("unet", "diffusers") or "base" in meta["model"]:
         raise BiasgenError(f"--base {weights} is not a plain audit checkpoint (a fine-tune's adapters?); export a "
                            "merged network first (biasgen finetune --export-merged) and pass that.")
-    return {"format": "biasgen", "network": network, "kwargs": meta["model"], "weights": str(weights), "sha256": file_sha256(weights)}
+    return {"format": "biasgen", "network": network, "kwargs": meta["model"], "weights": str(weights),
+            "sha256": file_sha256(weights)}
 
 
 def _load_base_weights(base: dict) -> dict[str, torch.Tensor]:
@@ -152,7 +154,7 @@ def present(net: nn.Module, targets: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def inject_lora(net: nn.Module, *, rank: int, alpha: float, targets: tuple[str, ...]) -> None:
-    """LoRA adapters (``peft``) on the layers of ``net`` whose names end in one of ``targets``; everything else frozen."""
+    """LoRA adapters (``peft``) on the layers of ``net`` whose names end in one of ``targets``; all else frozen."""
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as e:

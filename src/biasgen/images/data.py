@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,6 +111,20 @@ def load_images(
                 f"cannot read '{path}': --data takes a folder of PNG/JPEG/TIFF images or a .npz/.npy file; "
                 "put single images in a folder and pass the folder.")
     return ImageData(x.contiguous(), name, source, labels, dict(options, limit=limit), names)
+
+
+def keep_classes(images: ImageData, classes: tuple[int, ...]) -> ImageData:
+    """``images`` restricted to the labels ``classes`` (all of them when empty); file names follow."""
+    if not classes:
+        return images
+    if images.labels is None:
+        raise BiasgenError(f"--classes needs a labelled data set (digits, fashion-mnist, cifar10, a .npz with labels); "
+                           f"{images.source} has no labels.")
+    keep = torch.isin(images.labels, torch.tensor(classes))
+    names = images.names or [str(i) for i in range(len(images.images))]
+    return dataclasses.replace(images, images=images.images[keep], labels=images.labels[keep],
+                               names=[n for n, k in zip(names, keep.tolist()) if k],
+                               preprocessing=dict(images.preprocessing, classes=list(classes)))
 
 
 def scale_images(x01: torch.Tensor, mode: str = "minus1to1",

@@ -118,9 +118,9 @@ class ImageFinetune(ImageAudit):
 
 
 def export_merged(run: str | Path, model: int, step: int, out: str | Path) -> Path:
-    """Model ``model`` of the fine-tune in ``run`` at ``step``, base and adapters merged, written to ``out``: a diffusers
-    ``DDPMPipeline`` folder for a diffusers base, else a biasgen checkpoint ``<out>.safetensors`` + ``.json`` that
-    ``--base`` accepts."""
+    """Model ``model`` of the fine-tune in ``run`` at ``step``, base and adapters merged, written to ``out``: a
+    diffusers ``DDPMPipeline`` folder for a diffusers base, else a biasgen checkpoint ``<out>.safetensors`` +
+    ``.json`` that ``--base`` accepts."""
     stem = checkpoint_stem(Path(run) / "models" / f"model{model}", step)
     _, meta = load_tensors(stem)
     net = merged_network(load_model(FinetuneNet, meta["model"], stem, "cpu"))

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BiasgenError
-from .data import Splits, find_exact_duplicates
+from .data import Splits, find_exact_duplicates, make_splits
 
 
 def image_names(names: list[str] | None, n_images: int) -> list[str]:
@@ -107,3 +107,13 @@ def make_grouped_splits(images: torch.Tensor, group: list[str], n: int, k: int, 
     splits.groups = {"n_groups": len(members), "test": len(set_groups[0]),
                      "per_split": [len(s) for s in set_groups[1:]]}
     return splits
+
+
+def split_images(images, *, n: int, k: int, n_test: int, seed: int, groups_file: str | None = None,
+                 regex: str | None = None) -> Splits:
+    """The splits of an :class:`~biasgen.images.data.ImageData`: grouped when ``groups_file`` or ``regex`` is given
+    (see :func:`group_ids`), else one permutation of the images (:func:`~biasgen.images.data.make_splits`)."""
+    if groups_file is None and regex is None:
+        return make_splits(images.images, n, k, n_test, seed)
+    group = group_ids(image_names(images.names, len(images.images)), groups_file=groups_file, regex=regex)
+    return make_grouped_splits(images.images, group, n, k, n_test, seed)
