@@ -108,6 +108,12 @@ class ImageFinetune(ImageAudit):
                           leaked[0]["first_leak_step"] if leaked else None, "rule": "d1/d2 < 1/3 (as f_mem)",
                           "images": leaks}}
 
+    def terminal_lines(self, summary: dict) -> list[str]:
+        leaks = summary["leaks"]
+        first = f", the first at step {leaks['first_leak_step']}" if leaks["n_leaked"] else ""
+        return [f"leaks: {leaks['n_leaked']} of {leaks['n_images']} private images copied by a sample{first} "
+                "(leaks.csv)"]
+
     def plot(self, run: Path, records, summary, data: Data) -> None:
         super().plot(run, records, summary, data)
         write_leaks_csv(run / "leaks.csv", summary["leaks"]["images"])
