@@ -83,14 +83,15 @@ class ImageFinetune(ImageAudit):
                                f"{self.cfg.base_sha256[:12]}...; pass the base the run started from.")
         self.cfg.base_sha256, self.base = base["sha256"], base
         data = super().load()
+        have = data.train[0].shape[1]
+        channels = base["kwargs"].get("channels", (base["kwargs"].get("config") or {}).get("in_channels"))
+        check(channels in (None, have), f"--base takes {channels}-channel images but the data has {have}; "
+                                        "pass --grayscale or a base trained on this kind of image.")
         data.description["base"] = {k: base[k] for k in ("weights", "sha256", "format", "network")}
         return data
 
     def network(self, data: Data) -> tuple[type, dict]:
-        cfg, shape = self.cfg, tuple(data.train[0].shape[1:])
-        channels = self.base["kwargs"].get("channels", (self.base["kwargs"].get("config") or {}).get("in_channels"))
-        check(channels in (None, shape[0]), f"--base takes {channels}-channel images but the data has {shape[0]}; "
-                                            "pass --grayscale or a base trained on this kind of image.")
+        cfg = self.cfg
         return FinetuneNet, dict(base=self.base, adapter=cfg.adapter, lora_rank=cfg.lora_rank,
                                  lora_alpha=cfg.lora_alpha, lora_targets=tuple(cfg.lora_targets) or None)
 
