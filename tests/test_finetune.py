@@ -95,6 +95,15 @@ def test_a_changed_base_is_refused(base, tmp_path):
         finetune(tmp_path / "ft", **FAST)
 
 
+def test_a_base_for_other_images_is_refused_before_the_run_folder(base, tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "rgb.npy", np.random.default_rng(0).random((80, 3, 8, 8), dtype=np.float32))
+    with pytest.raises(BiasgenError, match="1-channel images but the data has 3"):
+        finetune(tmp_path / "ft", base=str(base), data=str(tmp_path / "rgb.npy"), **FAST)
+    assert not (tmp_path / "ft").exists()
+
+
 @needs_peft
 def test_lora_finetune_stores_adapters_only_and_merges(base, tmp_path):
     summary = finetune(tmp_path / "ft", base=str(base), adapter="lora", **FAST)
