@@ -138,6 +138,10 @@ def test_lora_on_a_diffusers_unet_folder(tmp_path):
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 700])
     out = net.eval()(x, t)
     assert torch.allclose(merged_network(net).eval()(x, t), out, atol=1e-5)
+    summary = finetune(tmp_path / "ft", base=str(tmp_path / "unet"), adapter="lora", **FAST)
+    assert summary["data"]["base"]["format"] == "diffusers"
+    pipeline = export_merged(tmp_path / "ft", model=1, step=12, out=tmp_path / "pipeline")
+    assert type(diffusers.DDPMPipeline.from_pretrained(pipeline).unet).__name__ == "UNet2DModel"
 
 
 # -- the leak list ----------------------------------------------------------------------------------
