@@ -170,3 +170,20 @@ def test_a_memorizing_finetune_shows_leaks(base, tmp_path):
     assert len(rows) == 4 and rows[0]["first_leak_step"] == str(leaks["first_leak_step"])
     assert (tmp_path / "ft" / "fig_leaks.png").is_file()
     assert "fig_leaks.png" in (tmp_path / "ft" / "report.html").read_text()
+
+
+@needs_peft
+def test_a_resumed_lora_finetune_is_bit_identical(base, tmp_path):
+    from biasgen.losses import EpsMSELoss
+    from biasgen.schedule import NoiseSchedule
+    from biasgen.training import train
+
+    spec, data = resolve_base(base), torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    options = dict(loss_fn=EpsMSELoss(NoiseSchedule.from_name("linear", 1000)), data=data, batch_size=4, lr=1e-3,
+                   seed=0, meta={}, progress=False)
+    train(FinetuneNet(spec, adapter="lora"), steps=10, checkpoints=[3, 6, 10], out_dir=tmp_path / "straight", **options)
+    train(FinetuneNet(spec, adapter="lora"), steps=6, checkpoints=[3, 6], out_dir=tmp_path / "resumed", **options)
+    train(FinetuneNet(spec, adapter="lora"), steps=10, checkpoints=[3, 6, 10], out_dir=tmp_path / "resumed", **options)
+    straight, _ = load_tensors(tmp_path / "straight" / "step_0000010")
+    resumed, _ = load_tensors(tmp_path / "resumed" / "step_0000010")
+    assert straight and all(torch.equal(straight[k], resumed[k]) for k in straight)
