@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from biasgen.checkpoint import load_tensors
+from biasgen.cli import main
 from biasgen.errors import BiasgenError
 from biasgen.images.audit import audit
 from biasgen.images.base_model import FinetuneNet, merged_network, resolve_base
@@ -112,7 +113,10 @@ def test_lora_finetune_stores_adapters_only_and_merges(base, tmp_path):
     assert meta["model"]["base"]["sha256"] == resolve_base(base)["sha256"] == summary["data"]["base"]["sha256"]
     assert summary["leaks"]["n_images"] == 2 * 24 and (tmp_path / "ft" / "leaks.csv").is_file()
     assert summary["tau_data"] is None or summary["tau_data"]["step"] in summary["checkpoints"]
-    merged = export_merged(tmp_path / "ft", model=0, step=12, out=tmp_path / "merged")
+    assert main(["export-merged", str(tmp_path / "ft"), "--step", "12", "--out", str(tmp_path / "merged")]) == 0
+    merged = tmp_path / "merged.safetensors"
+    with pytest.raises(BiasgenError, match="exists"):
+        export_merged(tmp_path / "ft", model=0, step=12, out=tmp_path / "merged")
     net = FinetuneNet(base=meta["model"]["base"], adapter="lora")
     net.load_state_dict(tensors)
     again = build_model(FinetuneNet, dict(base=resolve_base(merged)), 0).eval()

@@ -4,9 +4,9 @@
     summary = finetune("runs/ft", base="runs/pre/models/model0/step_0003000.safetensors", adapter="lora")
     export_merged("runs/ft", model=0, step=1500, out="ft-merged")   # base + adapters as one network
 
-or from the shell: ``biasgen finetune --base PATH --out runs/ft``. Everything the image audit measures, per
-checkpoint, plus the per-image leak list (``leaks.csv``, :mod:`biasgen.images.leaks`). The twins start
-bit-identical from the base, so the twin distance starts at zero and its minimum is the first checkpoint: the
+or from the shell: ``biasgen finetune --base PATH --out runs/ft`` and ``biasgen export-merged runs/ft --step
+1500 --out ft-merged``. Everything the image audit measures, per checkpoint, plus the per-image leak list
+(``leaks.csv``, :mod:`biasgen.images.leaks`). The twins start bit-identical from the base, so the twin distance starts at zero and its minimum is the first checkpoint: the
 data-specific signal is the contrast with same-split controls (tau_data; docs/finetune.md).
 """
 from __future__ import annotations
@@ -128,16 +128,23 @@ def export_merged(run: str | Path, model: int, step: int, out: str | Path) -> Pa
     """Model ``model`` of the fine-tune in ``run`` at ``step``, base and adapters merged, written to ``out``: a
     diffusers ``DDPMPipeline`` folder for a diffusers base, else a biasgen checkpoint ``<out>.safetensors`` +
     ``.json`` that ``--base`` accepts."""
+    info = read_json(Path(run) / "run.json", keys=("kind", "config"))
+    if info["kind"] != "finetune":
+        raise BiasgenError(f"{run} holds a {info['kind']!r} run; export-merged takes a biasgen finetune run (for an "
+                           "audit with --model diffusers: biasgen.images.audit.export_checkpoint).")
     stem = checkpoint_stem(Path(run) / "models" / f"model{model}", step)
     _, meta = load_tensors(stem)
     net = merged_network(load_model(FinetuneNet, meta["model"], stem, "cpu"))
     if meta["model"]["base"]["network"] == "diffusers":
-        cfg = read_json(Path(run) / "run.json")["config"]
+        cfg = info["config"]
         return export_pipeline(net, out, noise_schedule(cfg["schedule"], cfg["T"], cfg["scheduler_config"]))
+    out = Path(out).with_suffix("")
+    if out.with_suffix(".safetensors").exists() or out.with_suffix(".json").exists():
+        raise BiasgenError(f"{out}.safetensors or {out}.json exists; choose another --out.")
     save_tensors(out, net.state_dict(), {"model": meta["model"]["base"]["kwargs"], "config": {"model": "unet"},
                                          "merged_from": {"run": str(run), "model": model, "step": step,
                                                          "base_sha256": meta["model"]["base"]["sha256"]}})
-    return Path(out).with_suffix(".safetensors")
+    return out.with_suffix(".safetensors")
 
 
 def finetune(out: str | Path, preset: str | None = "default", config: str | Path | None = None, *,
