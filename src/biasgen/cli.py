@@ -83,9 +83,25 @@ def _judge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the folder of a biasgen finetune run (its --out)")
+    p.add_argument("--model", type=int, default=0, help="which model (0 = split 0, first seed; default 0)")
+    p.add_argument("--step", type=int, required=True, help="the checkpoint's step (one of models/model*/step_*)")
+    p.add_argument("--out", required=True, help="a DDPMPipeline folder (diffusers base), else a checkpoint stem")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .images.finetune import export_merged
+
+    print(export_merged(args.run_dir, model=args.model, step=args.step, out=args.out))
+    return 0
+
+
 TOOLS = {  # name -> (add its arguments, run it (returns the exit code), help)
     "report": (_report_arguments, _report, "(re)build report.html, the page a person reads, from a run folder"),
     "judge": (_judge_arguments, _judge, "re-judge a run from its metrics.jsonl alone (no models needed)"),
+    "export-merged": (_export_arguments, _export, "write a fine-tune's checkpoint with its adapters merged into the "
+                      "base: a diffusers DDPMPipeline folder, or a biasgen checkpoint that --base accepts"),
     "monitor": (monitor_command.add_arguments, monitor_command.main, monitor_command.HELP),
 }
 

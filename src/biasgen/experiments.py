@@ -6,5 +6,6 @@ def experiments() -> dict:
     """``{kind: TwinExperiment subclass}`` of the built-in experiments (imported on first use)."""
     from .hierarchy.experiment import HierarchyExperiment
     from .images.audit import ImageAudit
+    from .images.finetune import ImageFinetune
 
-    return {e.kind: e for e in (ImageAudit, HierarchyExperiment)}
+    return {e.kind: e for e in (ImageAudit, ImageFinetune, HierarchyExperiment)}

@@ -32,8 +32,9 @@ from ..schedule import NoiseSchedule
 from ..training import checkpoint_stem
 from ..twins import make_members, model_pairs
 from . import conditional, figures, guidance_figures
-from .data import describe, load_images, make_class_splits, make_splits, scale_images, unscale_images
+from .data import describe, keep_classes, load_images, make_class_splits, scale_images, unscale_images
 from .gallery import gallery_rows
+from .groups import image_names, split_images
 from .diffusers_model import (DiffusersEps, check_unet_fits, export_pipeline, load_unet_config,
                               schedule_from_scheduler_config)
 from .metrics import (
@@ -66,6 +67,9 @@ class AuditConfig(TwinConfig):
     grayscale: bool = opt(False, "convert colour images to grayscale")
     center_crop: bool = opt(True, "centre-crop to a square before resizing")
     scaling: str = opt("minus1to1", "pixel scaling: minus1to1 (2x-1) or center (subtract the training mean, as the paper)")
+    classes: tuple[int, ...] = opt((), "keep only images with these labels (a labelled data set, e.g. digits)")
+    groups: str | None = opt(None, "CSV of 'file name,group id' rows: splits and test set disjoint at group level")
+    group_by_regex: str | None = opt(None, "group images by this regex's first capture group in their file names")
     # model
     model: str = opt("unet", "network: unet (biasgen's U-Net, set by the options below) or diffusers (a UNet2DModel "
                              "built from --model-config; the U-Net options and --dropout then do not apply)")
@@ -94,11 +98,14 @@ class AuditConfig(TwinConfig):
                                            "and recommended step use (default: the largest of --guidance)")
 
     RUNTIME_KEYS = TwinConfig.RUNTIME_KEYS + ("eval_batch",)
-    INPUT_KEYS = ("data", "data_dir", "model_config", "scheduler_config")
+    INPUT_KEYS = ("data", "data_dir", "model_config", "scheduler_config", "groups")
 
     def validate(self) -> None:
         super().validate()
         check_at_least(self, 1, "base_width", "res_blocks", "n_score_inputs", "eval_batch")
+        check(self.groups is None or self.group_by_regex is None, "pass --groups FILE or --group-by-regex, not both.")
+        check(not self.conditional or (self.groups is None and self.group_by_regex is None),
+              "--conditional splits keep the class balance and do not take --groups or --group-by-regex; drop one.")
         check(self.scaling in ("minus1to1", "center"), f"--scaling must be minus1to1 or center, got {self.scaling!r}.")
         check(self.schedule in ("linear", "cosine"), f"--schedule must be linear or cosine, got {self.schedule!r}.")
         check(self.resolution is None or self.resolution >= 4, "--resolution must be at least 4 pixels.")
@@ -151,6 +158,10 @@ PRESETS: dict[str, dict] = {
     # docs/guidance.md gives the measured result and time.
     "guidance": dict(conditional=True, guidance=(0.0, 1.0, 3.0), n=64, splits=2, seeds_per_split=2, steps=3000,
                      checkpoints=10, n_samples=40),
+    # The base of biasgen finetune's default preset: the digits 0-4 only (the fine-tunes get 5-9), one model per
+    # split, cheap evaluation (only the last checkpoint is the base); about 2 minutes on 2 CPU cores.
+    "finetune-base": dict(classes=(0, 1, 2, 3, 4), n=400, splits=2, seeds_per_split=1, n_test=64, steps=2000,
+                          checkpoints=2, first_checkpoint=1000, n_samples=16, sample_steps=20),
     # A seconds-long smoke run (used by the tests); far too small to show anything.
     "tiny": dict(n=24, splits=2, n_test=32, steps=12, checkpoints=3, first_checkpoint=4, base_width=8,
                  channel_mults=(1, 2), attention_levels=(), res_blocks=1, n_samples=8, sampler="ddim",
@@ -190,28 +201,34 @@ class ImageAudit(TwinExperiment):
         cfg = self.cfg
         images = load_images(cfg.data, data_dir=cfg.data_dir, resolution=cfg.resolution, grayscale=cfg.grayscale,
                              center_crop=cfg.center_crop)
+        images = keep_classes(images, cfg.classes)
         if cfg.conditional:  # class-balanced splits of labelled images
             labels, classes = conditional.class_labels(images.labels, cfg.data)
             self.num_classes = len(classes)  # the null label of the loss
             splits = make_class_splits(images.images, labels, cfg.n, cfg.splits, cfg.n_test,
                                        self.seeds.image_permutation())
         else:
-            splits = make_splits(images.images, cfg.n, cfg.splits, cfg.n_test, self.seeds.image_permutation())
+            splits = split_images(images, n=cfg.n, k=cfg.splits, n_test=cfg.n_test,
+                                  seed=self.seeds.image_permutation(), groups_file=cfg.groups,
+                                  regex=cfg.group_by_regex)
         reference = torch.cat(splits.train)  # 'center' scaling subtracts the mean training image
         train = [scale_images(x, cfg.scaling, reference)[0] for x in splits.train]
         test, mean = scale_images(splits.test, cfg.scaling, reference)
         if cfg.model == "diffusers":  # checked before the run folder is created
             check_unet_fits(load_unet_config(cfg.model_config), train[0].shape[1:])
+        names = image_names(images.names, len(images.images))
+        train_names = [[names[i] for i in index.tolist()] for index in splits.train_index]
+        description, extra = describe(images, splits), {"mean": mean, "train_names": train_names}
         if not cfg.conditional:
-            return Data(train=train, test=test, description=describe(images, splits), extra={"mean": mean})
-        return Data(train=train, test=test, description={**describe(images, splits), "classes": classes},
-                    extra={"mean": mean, "num_classes": len(classes), "train_labels": splits.train_labels,
+            return Data(train=train, test=test, description=description, extra=extra)
+        return Data(train=train, test=test, description={**description, "classes": classes},
+                    extra={**extra, "num_classes": len(classes), "train_labels": splits.train_labels,
                            "test_labels": splits.test_labels})
 
     def largest_size(self) -> int:
         cfg = self.cfg
-        pool = load_images(cfg.data, data_dir=cfg.data_dir, resolution=cfg.resolution, grayscale=cfg.grayscale,
-                           center_crop=cfg.center_crop).images
+        pool = keep_classes(load_images(cfg.data, data_dir=cfg.data_dir, resolution=cfg.resolution,
+                                        grayscale=cfg.grayscale, center_crop=cfg.center_crop), cfg.classes).images
         return (len(pool) - cfg.n_test) // cfg.splits
 
     def schedule(self) -> NoiseSchedule:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,7 @@ class ImageData:
     source: str  # the file or folder read, or 'sklearn bundled'
     labels: torch.Tensor | None = None  # a folder's labels: its sub-folders in sorted order, when every image is in one
     preprocessing: dict = field(default_factory=dict)  # resolution, grayscale, center_crop, limit
+    names: list[str] | None = None  # file paths relative to the folder, for a folder of images
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Splits:
     duplicates: dict = field(default_factory=dict)  # see find_exact_duplicates
     train_labels: list[torch.Tensor] | None = None  # class splits (make_class_splits): (n,) labels per split
     test_labels: torch.Tensor | None = None  # and (n_test,)
+    groups: dict | None = None  # grouped splits: group counts (see biasgen.images.groups)
 
 
 # -- loading -------------------------------------------------------------------
@@ -83,7 +86,7 @@ def load_images(
     if limit is not None and limit < 1:
         raise BiasgenError(f"--limit must be at least 1, got {limit}; leave it out to use all images.")
     options = dict(resolution=resolution, grayscale=grayscale, center_crop=center_crop)
-    data = str(data)
+    data, names = str(data), None
     if data in NAMED_DATA:
         name = data
         x, labels, source = {"digits": load_digits, "fashion-mnist": load_fashion_mnist,
@@ -99,7 +102,7 @@ def load_images(
                 "images or of a .npz/.npy file.")
         if path.is_dir():
             name, source = "folder", str(path)
-            x = load_folder(path, limit, **options)
+            x, names = load_folder(path, limit, **options)
             labels = folder_labels(path, limit)
         elif path.suffix.lower() in (".npz", ".npy"):
             name, source = "array", str(path)
@@ -110,7 +113,21 @@ def load_images(
             raise BiasgenError(
                 f"cannot read '{path}': --data takes a folder of PNG/JPEG/TIFF images or a .npz/.npy file; "
                 "put single images in a folder and pass the folder.")
-    return ImageData(x.contiguous(), name, source, labels, dict(options, limit=limit))
+    return ImageData(x.contiguous(), name, source, labels, dict(options, limit=limit), names)
+
+
+def keep_classes(images: ImageData, classes: tuple[int, ...]) -> ImageData:
+    """``images`` restricted to the labels ``classes`` (all of them when empty); file names follow."""
+    if not classes:
+        return images
+    if images.labels is None:
+        raise BiasgenError(f"--classes needs a labelled data set (digits, fashion-mnist, cifar10, a .npz with labels); "
+                           f"{images.source} has no labels.")
+    keep = torch.isin(images.labels, torch.tensor(classes))
+    names = images.names or [str(i) for i in range(len(images.images))]
+    return dataclasses.replace(images, images=images.images[keep], labels=images.labels[keep],
+                               names=[n for n, k in zip(names, keep.tolist()) if k],
+                               preprocessing=dict(images.preprocessing, classes=list(classes)))
 
 
 def scale_images(x01: torch.Tensor, mode: str = "minus1to1",
@@ -290,4 +307,5 @@ def describe(data: ImageData, splits: Splits) -> dict:
         **({} if splits.train_labels is None else
            {"class_counts_per_split": torch.bincount(splits.train_labels[0]).tolist(),
             "class_counts_test": torch.bincount(splits.test_labels).tolist()}),
+        **({"groups": splits.groups} if splits.groups else {}),
     )

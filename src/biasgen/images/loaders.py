@@ -145,8 +145,9 @@ def folder_labels(folder: Path, limit: int | None) -> torch.Tensor | None:
     return torch.tensor([names.index(c) for c in classes], dtype=torch.long)
 
 
-def load_folder(folder: Path, limit: int | None, **options) -> torch.Tensor:
-    """PNG/JPEG/TIFF files under ``folder`` (recursive, sorted by path), each preprocessed as it is read."""
+def load_folder(folder: Path, limit: int | None, **options) -> tuple[torch.Tensor, list[str]]:
+    """PNG/JPEG/TIFF files under ``folder`` (recursive, sorted by path), each preprocessed as it is read, and their
+    paths relative to ``folder``."""
     files = image_files(folder)
     if not files:
         raise BiasgenError(f"no PNG/JPEG/TIFF images found in {folder} (searched recursively); put .png/.jpg/.tif "
@@ -170,7 +171,8 @@ def load_folder(folder: Path, limit: int | None, **options) -> torch.Tensor:
                     "(width x height); pass --resolution R to centre-crop and resize them all to RxR.")
         images.append(preprocess(torch.from_numpy(pixels)[None], **options)[0])
     channels = max(x.shape[0] for x in images)  # gray images join RGB ones as 3 equal channels
-    return torch.stack([x.expand(channels, -1, -1) for x in images])
+    names = [path.relative_to(folder).as_posix() for path in files[:limit]]
+    return torch.stack([x.expand(channels, -1, -1) for x in images]), names
 
 
 def image_pixels(img, path: Path) -> np.ndarray:
