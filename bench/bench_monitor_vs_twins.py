@@ -9,7 +9,7 @@ Prints markdown for docs/your-model.md: per checkpoint, the twin signals of the 
 monitor signals of the first monitor folder; then, for every monitor folder, the first step
 each signal fires. A signal "fires from" the first checkpoint from which it holds at every later
 checkpoint. The gap between validation and training loss opens by the audit's own rule
-(:func:`biasgen.images.audit.loss_bands`), overall, in the band where it opens first, and in the
+(:func:`biasgen.images.evaluation.loss_bands`), overall, in the band where it opens first, and in the
 first-opening band whose gap ends material (at least 10% of the final validation loss); closeness is the mean over samples of the distance to
 the nearest training image minus that to the nearest held-out image (size-matched sets, the
 monitor's), with a paired 95% CI, recomputed from the monitor's stored samples.
@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from biasgen.checkpoint import load_tensors
-from biasgen.images.audit import loss_bands, member_experiment
+from biasgen.images.audit import member_experiment
+from biasgen.images.evaluation import loss_bands
 from biasgen.images.metrics import nearest_neighbors
 from biasgen.images.monitor import reference_sets
 from biasgen.runs import read_json, read_jsonl
@@ -130,8 +131,8 @@ def main() -> None:
           f"tau_loss = {tl['step']} (68% CI {tl['ci'][0]}..{tl['ci'][1]}):\n")
     print("| signal | " + " | ".join(names) + " |")
     print("|" + "---|" * (len(names) + 1))
-    print(f"| twin audit: tau_bias (twin − control contrast) | " + " | ".join([str(tb["step"])] * len(names)) + " |")
-    print(f"| twin audit: tau_loss (test loss, 4 models) | " + " | ".join([str(tl["step"])] * len(names)) + " |")
+    print("| twin audit: tau_bias (twin − control contrast) | " + " | ".join([str(tb["step"])] * len(names)) + " |")
+    print("| twin audit: tau_loss (test loss, 4 models) | " + " | ".join([str(tl["step"])] * len(names)) + " |")
     for key in first["fired"]:
         row = [signals[d]["fired"][key] for d in args.monitors]
         print(f"| monitor: {key} | " + " | ".join("never" if v is None else str(v) for v in row) + " |")

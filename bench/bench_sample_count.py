@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from biasgen.checkpoint import load_tensors, save_tensors
-from biasgen.images.audit import ImageAudit, member_experiment, proximity
+from biasgen.images.audit import ImageAudit, member_experiment
+from biasgen.images.evaluation import proximity
 from biasgen.images.metrics import twin_distance
 from biasgen.pipeline import Data, judge_records
 from biasgen.runs import environment, read_json, read_jsonl, write_bytes

@@ -5,7 +5,7 @@
 
 RUN is a finished ``biasgen audit`` folder (``run.json`` and ``models/model*/step_*.safetensors``);
 nothing is written into it. Every checkpoint is evaluated with every sampler of ``SAMPLERS`` by
-``biasgen.images.audit.evaluate_checkpoint`` (the audit's own evaluation, with only the sampler
+``biasgen.images.evaluation.evaluate_checkpoint`` (the audit's own evaluation, with only the sampler
 settings and ``n_samples`` changed), timed, and appended to ``OUT/records.jsonl``, so a killed
 bench continues where it stopped. The reference is the paper's sampler, DDPM with all T = 1000
 steps; ``--reference-checkpoints`` restricts it (the costly one) to a subset of checkpoints.

@@ -125,7 +125,7 @@ def evaluate_guided(models, members, ref: dict, cfg, seeds) -> tuple[dict, dict]
     Returns the record (``"guidance"``: scale -> sample-level metrics; the top level: those at ``--use-guidance``)
     and the tensors to keep: ``samples`` (at ``--use-guidance``), ``samples_w<w>`` at every other scale, ``labels``.
     """
-    from .audit import loss_record, sample_record, score_record  # the image audit's evaluation parts
+    from .evaluation import loss_record, sample_record, score_record  # the image audit's evaluation parts
 
     labels = ([t.y for t in ref["train_labelled"]], ref["test_labelled"].y)
     record = loss_record(models, members, ref, cfg, seeds, labels=labels)
