@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-import biasgen.images.audit as audit_module
+import biasgen.images.evaluation as evaluation_module
 from biasgen.hierarchy.experiment import hierarchy
 from biasgen.images.audit import audit
 
@@ -122,13 +122,13 @@ def _perturbed(value):
 
 
 def test_a_metric_changed_by_one_part_in_a_thousand_fails(tmp_path, monkeypatch):
-    real = audit_module.twin_distance
+    real = evaluation_module.twin_distance
 
     def twin_distance(*args, **kwargs):  # the one-line change: the twin distance 0.1% larger
         result = real(*args, **kwargs)
         return {**result, "median": result["median"] * 1.001}
 
-    monkeypatch.setattr(audit_module, "twin_distance", twin_distance)
+    monkeypatch.setattr(evaluation_module, "twin_distance", twin_distance)
     audit(tmp_path / "audit", preset="tiny", progress=False)
     found = _mismatches(_records(tmp_path / "audit" / "metrics.jsonl"), _records(DATA / "reference_audit_tiny.jsonl"))
     assert [m.split(":")[0] for m in found] == ["twin_distance"], found
