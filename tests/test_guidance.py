@@ -2,6 +2,7 @@
 class-balanced splits, per-w evaluation end to end, and every bad input (docs/guidance.md)."""
 import json
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -16,8 +17,10 @@ from biasgen.images.conditional import PER_SCALE_KEYS, nearest_in_class
 from biasgen.images.data import make_class_splits
 from biasgen.images.diffusers_model import DiffusersEps
 from biasgen.images.loaders import folder_labels
+from biasgen.images.report_view import VIEW, guidance_section
 from biasgen.images.unet import UNet
 from biasgen.losses import EpsMSEConditionalLoss, EpsMSELoss, Labelled
+from biasgen.report.kinds import read_run
 from biasgen.runs import read_jsonl
 from biasgen.sampler import sample, x0_from_eps_model
 from biasgen.schedule import NoiseSchedule
@@ -264,6 +267,37 @@ def test_conditional_audit_writes_per_w_results(memorizing_run):
     for name in ("fig_guidance_curves.png", "fig_guidance_taus.png"):
         assert (memorizing_run / name).stat().st_size > 0
         assert name in (memorizing_run / "report.html").read_text()
+
+
+def test_report_shows_one_verdict_row_per_scale(memorizing_run):
+    summary = json.loads((memorizing_run / "summary.json").read_text())
+    html = (memorizing_run / "report.html").read_text()
+    section = html[html.index("Verdict per guidance scale"):html.index("<h2>Figures</h2>")]
+    assert html.index("<h2>Verdict</h2>") < html.index("Verdict per guidance scale")
+    last = read_jsonl(memorizing_run / "metrics.jsonl")[-1]["guidance"]
+    for w, judged in summary["guidance"]["per_scale"].items():
+        row = section[section.index(f'<th scope="row">{w}'):]
+        row = row[:row.index("</tr>")]
+        assert judged["verdict"] in row and f"<td>{judged['recommended_step']}" in row
+        assert f"{last[w]['f_mem']:.3f}" in row
+        assert ("(--use-guidance)" in row) == (w == "1")
+    unconditional = read_run(memorizing_run)
+    unconditional.summary = {k: v for k, v in unconditional.summary.items() if k != "guidance"}
+    assert guidance_section(unconditional, VIEW) == ""
+
+
+def test_judge_write_restores_the_per_scale_verdicts(memorizing_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(memorizing_run, run)
+    written = json.loads((run / "summary.json").read_text())
+    tampered = {**written, "guidance": {**written["guidance"], "per_scale": {"0": {"verdict": "no-bias-detected"}}}}
+    (run / "summary.json").write_text(json.dumps(tampered))
+    assert main(["judge", str(run)]) == 0  # without --write nothing changes
+    assert json.loads((run / "summary.json").read_text()) == tampered
+    assert main(["judge", str(run), "--write"]) == 0
+    assert json.loads((run / "summary.json").read_text())["guidance"] == written["guidance"]
+    assert "no-bias-detected" not in (run / "report.html").read_text().split("Verdict per guidance scale")[1][:3000] \
+        or written["guidance"]["per_scale"]["0"]["verdict"] == "no-bias-detected"
 
 
 def test_memorizing_model_copies_more_with_guidance(memorizing_run):

@@ -74,12 +74,13 @@ def _judge(args: argparse.Namespace) -> int:
 
     from .pipeline import rejudge
 
-    judged = rejudge(args.run_dir, experiments(), write=args.write)
+    judged, lines = rejudge(args.run_dir, experiments(), write=args.write)
     if args.json:
         print(json.dumps(judged, indent=2))
     else:
-        print(f"{judged['verdict']}: {judged['reason']}\nrecommended stopping step: {judged['recommended_step']} — "
-              f"{judged['recommendation']}")
+        print("\n".join([f"{judged['verdict']}: {judged['reason']}",
+                         f"recommended stopping step: {judged['recommended_step']} — {judged['recommendation']}",
+                         *lines]))
     return 0
 
 

@@ -161,6 +161,11 @@ class TwinExperiment:
         """The experiment-specific part of ``summary.json`` (``judged``: the verdict part, taus included)."""
         return {}
 
+    def further_verdicts(self, records: list[dict], members: list[tuple[int, int]]) -> dict:
+        """More verdict blocks of ``summary.json`` judged from the records alone, by key (e.g. ``"guidance"``: one
+        verdict per guidance scale); ``biasgen judge --write`` rewrites them with the main verdict. Default: none."""
+        return {}
+
     def plot(self, run: Path, records: list[dict], summary: dict, data: Data) -> None:
         """Write the experiment's figures ``fig_*.png`` into ``run``."""
 
@@ -303,12 +308,16 @@ def judge_records(experiment: TwinExperiment, records: list[dict], members: list
     }
 
 
-def rejudge(run_dir: str | Path, experiments: dict[str, type[TwinExperiment]], *, write: bool = False) -> dict:
+def rejudge(run_dir: str | Path, experiments: dict[str, type[TwinExperiment]], *,
+            write: bool = False) -> tuple[dict, list[str]]:
     """Judge a run again from its ``run.json`` and ``metrics.jsonl`` alone (no models, no data).
 
-    With ``write``, the verdict part of ``summary.json`` is replaced (and ``report.html`` rebuilt);
+    With ``write``, the verdict part of ``summary.json`` (with the experiment's further verdicts) is replaced
+    (and ``report.html`` rebuilt);
     a run without ``summary.json`` (killed mid-way) is judged on the checkpoints evaluated so far.
     ``experiments``: kind -> TwinExperiment class (the built-in ones: :func:`biasgen.experiments.experiments`).
+    Returns the judgement and the experiment's extra terminal lines (e.g. one per guidance scale; none for a
+    run without ``summary.json``).
     """
     run = Path(run_dir)
     if not (run / "run.json").exists():
@@ -325,12 +334,16 @@ def rejudge(run_dir: str | Path, experiments: dict[str, type[TwinExperiment]], *
     records = sorted(read_jsonl(run / "metrics.jsonl", STEP), key=lambda r: r["step"])
     if not records:
         raise BiasgenError(f"{run} has no evaluated checkpoint yet (metrics.jsonl is empty); nothing to judge.")
-    judged = judge_records(experiment, records, make_members(experiment.cfg.splits, experiment.cfg.seeds_per_split))
-    if write and (run / "summary.json").exists():
+    members = make_members(experiment.cfg.splits, experiment.cfg.seeds_per_split)
+    judged = {**judge_records(experiment, records, members), **experiment.further_verdicts(records, members)}
+    if not (run / "summary.json").exists():
+        return judged, []
+    summary = {**read_json(run / "summary.json"), **judged}
+    if write:
         with RunLock(run):  # not while the run itself writes
-            write_json(run / "summary.json", {**read_json(run / "summary.json"), **judged})
+            write_json(run / "summary.json", summary)
             write_report(run)
-    return judged
+    return judged, experiment.terminal_lines(summary)
 
 
 def summarize(experiment: TwinExperiment, records: list[dict], data: Data, reference: Any,
@@ -342,6 +355,7 @@ def summarize(experiment: TwinExperiment, records: list[dict], data: Data, refer
     twins, controls = model_pairs(members)
     return {
         **judged,
+        **experiment.further_verdicts(records, members),
         **experiment.summarize(records, data, reference, judged),
         "checkpoints": [r["step"] for r in records],
         "complete": complete,

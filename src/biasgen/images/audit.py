@@ -27,7 +27,6 @@ from ..pipeline import Curve, Data, Shared, TwinExperiment, metric_table, run_ex
 from ..runs import read_json
 from ..schedule import NoiseSchedule
 from ..training import checkpoint_stem
-from ..twins import make_members
 from . import conditional, figures, guidance_figures
 from .data import describe, keep_classes, load_images, make_class_splits, scale_images, unscale_images
 from .gallery import gallery_rows
@@ -278,10 +277,12 @@ class ImageAudit(TwinExperiment):
         steps = [r["step"] for r in records]
         tau_score = {t: score_crossing(steps, [r["score_sim"][t]["train"] for r in records],
                                        [r["score_sim"][t]["test"] for r in records]) for t in records[0]["score_sim"]}
-        guidance = {"guidance": conditional.judge_per_scale(self, records, make_members(self.cfg.splits,
-                    self.cfg.seeds_per_split))} if self.cfg.conditional else {}
         return {"tau_score": tau_score, "tau_score_reference_t": str(self.cfg.score_ts[0]),
-                "loss_by_band": loss_bands(records, n_boot=self.cfg.n_boot, seed=self.seeds.bootstrap()), **guidance}
+                "loss_by_band": loss_bands(records, n_boot=self.cfg.n_boot, seed=self.seeds.bootstrap())}
+
+    def further_verdicts(self, records, members) -> dict:
+        """A conditional audit's ``"guidance"`` block: one verdict per guidance scale."""
+        return {"guidance": conditional.judge_per_scale(self, records, members)} if self.cfg.conditional else {}
 
     def terminal_lines(self, summary: dict) -> list[str]:
         return conditional.terminal_lines(summary) if "guidance" in summary else []

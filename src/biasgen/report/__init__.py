@@ -133,7 +133,8 @@ def render(run: Run) -> str:
     """The whole page for ``run`` as one HTML string."""
     view = view_of(run.kind)
     body = []
-    for title, draw in PAGES.get(run.kind, TWIN_PAGE):
+    page = PAGES.get(run.kind) or (TWIN_PAGE[0], *view.sections, *TWIN_PAGE[1:])  # the kind's own after the verdict
+    for title, draw in page:
         html = _guarded(draw, run, view)
         if html:
             body.append(f"<section><h2>{title}</h2>{html}</section>" if title else html)

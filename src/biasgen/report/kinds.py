@@ -109,6 +109,7 @@ class ReportView:
     columns: tuple = ()  # of Column; metrics absent from the run are left out
     gallery_figures: tuple = ()  # figures shown in the gallery section, not among the others
     gallery: Callable[[Run], str] | None = None  # HTML of a gallery built from samples/
+    sections: tuple = ()  # of (title, draw(run, view) -> HTML): the kind's own sections, after the verdict
     summary_file: str = "summary.json"  # the run's results (a sweep's: sweep.json)
 
 
