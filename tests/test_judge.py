@@ -214,3 +214,35 @@ def test_controls_with_too_few_checkpoints_give_inconclusive_not_an_error():
                 [[0.2, 0.2, 0.2]] * 2, [(0, 1), (2, 3)])
     assert out["verdict"] == "inconclusive" and "checkpoints" in out["reason"]
     assert out["control"]["noise_sd"] is None
+
+
+# -- twins from one shared start (fine-tunes of one base) -------------------------------------------------------
+
+START = 0.3 * (1 - np.exp(-X / 2))  # the twin distance starts at zero and rises whatever the data
+LOSS_MIN = 0.08 + 0.3 * np.exp(-X / 2) + 0.004 * np.clip(X - 10, 0, None)  # smallest at checkpoint 10
+
+
+def test_shared_start_decides_on_the_contrast_and_never_blames_the_init():
+    rng = np.random.default_rng(7)
+    data = [simulate(rng, 2, seeds=2, twin_mean=START + ramp(0.05, start=2), control_mean=START, loss_mean=LOSS_MIN)
+            for _ in range(6)]
+    seeds_only = [simulate(rng, 2, seeds=2, twin_mean=START, control_mean=START, loss_mean=LOSS_MIN) for _ in range(6)]
+    for r, run in enumerate(data + seeds_only):
+        judged = judge(**run, n_boot=300, seed=r, shared_start=True)
+        plain = judge(**run, n_boot=300, seed=r)
+        assert judged["shared_start"] and judged["window"] is None and "tau_bias" not in judged["candidate_costs"]
+        assert "init seed" not in judged["reason"] and "never converged" not in judged["reason"]
+        assert "never converged" in plain["reason"] or plain["verdict"] == "no-bias-detected"  # the audit's rule
+    got = [judge(**run, n_boot=300, seed=r, shared_start=True)["verdict"] for r, run in enumerate(data)]
+    assert got.count("biased-generalization-detected") >= 5, got
+    got = [judge(**run, n_boot=300, seed=r, shared_start=True)["verdict"] for r, run in enumerate(seeds_only)]
+    assert got.count("biased-generalization-detected") <= 1, got
+
+
+def test_shared_start_without_controls_is_inconclusive_and_asks_for_them():
+    rng = np.random.default_rng(8)
+    judged = judge(**simulate(rng, 2, twin_mean=START + ramp(0.05, start=2), loss_mean=LOSS_MIN), n_boot=300,
+                   shared_start=True)
+    assert judged["verdict"] == "inconclusive" and "--seeds-per-split 2" in judged["reason"]
+    assert "different init seeds" not in judged["reason"] and judged["recommendation_basis"] == "tau_loss"
+    assert "tau_bias" not in judged["recommendation"]

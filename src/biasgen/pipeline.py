@@ -105,6 +105,9 @@ class TwinExperiment:
     sampler_caveat: ClassVar[str] = "every quantity computed from samples may differ from the paper's answer"
     # how report.html shows a run (captions, table columns, gallery); None: every metric, figures by file name
     report_view: ClassVar[ReportView | None] = None
+    # every model starts from one set of weights (twin fine-tunes of one base): the twin distance starts at zero,
+    # so the judge ignores its minimum and decides on the contrast with same-split controls alone
+    shared_start: ClassVar[bool] = False
     # biasgen sweep presets, name -> {"sizes", "steps_per_image", "experiment_preset", "settings"} (each optional;
     # see biasgen.sweep); the first is the default of `biasgen sweep --kind KIND`
     sweep_presets: ClassVar[dict[str, dict]] = {}
@@ -290,7 +293,8 @@ def judge_records(experiment: TwinExperiment, records: list[dict], members: list
     control = curves.get("control")
     judged: VerdictBlock = judge(steps, curves["tau_bias"].table, twins, curves["tau_loss"].table,
                                  control.table if control else None, controls if control else None,
-                                 members=members, n_boot=cfg.n_boot, seed=seeds.bootstrap())
+                                 members=members, n_boot=cfg.n_boot, seed=seeds.bootstrap(),
+                                 shared_start=experiment.shared_start)
     others = {name: public_tau(checkpoint_minimum(steps, c.table, n_boot=cfg.n_boot, seed=seeds.bootstrap(i + 1),
                                                   reduce=c.reduce))
               for i, (name, c) in enumerate(curves.items()) if name not in ("tau_bias", "tau_loss", "control")}
@@ -391,7 +395,8 @@ def terminal_summary(experiment: TwinExperiment, summary: VerdictBlock, out: Pat
             window += " and beyond (the test loss was still falling at the end)"
     return "\n".join([
         f"biasgen {experiment.kind}: {summary['verdict']}",
-        f"  tau_bias (twins agree most)  = {tau('tau_bias')}",
+        f"  tau_bias (twins agree most)  = {tau('tau_bias')}"
+        + ("  (not meaningful: the models start from one set of weights)" if summary.get("shared_start") else ""),
         *([f"  tau_data (data-specific onset) = step {summary['tau_data']['step']:>6}  (68% interval "
            f"{summary['tau_data']['ci'][0]}..{summary['tau_data']['ci'][1]}, from the contrast's checkpoint noise)"]
           if summary.get("tau_data") else []),

@@ -49,7 +49,8 @@ class VerdictBlock(TypedDict):
     tau_data: dict | None  # last checkpoint before the contrast's rise (None without controls)
     tau_loss_open: bool  # the test loss is smallest at the last checkpoint
     p_bias_before_loss: float  # P(tau_bias < tau_loss), reported only
-    window: list[int] | None  # [tau_bias, tau_loss], None when tau_bias does not come first
+    window: list[int] | None  # [tau_bias, tau_loss], None when tau_bias does not come first or means nothing
+    shared_start: bool  # the models start from one set of weights (twin fine-tunes): tau_bias says nothing
     control: dict | None  # {n_pairs, balanced, noise_sd, argmin_step}; None without controls
     curves: dict  # steps, twin, test_loss (and control, contrast) mean curves
     candidate_costs: dict  # name -> {step, test_loss, excess_loss} for tau_bias, tau_data, tau_loss
@@ -174,7 +175,7 @@ def test_entries(tests: dict) -> dict:
 
 
 def decide(tests: dict, tau_bias: dict, tau_loss: dict, tau_loss_open: bool, level: float,
-           control: dict | None) -> tuple[str, str]:
+           control: dict | None, shared_start: bool = False) -> tuple[str, str]:
     """``(verdict, reason)`` from :func:`drift_tests` and the onsets (rules: docs/method.md §10, "The verdict").
 
     ``biased-generalization-detected``: the curve has risen by every checkpoint of tau_loss's interval;
@@ -183,7 +184,9 @@ def decide(tests: dict, tau_bias: dict, tau_loss: dict, tau_loss_open: bool, lev
     """
     end, p, p_point = tests["end"], tests["p_value"], tests["p_value_at_tau_loss"]
     rises = end["p_value"] <= level or p_point <= level
-    if rises and tau_bias["index"] == 0:
+    if shared_start and control is None:
+        return "inconclusive", reason_for("shared-start", tests, tau_loss, tau_loss_open, level, control)
+    if rises and tau_bias["index"] == 0 and not shared_start:
         return "inconclusive", reason_for("never-converged", tests, tau_loss, tau_loss_open, level, control)
     if p <= level:
         return "biased-generalization-detected", reason_for("detected", tests, tau_loss, tau_loss_open, level, control)
@@ -220,9 +223,12 @@ def recommend(block: dict, verdict: str, rising: bool) -> dict:
 
     ``block``: :func:`judge`'s result so far; ``rising``: the decision curve has risen by the test-loss minimum
     (a detection, or one that only tau_loss's uncertainty leaves open). Then tau_data with controls, tau_bias
-    without (the paper's onset; seeds and data are confounded); otherwise the test-loss minimum, tau_loss.
+    without (the paper's onset; seeds and data are confounded; never after a shared start, where it means
+    nothing); otherwise the test-loss minimum, tau_loss.
     """
-    basis = ("tau_data" if block["tau_data"] else "tau_bias") if rising else "tau_loss"
+    basis = "tau_loss"
+    if rising and (block["tau_data"] or not block["shared_start"]):
+        basis = "tau_data" if block["tau_data"] else "tau_bias"
     tau = block[basis]
     return {"recommended_step": tau["step"], "recommended_ci": tau.get("ci"), "recommendation_basis": basis,
             "recommendation": recommendation_text(basis, verdict, block)}
@@ -243,6 +249,7 @@ def judge(
     persist: int = PERSIST,  # checkpoints a drift must last
     n_boot: int = N_BOOT,  # simulated curves per bootstrap
     seed: int = 0,
+    shared_start: bool = False,  # the models start from one set of weights (e.g. twin fine-tunes of one base)
 ) -> VerdictBlock:
     """Decide whether the twins' data-specific divergence starts before the test loss bottoms out (§10).
 
@@ -254,6 +261,8 @@ def judge(
     ``control_distance`` ``(n_control_pairs, C)`` and ``control_pairs``: the same for pairs of models trained
     on the same split from different init seeds. With controls and ``members`` the negative controls run too,
     and a detection the placebo contrast shares becomes ``inconclusive`` (:func:`placebo_gate`).
+    With ``shared_start`` the twin distance starts at zero, so its minimum (tau_bias, the window) means nothing:
+    the decision rests on the contrast alone, and a run without controls is ``inconclusive``.
     """
     inputs = check_inputs(steps, twin_distance, twin_pairs, test_loss, control_distance, control_pairs,
                           members=members, level=level, persist=persist)
@@ -273,9 +282,11 @@ def judge(
         "tau_loss_open": bool(loss_open),
         "p_bias_before_loss": prob_before(tau_bias["boot_steps"],
                                           [int(steps[-1])] if loss_open else tau_loss["boot_steps"]),
-        "window": window_steps(tau_bias["step"], tau_loss["step"]), "control": control, "curves": curves,
+        "window": None if shared_start else window_steps(tau_bias["step"], tau_loss["step"]),
+        "shared_start": shared_start, "control": control, "curves": curves,
         "candidate_costs": candidate_costs(steps, np.asarray(tau_loss["curve"]),
-                                           {"tau_bias": tau_bias, "tau_data": tau_data, "tau_loss": tau_loss}),
+                                           {"tau_bias": None if shared_start else tau_bias, "tau_data": tau_data,
+                                            "tau_loss": tau_loss}),
         "n_models": inputs.n_models,
         "settings": {"level": level, "persist": persist, "n_boot": n_boot, "seed": seed, "loss_interval": LOSS_CI},
     }
@@ -287,11 +298,11 @@ def judge(
     else:
         tests = drift_tests(steps, curve, tau_loss, level=level, persist=persist, n_boot=n_boot, seed=seed + 2)
         block |= test_entries(tests)
-        verdict, reason = decide(tests, tau_bias, tau_loss, loss_open, level, control)
-        reason = f"Evidence: {evidence}. {reason[0].upper()}{reason[1:]}" + ("" if control else CONFOUNDED)
+        verdict, reason = decide(tests, tau_bias, tau_loss, loss_open, level, control, shared_start)
+        reason = f"Evidence: {evidence}. {reason[0].upper()}{reason[1:]}" + ("" if control or shared_start else CONFOUNDED)
     rising = block["p_value_at_tau_loss"] is not None and block["p_value_at_tau_loss"] <= level
     block |= {"verdict": verdict, "reason": reason}
-    block |= recommend(block, verdict, rising=rising and tau_bias["index"] > 0)
+    block |= recommend(block, verdict, rising=rising and (tau_bias["index"] > 0 or shared_start))
     if members is not None and control is not None:
         settings = dict(level=level, persist=persist, n_boot=n_boot, seed=seed)
         block |= negative_controls(inputs, members, **settings)

@@ -49,6 +49,10 @@ def reason_for(case: str, tests: dict, tau_loss: dict, loss_open: bool, level: f
     """The reason of one outcome of :func:`biasgen.verdict.decide`; ``tests``: :func:`biasgen.verdict.drift_tests`."""
     what, at, end = what_rises(control), tests["at"], tests["end"]
     loss, more = describe_loss(tau_loss, loss_open), " more than same-split pairs do" if control else ""
+    if case == "shared-start":
+        return ("the twins start from one set of weights (one base), so the twin distance starts at zero and rises "
+                "whatever the data; only same-split controls (--seeds-per-split 2) can show a data-specific drift "
+                f"(for the record: {describe_rise(end, what)}).")
     if case == "never-converged":
         return (f"{describe_rise(end, what)}, but the twin distance is smallest at the first checkpoint (the twins "
                 "never converged: same init, or the first checkpoint comes too late); add earlier checkpoints or use "
@@ -115,8 +119,8 @@ def recommendation_text(basis: str, verdict: str, block: dict) -> str:
     text = f"Stop at the test-loss minimum, step {loss['step']}, since {caveat}"
     if block["tau_loss_open"]:
         text += "; the loss was still falling at the last checkpoint, so training longer may lower it further"
-    cautious = "tau_data" if block["tau_data"] else "tau_bias"
-    if block[cautious]["step"] < loss["step"]:
+    cautious = "tau_data" if block["tau_data"] else None if block.get("shared_start") else "tau_bias"
+    if cautious and block[cautious]["step"] < loss["step"]:
         text += (f" (if privacy matters, {cautious} = {block[cautious]['step']} is the cautious choice: "
                  f"{_cost(block, cautious)})")
     return text + "."

@@ -72,6 +72,7 @@ class ImageFinetune(ImageAudit):
     presets = PRESETS
     report_view = VIEW
     sweep_presets = {}
+    shared_start = True
     default_out = "runs/finetune"
     help = "twin fine-tunes of a pretrained base (full or LoRA): when do they start copying the private data?"
     cfg: FinetuneConfig

@@ -108,7 +108,10 @@ def _evidence(s: dict, taus: list[str]) -> str:
             continue
         level = tau.get("ci_level", 0.68)
         over = units.get(name) or (f"{tau['n_units']} units ({tau.get('reduce', '')})" if "n_units" in tau else "")
-        note = " (still falling at the last checkpoint: tau_loss is there or later)" if name == "tau_loss" and s.get("tau_loss_open") else ""
+        note = (" (still falling at the last checkpoint: tau_loss is there or later)"
+                if name == "tau_loss" and s.get("tau_loss_open") else
+                " (not meaningful: the models start from one set of weights, so the twins agree most at the start)"
+                if name == "tau_bias" and s.get("shared_start") else "")
         rise = (f"{tau['rise']:.3g} ± {tau['rise_se']:.2g}" if isinstance(tau.get("rise"), (int, float))
                 and isinstance(tau.get("rise_se"), (int, float)) else "—")
         rows.append(f"<tr><th scope=\"row\">{escape(name)}</th><td>step {escape(str(tau['step']))}{escape(note)}</td>"
