@@ -92,8 +92,40 @@ def test_a_changed_base_is_refused(base, tmp_path):
     with pytest.raises(BiasgenError, match="the run expects"):
         finetune(tmp_path / "ft", base=str(base), base_sha256="f" * 64, **FAST)
     assert not (tmp_path / "ft").exists()
-    with pytest.raises(BiasgenError, match="needs --base"):
+    with pytest.raises(BiasgenError, match="needs a base: --base PATH .* or --pretrain DATA"):
         finetune(tmp_path / "ft", **FAST)
+
+
+PRETRAIN = dict(pretrain="digits", pretrain_classes=(0, 1, 2, 3, 4), classes=(5, 6, 7, 8, 9), pretrain_n=60,
+                pretrain_steps=8)
+
+
+def test_pretrain_trains_the_base_in_the_run_folder_once_and_records_it(tmp_path):
+    summary = finetune(tmp_path / "ft", **PRETRAIN, **FAST)
+    base = summary["data"]["base"]
+    assert base["weights"] == str((tmp_path / "ft" / "base" / "step_0000008.safetensors").resolve())
+    assert base["pretrained"] == {"data": "digits", "classes": [0, 1, 2, 3, 4], "n": 60, "steps": 8, "seed": 900}
+    assert base["sha256"] == resolve_base(base["weights"])["sha256"]
+    _, meta = load_tensors(tmp_path / "ft" / "models" / "model1" / "step_0000012")
+    assert meta["model"]["base"]["sha256"] == base["sha256"]  # every fine-tune checkpoint points to this base
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "ft" / "base").iterdir()}
+    metrics = (tmp_path / "ft" / "metrics.jsonl").read_bytes()
+    again = finetune(tmp_path / "ft", resume=True, **PRETRAIN, **FAST)  # reused, not retrained
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "ft" / "base").iterdir()} == files
+    assert again["data"]["base"] == base and (tmp_path / "ft" / "metrics.jsonl").read_bytes() == metrics
+    elsewhere = finetune(tmp_path / "other", **PRETRAIN, **FAST)  # the same settings give the same base
+    assert elsewhere["data"]["base"]["sha256"] == base["sha256"]
+
+
+def test_pretrain_settings_that_cannot_work_are_refused_before_the_run_folder(base, tmp_path, capsys):
+    out = tmp_path / "ft"
+    assert main(["finetune", "--preset", "tiny", "--out", str(out), "--base", str(base), "--pretrain", "digits"]) == 2
+    assert "--base and --pretrain both give the base" in capsys.readouterr().err
+    with pytest.raises(BiasgenError, match="the base would see the private images"):
+        finetune(out, **dict(PRETRAIN, pretrain_classes=(4, 5)), **FAST)
+    with pytest.raises(BiasgenError, match="fewer than --pretrain-n 5000; lower --pretrain-n to at most"):
+        finetune(out, **dict(PRETRAIN, pretrain_n=5000), **FAST)
+    assert not out.exists()
 
 
 def test_a_base_for_other_images_is_refused_before_the_run_folder(base, tmp_path):

@@ -169,6 +169,10 @@ class TwinExperiment:
         verdict per guidance scale); ``biasgen judge --write`` rewrites them with the main verdict. Default: none."""
         return {}
 
+    def prepare(self, run: Path, data: Data, progress: bool) -> None:
+        """Work done once per run inside its locked folder ``run`` before the models train (e.g. pretraining the
+        shared base of twin fine-tunes); it must resume after a kill. Default: none."""
+
     def plot(self, run: Path, records: list[dict], summary: dict, data: Data) -> None:
         """Write the experiment's figures ``fig_*.png`` into ``run``."""
 
@@ -221,6 +225,7 @@ def _train_and_evaluate(experiment: TwinExperiment, run: Path, data: Data, backe
     backend.check_shared_storage(run)
     members = make_members(cfg.splits, cfg.seeds_per_split)
     steps = checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.first_checkpoint)
+    experiment.prepare(run, data, progress)
     model_class, model_kwargs = experiment.network(data)
 
     t0 = time.time()

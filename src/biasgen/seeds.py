@@ -66,6 +66,10 @@ class SeedPlan:
         """Batches, diffusion times, noise and dropout of model ``m`` (step ``s`` uses :func:`step_seed`)."""
         return self.master * 1000 + 500 + m
 
+    def pretrain(self) -> int:
+        """Init, batches and noise of a fine-tune's pretrained base (``biasgen finetune --pretrain``)."""
+        return self.master * 1000 + 900
+
     def evaluation(self, stream: str, split: int = 0) -> int:
         """A frozen evaluation noise stream (see ``EVALUATION_STREAMS``)."""
         return self.master * 1000 + 17 + EVALUATION_STREAMS[stream] + split

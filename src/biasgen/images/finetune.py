@@ -26,6 +26,7 @@ from .base_model import ADAPTERS, FinetuneNet, merged_network, resolve_base
 from .gallery import plot_gallery
 from .leak_view import VIEW
 from .leaks import leak_list, leak_rows, near_copies, write_leaks_csv
+from .pretrain import pretrain_base, pretrain_images
 from .data import unscale_images
 from .diffusers_model import export_pipeline
 
@@ -37,6 +38,11 @@ class FinetuneConfig(AuditConfig):
 
     base: str | None = opt(None, "the pretrained base: a biasgen checkpoint (step_*.safetensors with its .json) or "
                                  "a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors)")
+    pretrain: str | None = opt(None, "instead of --base: public data (digits, fashion-mnist, a folder, a .npz) to "
+                                     "train the base on first, inside the run folder (RUN/base/; reused on --resume)")
+    pretrain_classes: tuple[int, ...] = opt((), "with --pretrain: keep only these labels of the public data")
+    pretrain_n: int = opt(400, "with --pretrain: public images the base is trained on")
+    pretrain_steps: int = opt(2000, "with --pretrain: the base's training steps (the fine-tune's optimiser settings)")
     base_sha256: str | None = opt(None, "the base's sha256; recorded by the first run, checked on resume")
     adapter: str = opt("none", "none (full fine-tune) or lora (adapters only; the base stays frozen)")
     lora_rank: int = opt(4, "LoRA rank r")
@@ -44,12 +50,19 @@ class FinetuneConfig(AuditConfig):
     lora_targets: tuple[str, ...] = opt((), "layer-name suffixes that get adapters (default: the U-Net's "
                                             "convolutions and attention projections)")
 
-    INPUT_KEYS = AuditConfig.INPUT_KEYS + ("base",)
+    INPUT_KEYS = AuditConfig.INPUT_KEYS + ("base", "pretrain")
 
     def validate(self) -> None:
         super().validate()
-        check(self.base is not None, "biasgen finetune needs --base PATH: a biasgen audit checkpoint "
-                                     "(step_*.safetensors) or a diffusers UNet2DModel folder.")
+        check(self.base is None or self.pretrain is None,
+              "--base and --pretrain both give the base; pass one (a pretrained base, or public data to train one).")
+        check(self.base is not None or self.pretrain is not None,
+              "biasgen finetune needs a base: --base PATH (a biasgen audit checkpoint step_*.safetensors or a "
+              "diffusers UNet2DModel folder) or --pretrain DATA to train one first (--preset digits does).")
+        check(self.pretrain is None or self.model == "unet", "--pretrain trains biasgen's U-Net; for a diffusers "
+              "UNet2DModel base, pass it with --base.")
+        check(not self.conditional, "biasgen finetune has no --conditional yet; fine-tune unconditionally.")
+        check_at_least(self, 1, "pretrain_n", "pretrain_steps")
         check(self.adapter in ADAPTERS, f"--adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}.")
         check_at_least(self, 1, "lora_rank")
 
@@ -58,7 +71,11 @@ PRESETS: dict[str, dict] = {
     # 8x8 digits of the classes 5-9, private to the fine-tune (a base trained on 0-4: docs/finetune.md),
     # 2 splits x 2 seeds of 64 images; docs/finetune.md gives the measured result (full and LoRA).
     "default": dict(AUDIT_PRESETS["default"], classes=(5, 6, 7, 8, 9), n=64, n_test=256, steps=1500,
-                    checkpoints=12),
+                    checkpoints=16, first_checkpoint=5),
+    # The same, with its base pretrained first in the run folder on 400 digits of the classes 0-4: one command.
+    "digits": dict(AUDIT_PRESETS["default"], classes=(5, 6, 7, 8, 9), n=64, n_test=256, steps=1500,
+                   checkpoints=16, first_checkpoint=5, pretrain="digits", pretrain_classes=(0, 1, 2, 3, 4),
+                   pretrain_n=400, pretrain_steps=2000),
     # A seconds-long smoke run (used by the tests); far too small to show anything.
     "tiny": dict(AUDIT_PRESETS["tiny"]),
 }
@@ -78,18 +95,41 @@ class ImageFinetune(ImageAudit):
     cfg: FinetuneConfig
 
     def load(self) -> Data:
-        base = resolve_base(self.cfg.base)  # before the run folder: a bad base leaves nothing behind
+        """The private data, and the base (read, or its public data checked): before the run folder exists, so a
+        bad base leaves nothing behind."""
+        if self.cfg.pretrain is not None:
+            self.public = pretrain_images(self.cfg)
+            data = super().load()
+            check(self.public.shape[1:] == data.train[0].shape[1:], f"--pretrain {self.cfg.pretrain} gives images "
+                  f"of shape {tuple(self.public.shape[1:])} but the private data {tuple(data.train[0].shape[1:])}; "
+                  "pass --resolution and --grayscale so that both match.")
+            return data
+        self._use_base(resolve_base(self.cfg.base))
+        data = super().load()
+        self._check_channels(data)
+        data.description["base"] = {k: self.base[k] for k in ("weights", "sha256", "format", "network")}
+        return data
+
+    def prepare(self, run: Path, data: Data, progress: bool) -> None:
+        """With ``--pretrain``: train the base in ``run/base`` (or reuse it there) and describe it in the summary."""
+        if self.cfg.pretrain is None:
+            return
+        stem = pretrain_base(self, run, self.public, progress=progress)
+        self.base = resolve_base(stem)
+        data.description["base"] = {**{k: self.base[k] for k in ("weights", "sha256", "format", "network")},
+                                    "pretrained": load_tensors(stem)[1]["pretrain"]}
+
+    def _use_base(self, base: dict) -> None:
         if self.cfg.base_sha256 not in (None, base["sha256"]):
             raise BiasgenError(f"--base {base['weights']} has sha256 {base['sha256'][:12]}... but the run expects "
                                f"{self.cfg.base_sha256[:12]}...; pass the base the run started from.")
         self.cfg.base_sha256, self.base = base["sha256"], base
-        data = super().load()
-        have = data.train[0].shape[1]
-        channels = base["kwargs"].get("channels", (base["kwargs"].get("config") or {}).get("in_channels"))
+
+    def _check_channels(self, data: Data) -> None:
+        have, kwargs = data.train[0].shape[1], self.base["kwargs"]
+        channels = kwargs.get("channels", (kwargs.get("config") or {}).get("in_channels"))
         check(channels in (None, have), f"--base takes {channels}-channel images but the data has {have}; "
                                         "pass --grayscale or a base trained on this kind of image.")
-        data.description["base"] = {k: base[k] for k in ("weights", "sha256", "format", "network")}
-        return data
 
     def network(self, data: Data) -> tuple[type, dict]:
         cfg = self.cfg
