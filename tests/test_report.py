@@ -166,10 +166,12 @@ def test_sweep_report_holds_advice_sizes_fits_and_links(tiny_sweep, capsys):
     assert page.links == [f"{r['folder']}/report.html" for r in result["rows"]]
     assert all((tiny_sweep / link).is_file() for link in page.links)
     for r in result["rows"]:
-        cells = [f"≥ {r[name]['value']} (not reached)" if r[name]["bound"] == "lower" else
+        cells = ["—" if r[name] is None else  # tau_data: the tiny sweep has no same-split controls
+                 f"≥ {r[name]['value']} (not reached)" if r[name]["bound"] == "lower" else
                  f"≤ {r[name]['value']} (at the first checkpoint)" if r[name]["bound"] == "upper" else
                  f"{r[name]['step']} [{r[name]['ci'][0]}, {r[name]['ci'][1]}] "
-                 + ("first sign → onset" if name == "tau_mem" else "68%") for name in ("tau_bias", "tau_loss", "tau_mem")]
+                 + ("first sign → onset" if name == "tau_mem" else "68%")
+                 for name in ("tau_bias", "tau_data", "tau_loss", "tau_mem")]
         row = f"{r['n']}{r['steps']}" + "".join(cells)
         assert row.replace(" ", "") in page.text.replace(" ", ""), row  # table cells, spaces dropped
     for name, fit in result["fits"].items():
@@ -209,8 +211,9 @@ def test_sweep_report_shows_the_advice_bounds_and_exponent_intervals(tmp_path):
     assert f"Advice for N = 2000: stop training at or before step {target['recommended_step']}." in page.text
     assert target["recommendation"] in page.text
     cells = page.text.replace(" ", "")
-    assert "1283200141[70,141]68%992[496,992]68%≥3200(notreached)" in cells
-    assert "32800110[55,110]68%194[97,194]68%602[301,602]firstsign→onset" in cells
+    # rows written before tau_data was part of a sweep show it as "—"
+    assert "1283200141[70,141]68%—992[496,992]68%≥3200(notreached)" in cells
+    assert "32800110[55,110]68%—194[97,194]68%602[301,602]firstsign→onset" in cells
     assert page.links == ["n000016/report.html"]  # only sizes whose page exists are linked
     mem = json.loads((tmp_path / "s" / "sweep.json").read_text())["fits"]["tau_mem"]
     lo, hi = (f"{v:.4g}" if v is not None else "unbounded" for v in mem["exponent_ci"])

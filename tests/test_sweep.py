@@ -14,7 +14,7 @@ from biasgen.runs import read_jsonl
 from biasgen.hierarchy.experiment import HierarchyExperiment
 from biasgen.images.audit import ImageAudit
 from biasgen.memorization import memorization_onset, wilson
-from biasgen.sweep import located_tau, sweep
+from biasgen.sweep import located_tau, onset_tau, sweep
 from biasgen.sweep.fit import censored_mle, extrapolate, fit_power_law, predict
 
 TINY = ["sweep", "--preset", "tiny", "--quiet", "--target-n", "100"]
@@ -237,10 +237,30 @@ def test_target_advice_and_its_refusals():
     bias = advice["taus"]["tau_bias"]
     assert bias["interval"][0] < bias["step"] < bias["interval"][1]
     assert advice["recommended_step"] == int(bias["interval"][0])
-    assert advice["taus"]["tau_mem"]["refused"] and "exponent interval" in advice["taus"]["tau_mem"]["refused"]
+    why = advice["taus"]["tau_mem"]["refused"]
+    assert why.startswith("the 95% interval of its exponent is unbounded") and "limit 1.0" in why
+    assert "from 3 sizes with 3 located" in why and "measure more sizes" in why
     assert "at least 3" in extrapolate(fits, SIZES[:2], 2560)["refused"]
     no_bias = extrapolate({**fits, "tau_bias": wide}, SIZES, 2560)
-    assert no_bias["recommended_step"] is None and "tau_bias" in no_bias["refused"]
+    assert no_bias["recommended_step"] is None and "tau_bias cannot be extrapolated" in no_bias["refused"]
+    # with controls the data-specific onset decides; when it cannot be extrapolated, tau_bias does and says so
+    early = fit_power_law(SIZES, [n * (1.05 if i % 2 else 0.95) for i, n in enumerate(SIZES)], ["value"] * 5)
+    with_data = extrapolate({**fits, "tau_data": early}, SIZES, 2560)
+    assert with_data["recommendation_basis"].endswith("tau_data")
+    assert with_data["recommended_step"] == int(with_data["taus"]["tau_data"]["interval"][0]) < advice["recommended_step"]
+    censored = fit_power_law(SIZES, [40, 80, 90, 90, 90], ["value", "value", "lower", "lower", "lower"])
+    fallback = extrapolate({**fits, "tau_data": censored}, SIZES, 2560)
+    assert fallback["recommendation_basis"].endswith("tau_bias")
+    assert "train longer (3 size(s) ended before this tau)" in fallback["taus"]["tau_data"]["refused"]
+
+
+def test_tau_data_of_a_size_is_a_bound_until_the_contrast_has_risen():
+    steps = [20, 40, 80, 160]
+    tau = {"step": 40, "index": 1, "ci": [20, 80], "ci95": [20, 160]}
+    assert onset_tau({"tau_data": tau, "p_value_end": 0.01, "level": 0.05}, steps)["step"] == 40
+    assert onset_tau({"tau_data": tau, "p_value_end": 0.3, "level": 0.05}, steps) == {
+        "step": None, "ci": None, "ci95": None, "located": False, "bound": "lower", "value": 160}
+    assert onset_tau({"tau_data": None}, steps) is None  # no same-split controls
 
 
 def test_memorization_onset_needs_copies_that_persist():

@@ -175,7 +175,7 @@ def judge_per_scale(experiment, records: list[dict], members) -> dict:
     for w in cfg.guidance_scales:
         judged = judge_records(experiment, at_scale(records, w), members)
         per_scale[scale_key(w)] = {k: v for k, v in judged.items() if k.startswith("tau_") or k in (
-            "verdict", "reason", "p_value", "recommended_step", "recommended_ci", "recommendation",
+            "verdict", "reason", "p_value", "p_value_end", "level", "recommended_step", "recommended_ci", "recommendation",
             "recommendation_basis", "window", "candidate_costs")}
     use = per_scale[scale_key(cfg.use_scale)]
     return {"scales": list(cfg.guidance_scales), "use_guidance": cfg.use_scale, "start": cfg.guidance_start,

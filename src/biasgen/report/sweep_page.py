@@ -20,8 +20,8 @@ from urllib.parse import quote
 from .kinds import ReportView, Run, _dict, _summary
 from .sections import TERMS, VERDICTS, _num, _value, figures_section
 
-SWEEP_TAUS = ("tau_bias", "tau_loss", "tau_mem")
-SWEEP_TERMS = {**{k: TERMS[k] for k in ("tau_bias", "tau_loss")},
+SWEEP_TAUS = ("tau_bias", "tau_data", "tau_loss", "tau_mem")
+SWEEP_TERMS = {**{k: TERMS[k] for k in ("tau_bias", "tau_data", "tau_loss")},
                "tau_mem": "the memorization onset: the first checkpoint at which the share of generated samples that "
                           "copy a training example of their own split is clearly above zero (its 95% lower bound "
                           "exceeds the level set by --mem-level)"}
@@ -140,12 +140,12 @@ def sizes_section(run: Run, view: ReportView) -> str:
                     + f'<td title="{escape(str(r.get("reason", "")))}">{escape(wording)}</td>' + _size_link(run, r) + "</tr>")
     rule = _dict(_summary(run).get("definitions")).get("memorized share")
     rule = f" Memorized share: {escape(str(rule))}." if rule else ""
-    return ("<p>n: training examples per model; steps: its training budget. tau_bias and tau_loss with their 68% "
+    return ("<p>n: training examples per model; steps: its training budget. tau_bias, tau_data and tau_loss with their 68% "
             "bootstrap interval, tau_mem with its first sign → onset interval; ≥ x: not reached within the run (a "
             f"lower bound).{rule} Each size is an ordinary run: its own page has the evidence. With JavaScript, "
             "click a column header to sort.</p>"
             '<div class="wide"><table class="metrics sortable"><thead><tr><th scope="col">n</th>'
-            '<th scope="col">steps</th><th scope="col">tau_bias</th><th scope="col">tau_loss</th>'
+            '<th scope="col">steps</th><th scope="col">tau_bias</th><th scope="col">tau_data</th><th scope="col">tau_loss</th>'
             '<th scope="col">tau_mem</th><th scope="col">memorized share</th><th scope="col">verdict</th>'
             f'<th scope="col">report</th></tr></thead><tbody>{"".join(body)}</tbody></table></div>')
 

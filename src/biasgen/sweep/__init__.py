@@ -33,7 +33,7 @@ from ..runs import STEP, environment, open_run_dir, read_json, read_jsonl, write
 from ..memorization import memorization_onset
 from .fit import extrapolate, fit_power_law
 
-TAUS = ("tau_bias", "tau_loss", "tau_mem")
+TAUS = ("tau_bias", "tau_data", "tau_loss", "tau_mem")
 
 RUNTIME_KEYS = ("preset", "sizes", "target_n", "max_exponent_ci_width", "runtime")  # may change on --resume
 
@@ -215,6 +215,19 @@ def located_tau(tau: dict, checkpoints: list[int]) -> dict:
     return entry
 
 
+def onset_tau(summary: dict, checkpoints: list[int]) -> dict | None:
+    """The size's tau_data as a sweep entry (None without same-split controls): located when the contrast has
+    risen by the end of the run (``p_value_end`` at most the run's level), else a lower bound at the last
+    checkpoint (no data-specific rise yet); an onset at the first checkpoint is an upper bound."""
+    tau = summary.get("tau_data")
+    if not tau:
+        return None
+    p_end = summary.get("p_value_end")
+    if p_end is None or p_end > summary.get("level", 0.05):
+        return {"step": None, "ci": None, "ci95": None, "located": False, "bound": "lower", "value": checkpoints[-1]}
+    return located_tau(tau, checkpoints)
+
+
 def size_row(n: int, folder: Path, summary: dict, records: list[dict], plan: Plan, experiment: TwinExperiment) -> dict:
     """One row of ``sweep.jsonl``: the taus of size ``n`` (each a step or a bound), its verdict and advice.
 
@@ -224,7 +237,8 @@ def size_row(n: int, folder: Path, summary: dict, records: list[dict], plan: Pla
     share = experiment.memorized_share(records)
     row = {"n": n, "steps": steps[-1], "folder": folder.name, "verdict": summary["verdict"],
            "reason": summary["reason"], "recommended_step": summary["recommended_step"],
-           "tau_bias": located_tau(summary["tau_bias"], steps), "tau_loss": located_tau(summary["tau_loss"], steps),
+           "tau_bias": located_tau(summary["tau_bias"], steps), "tau_data": onset_tau(summary, steps),
+           "tau_loss": located_tau(summary["tau_loss"], steps),
            "tau_mem": memorization_onset(share, plan.mem_level) if share else None,
            "mem_share": share[0]["key"] if share else None,
            "tau_loss_open": summary["tau_loss_open"], "checkpoints": steps, "complete": summary["complete"]}
@@ -232,23 +246,33 @@ def size_row(n: int, folder: Path, summary: dict, records: list[dict], plan: Pla
         from ..images.conditional import at_scale
 
         row["guidance"] = {w: {"verdict": judged["verdict"], "tau_bias": located_tau(judged["tau_bias"], steps),
+                               "tau_data": onset_tau(judged, steps),
                                "tau_mem": memorization_onset(experiment.memorized_share(at_scale(records, float(w))),
                                                              plan.mem_level)}
                            for w, judged in summary["guidance"]["per_scale"].items()}
     return row
 
 
+def fit_taus(done: list[dict], kind: str) -> dict[str, dict]:
+    """A censored power-law fit (:func:`biasgen.sweep.fit.fit_power_law`) of each tau over the complete rows ``done``.
+
+    The scatter floor is the resolution of the rows' log-spaced checkpoint grid (a uniform error over one log step).
+    A tau missing from a row (tau_data without same-split controls) is not fitted."""
+    grid = [math.log(r["checkpoints"][-1] / r["checkpoints"][0]) / max(1, len(r["checkpoints"]) - 1) for r in done]
+    floor = max(0.02, (sum(grid) / len(grid)) / math.sqrt(12)) if grid else 0.05
+    absent = {"tau_data": "no same-split controls (--seeds-per-split 2 measures tau_data)"}
+    return {name: fit_power_law([r["n"] for r in done], [r[name]["value"] for r in done],
+                                [r[name]["bound"] or "value" for r in done], sigma_floor=floor)
+            if done and all(r.get(name) for r in done) else
+            {"fit": False, "reason": "no size measured" if not done else
+             absent.get(name, f"not measured by the {kind} experiment")}
+            for name in TAUS}
+
+
 def assemble(plan: Plan, rows: list[dict]) -> dict:
     """``sweep.json``: the rows, a censored power-law fit per tau, and the advice for ``target_n``."""
     done = [r for r in rows if r["complete"]]
-    # the scatter floor: the resolution of a log-spaced checkpoint grid (a uniform error over one log step)
-    grid = [math.log(r["checkpoints"][-1] / r["checkpoints"][0]) / max(1, len(r["checkpoints"]) - 1) for r in done]
-    floor = max(0.02, (sum(grid) / len(grid)) / math.sqrt(12)) if grid else 0.05
-    fits = {name: fit_power_law([r["n"] for r in done], [r[name]["value"] for r in done],
-                                [r[name]["bound"] or "value" for r in done], sigma_floor=floor)
-            if done and all(r[name] for r in done) else
-            {"fit": False, "reason": "no size measured" if not done else f"not measured by the {plan.kind} experiment"}
-            for name in TAUS}
+    fits = fit_taus(done, plan.kind)
     target = None
     if plan.target_n is not None:
         target = extrapolate(fits, [r["n"] for r in done], plan.target_n, max_ci_width=plan.max_exponent_ci_width)
@@ -256,6 +280,8 @@ def assemble(plan: Plan, rows: list[dict]) -> dict:
             "rows": rows, "fits": fits, "target": target,
             "definitions": {
                 "tau_bias": "checkpoint of the twin-distance minimum (each size's summary.json)",
+                "tau_data": "last checkpoint before the twin-minus-control contrast rises (each size's summary.json); "
+                            "a lower bound when the contrast has not risen by the end of the run",
                 "tau_loss": "checkpoint of the test-loss minimum (each size's summary.json)",
                 "tau_mem": f"first checkpoint from which the 95% lower bound of the memorized share stays above {plan.mem_level}",
                 "memorized share": plan.experiments[0].memorization_rule,
@@ -278,9 +304,9 @@ def describe_tau(t: dict) -> str:
 def terminal_summary(result: dict, out: Path) -> str:
     """The per-size table, the exponents and the advice, for the terminal."""
     lines = [f"biasgen sweep ({result['experiment']}): {len(result['rows'])} sizes",
-             f"  {'n':>7} {'steps':>7}  {'tau_bias':<20}{'tau_loss':<20}{'tau_mem':<20}verdict"]
+             f"  {'n':>7} {'steps':>7}  " + "".join(f"{t:<20}" for t in TAUS) + "verdict"]
     for r in result["rows"]:
-        lines.append(f"  {r['n']:>7} {r['steps']:>7}  " + "".join(f"{describe_tau(r[t]):<20}" for t in TAUS)
+        lines.append(f"  {r['n']:>7} {r['steps']:>7}  " + "".join(f"{describe_tau(r.get(t)):<20}" for t in TAUS)
                      + r["verdict"])
     for name, fit in result["fits"].items():
         if fit["fit"]:

@@ -23,6 +23,7 @@ from ..runs import write_figure
 
 STYLE = {  # colour, marker, legend, horizontal offset (so that bounds at the same step do not hide each other)
     "tau_bias": ("tab:blue", "o", r"$\tau_{bias}$ (twins closest)", 1 / 1.05),
+    "tau_data": ("tab:green", "^", r"$\tau_{data}$ (twin-minus-control rise)", 1 / 1.1),
     "tau_loss": ("tab:orange", "s", r"$\tau_{loss}$ (test-loss minimum)", 1.0),
     "tau_mem": ("tab:red", "D", r"$\tau_{mem}$ (memorization onset)", 1.05)}
 REGIONS = (("generalization", "#d9f0d3"), ("biased generalization", "#fee8c8"), ("memorization", "#fcc5c0"))
@@ -34,7 +35,7 @@ def _curve(result: dict, name: str, x: np.ndarray) -> np.ndarray | None:
     fit, rows = result["fits"][name], result["rows"]
     if fit["fit"]:
         return fit["prefactor"] * x ** fit["exponent"]
-    if not all(r[name] for r in rows):
+    if not all(r.get(name) for r in rows):
         return None
     return np.exp(np.interp(np.log(x), np.log([r["n"] for r in rows]), np.log([r[name]["value"] for r in rows])))
 
@@ -67,7 +68,7 @@ def plot_phase_diagram(path: str | Path, result: dict) -> Path:
                     label="beyond the training budget")
     ax.scatter(sizes, [r["steps"] for r in rows], marker="_", s=250, color="0.4", label="training budget", zorder=3)
     for name, (colour, marker, label, shift) in STYLE.items():
-        if not all(r[name] for r in rows):  # a tau the experiment does not measure
+        if not all(r.get(name) for r in rows):  # a tau the experiment (or design) does not measure
             continue
         located = [r for r in rows if r[name]["located"]]
         if located:

@@ -165,15 +165,39 @@ def predict(fit: dict, n: float, level: float = 0.95) -> dict:
     return {"step": math.exp(mean), "interval": [math.exp(mean - half), math.exp(mean + half)], "level": level}
 
 
+def refusal(fit: dict, max_ci_width: float) -> str | None:
+    """Why the tau of ``fit`` cannot be extrapolated (None when it can): which interval is too wide, and what would
+    narrow it, from the fit's own counts of located values and bounds."""
+    width = exponent_ci_width(fit)
+    if fit.get("fit") and width <= max_ci_width:
+        return None
+    remedies = []
+    if fit.get("n_lower_bounds"):
+        remedies.append(f"train longer ({fit['n_lower_bounds']} size(s) ended before this tau)")
+    if fit.get("n_upper_bounds"):
+        remedies.append(f"save earlier checkpoints ({fit['n_upper_bounds']} size(s) had it at the first one)")
+    remedies += ["measure more sizes" if fit.get("n_points", 0) < 6 else "repeat sizes with other seeds",
+                 "add a larger size (the prediction reaches less far)"]
+    if not fit.get("fit"):
+        return f"no fit ({fit['reason']}); " + "; ".join(remedies[:-1] or remedies) + "."
+    lo, hi = fit["exponent_ci"]
+    interval = ("unbounded (" + ("no lower end" if lo is None else f"{lo:.2f}") + ".." +
+                ("no upper end" if hi is None else f"{hi:.2f}") + ")") if math.isinf(width) else \
+        f"{lo:.2f}..{hi:.2f}, {width:.2f} wide"
+    return (f"the 95% interval of its exponent is {interval}, wider than the limit {max_ci_width} "
+            f"(--max-exponent-ci-width), from {fit['n_points']} sizes with {fit['n_located']} located; to narrow it: "
+            + "; ".join(remedies) + ".")
+
+
 def extrapolate(fits: dict[str, dict], sizes_measured: Sequence[int], target_n: int, *, max_ci_width: float = 1.0,
                 min_sizes: int = 3, level: float = 0.95) -> dict:
     """The advice for a training set of ``target_n`` examples, from the fits of each tau.
 
-    ``fits``: ``{name: fit_power_law(...)}`` for ``tau_bias``, ``tau_loss``, ``tau_mem``;
-    ``sizes_measured``: the sizes with a complete run. A tau gets a number only when
-    its fit exists and its exponent interval is bounded and at most ``max_ci_width``
-    wide; with fewer than ``min_sizes`` sizes nothing gets a number. The recommended
-    stop is the lower end of the prediction interval of tau_bias.
+    ``fits``: ``{name: fit_power_law(...)}`` for ``tau_bias``, ``tau_data`` (with controls), ``tau_loss``,
+    ``tau_mem``; ``sizes_measured``: the sizes with a complete run. A tau gets a number only when its fit
+    exists and its exponent interval is bounded and at most ``max_ci_width`` wide (else :func:`refusal` says
+    why); with fewer than ``min_sizes`` sizes nothing gets a number. The recommended stop is the lower end of
+    the prediction interval of tau_data (the data-specific onset) when it gets a number, else of tau_bias.
     """
     largest = max(sizes_measured) if sizes_measured else 0
     reach = target_n / largest if largest else math.inf
@@ -186,22 +210,18 @@ def extrapolate(fits: dict[str, dict], sizes_measured: Sequence[int], target_n: 
         reason = f"only {len(sizes_measured)} size(s) measured; extrapolation needs at least {min_sizes}."
         return out | {"refused": reason, "recommended_step": None, "recommendation": f"No advice: {reason}"}
     for name, fit in fits.items():
-        width = exponent_ci_width(fit)
-        if not fit.get("fit"):
-            out["taus"][name] = {"refused": f"no fit: {fit['reason']}"}
-        elif width > max_ci_width:
-            ci = "unbounded" if math.isinf(width) else f"{width:.2f} wide"
-            out["taus"][name] = {"refused": f"the exponent interval is {ci} (limit {max_ci_width}); measure more "
-                                            "sizes, larger ones, or train long enough to locate this tau."}
-        else:
-            out["taus"][name] = predict(fit, target_n, level) | {"refused": None}
-    bias = out["taus"].get("tau_bias", {"refused": "tau_bias was not fitted."})
-    if bias["refused"]:
-        reason = f"tau_bias cannot be extrapolated: {bias['refused']}"
+        why = refusal(fit, max_ci_width)
+        out["taus"][name] = {"refused": why} if why else predict(fit, target_n, level) | {"refused": None}
+    candidates = [name for name in ("tau_data", "tau_bias") if name in out["taus"]]
+    basis = next((name for name in candidates if not out["taus"][name]["refused"]), None)
+    if basis is None:
+        reason = " ".join(f"{name} cannot be extrapolated: {out['taus'][name]['refused']}" for name in candidates) \
+            or "neither tau_data nor tau_bias was fitted."
         return out | {"refused": reason, "recommended_step": None, "recommendation": f"No advice: {reason}"}
-    step = int(bias["interval"][0])
+    onset = out["taus"][basis]
+    step = int(onset["interval"][0])
     return out | {"refused": None, "recommended_step": step, "recommendation_basis": f"lower end of the {level:.0%} "
-                  "prediction interval of tau_bias",
+                  f"prediction interval of {basis}",
                   "recommendation": f"Stop at or before step {step}: the lower end of the {level:.0%} prediction "
-                                    f"interval of tau_bias at N = {target_n} (median prediction "
-                                    f"{bias['step']:.0f}). {out['statement']}"}
+                                    f"interval of {basis} at N = {target_n} (median prediction "
+                                    f"{onset['step']:.0f}). {out['statement']}"}
