@@ -1,6 +1,7 @@
 """`biasgen sweep`: tiny sweeps end to end, resume after a kill, the censored fits, the advice and every bad input."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -269,3 +270,23 @@ def test_memorization_onset_needs_copies_that_persist():
     onset = memorization_onset(series, 0.0)
     assert onset["step"] == 80 and onset["ci"] == [20, 80]  # the lone near-copies at step 20 are its first sign only
     assert memorization_onset(series[:3], 0.0)["bound"] == "lower"  # gone again by the last checkpoint: not reached
+
+
+def test_extrapolation_bench_checks_a_held_out_size_against_its_prediction():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_extrapolation", Path(__file__).parents[1] / "bench" / "bench_extrapolation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def row(n, bias, loss):
+        tau = lambda v: {"step": v, "ci": [v, v], "located": True, "bound": None, "value": v}
+        return {"n": n, "complete": True, "checkpoints": np.geomspace(20, 6400, 14).round().tolist(), "tau_bias": tau(bias),
+                "tau_data": None, "tau_loss": tau(loss),
+                "tau_mem": {"step": None, "ci": None, "located": False, "bound": "lower", "value": 25 * n}}
+
+    rows = [row(n, round(2 * n * f), round(9 * n * f)) for n, f in zip((16, 32, 64, 128), (1.03, 0.97, 1.02, 0.98))]
+    on_the_line = bench.compare(rows + [row(256, 512, 2300)], 256, 1.0)
+    assert [e["agreement"] for e in on_the_line] == ["inside", "no fit", "inside", "no fit"]
+    off = bench.compare(rows + [row(256, 60, 2300)], 256, 1.0)
+    assert off[0]["agreement"] == "outside" and "| tau_bias |" in bench.table(off, 256)
