@@ -156,8 +156,8 @@ def test_lora_finetune_stores_adapters_only_and_merges(base, tmp_path):
     assert torch.allclose(net.eval()(x, t), again(x, t), atol=1e-5)  # base + adapters == the merged base
 
 
-@needs_peft
-def test_lora_on_a_diffusers_unet_folder(tmp_path):
+def diffusers_lora_run(tmp_path):
+    """A tiny LoRA fine-tune of a diffusers UNet2DModel folder, checked and exported; returns its run folder."""
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8, 16],
@@ -178,6 +178,48 @@ def test_lora_on_a_diffusers_unet_folder(tmp_path):
     assert summary["data"]["base"]["format"] == "diffusers"
     pipeline = export_merged(tmp_path / "ft", model=1, step=12, out=tmp_path / "pipeline")
     assert type(diffusers.DDPMPipeline.from_pretrained(pipeline).unet).__name__ == "UNet2DModel"
+    return tmp_path / "ft"
+
+
+@needs_peft
+def test_lora_on_a_diffusers_unet_folder(tmp_path):
+    assert (diffusers_lora_run(tmp_path) / "summary.json").is_file()
+
+
+@needs_peft
+def test_a_killed_lora_finetune_of_a_diffusers_base_resumes_to_identical_metrics(tmp_path, monkeypatch):
+    import biasgen.images.audit as audit_module
+
+    straight = diffusers_lora_run(tmp_path)
+    settings = dict(base=str(tmp_path / "unet"), adapter="lora", **FAST)
+    real_loss, real_eval, calls = audit_module.EpsMSELoss, audit_module.evaluate_checkpoint, {"loss": 0, "eval": 0}
+
+    def dying_loss(schedule):  # killed during the second model's training
+        inner = real_loss(schedule)
+
+        def loss(model, x0, gen):
+            calls["loss"] += 1
+            if calls["loss"] == 18:
+                raise KeyboardInterrupt
+            return inner(model, x0, gen)
+        return loss
+
+    def dying_eval(*args, **kwargs):  # killed again after one evaluated checkpoint
+        if calls["eval"] == 1:
+            raise KeyboardInterrupt
+        calls["eval"] += 1
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(audit_module, "EpsMSELoss", dying_loss)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tmp_path / "killed", **settings)
+    monkeypatch.setattr(audit_module, "EpsMSELoss", real_loss)
+    monkeypatch.setattr(audit_module, "evaluate_checkpoint", dying_eval)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tmp_path / "killed", resume=True, **settings)
+    monkeypatch.setattr(audit_module, "evaluate_checkpoint", real_eval)
+    finetune(tmp_path / "killed", resume=True, **settings)
+    assert (tmp_path / "killed" / "metrics.jsonl").read_bytes() == (straight / "metrics.jsonl").read_bytes()
 
 
 # -- the leak list ----------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ class FinetuneConfig(AuditConfig):
               "--base and --pretrain both give the base; pass one (a pretrained base, or public data to train one).")
         check(self.base is not None or self.pretrain is not None,
               "biasgen finetune needs a base: --base PATH (a biasgen audit checkpoint step_*.safetensors or a "
-              "diffusers UNet2DModel folder) or --pretrain DATA to train one first (--preset digits does).")
+              "diffusers UNet2DModel folder) or --pretrain DATA to train one first (--preset cpu does).")
         check(self.pretrain is None or self.model == "unet", "--pretrain trains biasgen's U-Net; for a diffusers "
               "UNet2DModel base, pass it with --base.")
         check(not self.conditional, "biasgen finetune has no --conditional yet; fine-tune unconditionally.")
@@ -73,7 +73,7 @@ PRESETS: dict[str, dict] = {
     "default": dict(AUDIT_PRESETS["default"], classes=(5, 6, 7, 8, 9), n=64, n_test=256, steps=1500,
                     checkpoints=16, first_checkpoint=5),
     # The same, with its base pretrained first in the run folder on 400 digits of the classes 0-4: one command.
-    "digits": dict(AUDIT_PRESETS["default"], classes=(5, 6, 7, 8, 9), n=64, n_test=256, steps=1500,
+    "cpu": dict(AUDIT_PRESETS["default"], classes=(5, 6, 7, 8, 9), n=64, n_test=256, steps=1500,
                    checkpoints=16, first_checkpoint=5, pretrain="digits", pretrain_classes=(0, 1, 2, 3, 4),
                    pretrain_n=400, pretrain_steps=2000),
     # A seconds-long smoke run (used by the tests); far too small to show anything.
