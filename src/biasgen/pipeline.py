@@ -393,7 +393,8 @@ def terminal_summary(experiment: TwinExperiment, summary: VerdictBlock, out: Pat
         t = summary[name]
         return f"step {t['step']:>6}  (68% interval {t['ci'][0]}..{t['ci'][1]}, over {t['n_units']} {summary['units'][name]})"
 
-    window = "none"
+    window = "not defined: the models start from one set of weights (read tau_data)" if summary.get("shared_start") \
+        else "none"
     if summary["window"]:
         window = f"steps {summary['window'][0]}..{summary['window'][1]}"
         if summary["tau_loss_open"]:
