@@ -128,6 +128,35 @@ def test_pretrain_settings_that_cannot_work_are_refused_before_the_run_folder(ba
     assert not out.exists()
 
 
+@needs_peft
+def test_a_lora_target_that_matches_no_layer_is_refused_before_the_run_folder(base, tmp_path):
+    with pytest.raises(BiasgenError, match="--lora-targets nope name no layer of the base network"):
+        finetune(tmp_path / "ft", base=str(base), adapter="lora", lora_targets=("nope",), **FAST)
+    with pytest.raises(BiasgenError, match="--lora-targets nope name no layer"):
+        finetune(tmp_path / "ft", adapter="lora", lora_targets=("nope",), **PRETRAIN, **FAST)
+    assert not (tmp_path / "ft").exists()
+
+
+def test_a_base_folder_holding_a_pickle_is_refused_and_never_loaded(tmp_path):
+    import pickle
+
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"sample_size": 8, "in_channels": 1, "out_channels": 1}')
+    (folder / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps({"weights": [0.0]}))
+    with pytest.raises(BiasgenError, match="holds no diffusers UNet2DModel .*diffusion_pytorch_model.safetensors"):
+        finetune(tmp_path / "ft", base=str(folder), **FAST)
+    assert not (tmp_path / "ft").exists()
+
+
+def test_a_base_that_never_saw_the_private_images_leaks_none(base, tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "noise.npy", np.random.default_rng(0).random((80, 1, 8, 8), dtype=np.float32))
+    summary = finetune(tmp_path / "ft", base=str(base), data=str(tmp_path / "noise.npy"), lr=1e-9, **FAST)
+    assert summary["leaks"]["n_images"] == 48 and summary["leaks"]["n_leaked"] == 0
+
+
 def test_a_base_for_other_images_is_refused_before_the_run_folder(base, tmp_path):
     import numpy as np
 

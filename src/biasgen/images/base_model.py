@@ -153,17 +153,22 @@ def present(net: nn.Module, targets: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(t for t in targets if any(n == t or n.endswith("." + t) for n in names))
 
 
+def check_lora_targets(net: nn.Module, targets: tuple[str, ...]) -> None:
+    """A clear error when one of ``targets`` names no layer of ``net`` (or there is none)."""
+    names = [name for name, _ in net.named_modules()]
+    unknown = [t for t in targets if t not in present(net, (t,))]
+    if unknown or not targets:
+        raise BiasgenError(f"--lora-targets {','.join(unknown)} name no layer of the base network; layer names end "
+                           f"in e.g. {', '.join(sorted({n.rsplit('.', 1)[-1] for n in names if n})[:8])}.")
+
+
 def inject_lora(net: nn.Module, *, rank: int, alpha: float, targets: tuple[str, ...]) -> None:
     """LoRA adapters (``peft``) on the layers of ``net`` whose names end in one of ``targets``; all else frozen."""
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as e:
         raise BiasgenError("--adapter lora needs peft: pip install 'biasgen[finetune]'.") from e
-    names = [name for name, _ in net.named_modules()]
-    unknown = [t for t in targets if t not in present(net, (t,))]
-    if unknown or not targets:
-        raise BiasgenError(f"--lora-targets {','.join(unknown)} name no layer of the base network; layer names end "
-                           f"in e.g. {', '.join(sorted({n.rsplit('.', 1)[-1] for n in names if n})[:8])}.")
+    check_lora_targets(net, targets)
     try:
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets)), net)
     except (ValueError, TypeError) as e:

@@ -22,7 +22,7 @@ from ..runs import read_json
 from ..training import checkpoint_stem
 from ..twins import load_model, make_members
 from .audit import PRESETS as AUDIT_PRESETS, AuditConfig, ImageAudit, noise_schedule
-from .base_model import ADAPTERS, FinetuneNet, merged_network, resolve_base
+from .base_model import ADAPTERS, FinetuneNet, base_network, check_lora_targets, merged_network, resolve_base
 from .gallery import plot_gallery
 from .leak_view import VIEW
 from .leaks import leak_list, leak_rows, near_copies, write_leaks_csv
@@ -103,10 +103,15 @@ class ImageFinetune(ImageAudit):
             check(self.public.shape[1:] == data.train[0].shape[1:], f"--pretrain {self.cfg.pretrain} gives images "
                   f"of shape {tuple(self.public.shape[1:])} but the private data {tuple(data.train[0].shape[1:])}; "
                   "pass --resolution and --grayscale so that both match.")
+            if self.cfg.adapter == "lora" and self.cfg.lora_targets:
+                model_class, kwargs = ImageAudit.network(self, data)
+                check_lora_targets(model_class(**kwargs), tuple(self.cfg.lora_targets))
             return data
         self._use_base(resolve_base(self.cfg.base))
         data = super().load()
         self._check_channels(data)
+        if self.cfg.adapter == "lora" and self.cfg.lora_targets:
+            check_lora_targets(base_network(self.base), tuple(self.cfg.lora_targets))
         data.description["base"] = {k: self.base[k] for k in ("weights", "sha256", "format", "network")}
         return data
 
