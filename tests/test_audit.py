@@ -80,37 +80,16 @@ def test_python_api_matches_cli(tiny_run, api_run):
     assert [x["test_loss"] for x in a] == pytest.approx([x["test_loss"] for x in b], rel=1e-5)
 
 
-def test_resume_after_kill_gives_the_same_metrics(api_run, tmp_path, monkeypatch):
+def test_resume_after_kill_gives_the_same_metrics(api_run, tmp_path, monkeypatch, kill_at):
     out = tmp_path / "killed"
-    real_loss = audit_module.EpsMSELoss
-    calls = {"n": 0}
-
-    def dying_loss(schedule):  # killed during the second model's training
-        inner = real_loss(schedule)
-
-        def loss(model, x0, gen):
-            calls["n"] += 1
-            if calls["n"] == 18:
-                raise KeyboardInterrupt
-            return inner(model, x0, gen)
-
-        return loss
-
-    monkeypatch.setattr(audit_module, "EpsMSELoss", dying_loss)
+    real_loss, real_eval = audit_module.EpsMSELoss, audit_module.evaluate_checkpoint
+    dying = kill_at(18)  # killed during the second model's training
+    monkeypatch.setattr(audit_module, "EpsMSELoss", lambda schedule: dying(real_loss(schedule)))
     with pytest.raises(KeyboardInterrupt):
         audit(out, preset="tiny", progress=False)  # in-process (workers=1), so the patch applies
     monkeypatch.setattr(audit_module, "EpsMSELoss", real_loss)
 
-    real_eval = audit_module.evaluate_checkpoint
-    evaluated = {"n": 0}
-
-    def dying_eval(*args, **kwargs):  # killed again after one evaluated checkpoint
-        if evaluated["n"] == 1:
-            raise KeyboardInterrupt
-        evaluated["n"] += 1
-        return real_eval(*args, **kwargs)
-
-    monkeypatch.setattr(audit_module, "evaluate_checkpoint", dying_eval)
+    monkeypatch.setattr(audit_module, "evaluate_checkpoint", kill_at(2)(real_eval))  # killed after one checkpoint
     with pytest.raises(KeyboardInterrupt):
         audit(out, preset="tiny", progress=False, resume=True)
     assert len(read_jsonl(out / "metrics.jsonl")) == 1

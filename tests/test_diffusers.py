@@ -271,25 +271,12 @@ def test_audit_checkpoint_exports_to_a_ddpm_pipeline(diffusers_audit, tmp_path):
     assert image.shape == (1, 8, 8, 1) and np.isfinite(image).all()
 
 
-def test_diffusers_audit_resumes_to_the_same_metrics(diffusers_audit, audit_files, tmp_path, monkeypatch):
+def test_diffusers_audit_resumes_to_the_same_metrics(diffusers_audit, audit_files, tmp_path, monkeypatch, kill_at):
     import biasgen.images.audit as audit_module
 
     out = tmp_path / "killed"
-    real_loss = audit_module.EpsMSELoss
-    calls = {"n": 0}
-
-    def dying_loss(schedule):  # killed during the second model's training
-        inner = real_loss(schedule)
-
-        def loss(model, x0, gen):
-            calls["n"] += 1
-            if calls["n"] == 18:
-                raise KeyboardInterrupt
-            return inner(model, x0, gen)
-
-        return loss
-
-    monkeypatch.setattr(audit_module, "EpsMSELoss", dying_loss)
+    real_loss, dying = audit_module.EpsMSELoss, kill_at(18)  # killed during the second model's training
+    monkeypatch.setattr(audit_module, "EpsMSELoss", lambda schedule: dying(real_loss(schedule)))
     assert main(AUDIT + audit_files + ["--out", str(out)]) == 130
     monkeypatch.setattr(audit_module, "EpsMSELoss", real_loss)
     assert main(AUDIT + audit_files + ["--out", str(out), "--resume"]) == 0

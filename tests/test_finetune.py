@@ -216,34 +216,17 @@ def test_lora_on_a_diffusers_unet_folder(tmp_path):
 
 
 @needs_peft
-def test_a_killed_lora_finetune_of_a_diffusers_base_resumes_to_identical_metrics(tmp_path, monkeypatch):
+def test_a_killed_lora_finetune_of_a_diffusers_base_resumes_to_identical_metrics(tmp_path, monkeypatch, kill_at):
     import biasgen.images.audit as audit_module
 
     straight = diffusers_lora_run(tmp_path)
     settings = dict(base=str(tmp_path / "unet"), adapter="lora", **FAST)
-    real_loss, real_eval, calls = audit_module.EpsMSELoss, audit_module.evaluate_checkpoint, {"loss": 0, "eval": 0}
-
-    def dying_loss(schedule):  # killed during the second model's training
-        inner = real_loss(schedule)
-
-        def loss(model, x0, gen):
-            calls["loss"] += 1
-            if calls["loss"] == 18:
-                raise KeyboardInterrupt
-            return inner(model, x0, gen)
-        return loss
-
-    def dying_eval(*args, **kwargs):  # killed again after one evaluated checkpoint
-        if calls["eval"] == 1:
-            raise KeyboardInterrupt
-        calls["eval"] += 1
-        return real_eval(*args, **kwargs)
-
-    monkeypatch.setattr(audit_module, "EpsMSELoss", dying_loss)
+    real_loss, real_eval, dying = audit_module.EpsMSELoss, audit_module.evaluate_checkpoint, kill_at(18)
+    monkeypatch.setattr(audit_module, "EpsMSELoss", lambda schedule: dying(real_loss(schedule)))  # in training
     with pytest.raises(KeyboardInterrupt):
         finetune(tmp_path / "killed", **settings)
     monkeypatch.setattr(audit_module, "EpsMSELoss", real_loss)
-    monkeypatch.setattr(audit_module, "evaluate_checkpoint", dying_eval)
+    monkeypatch.setattr(audit_module, "evaluate_checkpoint", kill_at(2)(real_eval))  # after one checkpoint
     with pytest.raises(KeyboardInterrupt):
         finetune(tmp_path / "killed", resume=True, **settings)
     monkeypatch.setattr(audit_module, "evaluate_checkpoint", real_eval)

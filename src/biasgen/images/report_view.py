@@ -5,6 +5,7 @@ from __future__ import annotations
 from html import escape
 
 from ..report.kinds import Column, ReportView, Run
+from .conditional import tau_text
 
 
 def _interval(ci) -> str:
@@ -12,12 +13,10 @@ def _interval(ci) -> str:
 
 
 def _tau(tau) -> str:
-    """A tau of one scale: its step and 68% interval, '&gt; N' when not reached by step N, '—' when not measured."""
+    """A tau of one scale (:func:`biasgen.images.conditional.tau_text`) with its 68% interval when located."""
     if not isinstance(tau, dict):
-        return "—"
-    if tau.get("step") is not None:
-        return escape(str(tau["step"])) + _interval(tau.get("ci"))
-    return f"&gt; {escape(str(tau['value']))}" if tau.get("value") is not None else "—"
+        return "-"
+    return escape(tau_text(tau)) + (_interval(tau.get("ci")) if tau.get("step") is not None else "")
 
 
 def _share(metrics) -> str:
