@@ -18,7 +18,7 @@ from biasgen.images.audit import PRESETS, AuditConfig, ImageAudit
 from biasgen.losses import EpsMSELoss
 from biasgen.pipeline import Data, run_experiment
 from biasgen.runs import environment
-from biasgen.sampler import sample, x0_from_eps_model
+from biasgen.sampler import describe_sampler, sample, x0_from_eps_model
 from biasgen.schedule import NoiseSchedule
 from biasgen.training import step_generator
 from biasgen.twins import build_model
@@ -47,12 +47,13 @@ def time_training(cfg: AuditConfig, schedule: NoiseSchedule, steps: int = 40) ->
     return steps / (time.perf_counter() - start)
 
 
-def time_sampling(cfg: AuditConfig, schedule: NoiseSchedule, method: str, steps: int | None) -> float:
-    """Seconds to draw the preset's ``n_samples`` from one model."""
+def time_sampling(cfg: AuditConfig, schedule: NoiseSchedule, **sampler) -> float:
+    """Seconds to draw the preset's ``n_samples`` from one model with the ``sampler`` settings of
+    :func:`biasgen.sampler.sample` (``method``, ``steps``, ``eta``, ``spacing``)."""
     model = digits_unet(cfg).eval()
     start = time.perf_counter()
     sample(x0_from_eps_model(model, schedule, clip=1.0), schedule, (1, 8, 8), list(range(cfg.n_samples)),
-           method=method, steps=steps, batch_size=cfg.eval_batch)
+           **sampler, batch_size=cfg.eval_batch)
     return time.perf_counter() - start
 
 
@@ -65,12 +66,13 @@ def main() -> None:
     env = environment()
     print(f"machine: {env['platform']}, torch {env['torch']}, {env['cpu_threads']} threads\n")
     rows = [("training", f"{time_training(cfg, schedule):.1f} steps/s (batch {cfg.batch_size})")]
-    preset = time_sampling(cfg, schedule, cfg.sampler, cfg.sample_steps)
-    rows.append((f"sampling, the preset's {cfg.sampler} with {cfg.sample_step_count} steps",
+    preset = time_sampling(cfg, schedule, **cfg.sampler_settings)
+    name = describe_sampler(cfg.sampler, cfg.sample_steps, cfg.eta, cfg.T, cfg.sample_spacing)
+    rows.append((f"sampling, the preset's {name} ({cfg.sample_step_count} denoiser calls)",
                  f"{preset:.2f} s for {cfg.n_samples} samples"))
-    cheap = time_sampling(cfg, schedule, "ddpm", 50)
-    rows.append(("sampling, ancestral with 50 evenly spaced steps",
-                 f"{cheap:.2f} s for {cfg.n_samples} samples (the preset's costs {preset / cheap:.1f}x)"))
+    paper = time_sampling(cfg, schedule, method="ddpm", steps=None)
+    rows.append((f"sampling, the paper's ddpm-{cfg.T} ({cfg.T} calls)",
+                 f"{paper:.2f} s for {cfg.n_samples} samples ({paper / preset:.1f}x the preset's)"))
     if args.full:
         with tempfile.TemporaryDirectory() as out:
             summary = run_experiment(ImageAudit(cfg), out, progress=False)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from biasgen.checkpoint import load_tensors
-from biasgen.images.audit import member_experiment
+from biasgen.images.monitor_command import member_experiment
 from biasgen.images.evaluation import loss_bands
 from biasgen.images.metrics import nearest_neighbors
 from biasgen.images.monitor import reference_sets

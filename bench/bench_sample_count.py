@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from biasgen.checkpoint import load_tensors, save_tensors
-from biasgen.images.audit import ImageAudit, member_experiment
+from biasgen.images.audit import ImageAudit
+from biasgen.images.monitor_command import member_experiment
 from biasgen.images.evaluation import proximity
 from biasgen.images.metrics import twin_distance
 from biasgen.pipeline import Data, judge_records
@@ -35,10 +36,13 @@ from biasgen.training import checkpoint_stem
 from biasgen.twins import load_model, make_members, model_pairs
 
 
-def parse_sampler(name: str) -> tuple[str, int]:
-    """``'ddpm-50'`` -> ``('ddpm', 50)``: the method and its evenly spaced steps (T of them: every step)."""
-    method, steps = name.split("-")
-    return method, int(steps)
+def parse_sampler(name: str) -> tuple[str, int, str, bool]:
+    """``'ddpm-50'`` -> ``('ddpm', 50, 'uniform', False)``: the method, its steps (T of them: every step), their
+    spacing (``'ddpm-250-quadratic'``) and whether the samples use other seeds (``'ddpm-1000/alt'``: the next
+    seeds after the counted ones, an independent replicate that measures the spread of two draws)."""
+    name, alt = name.removesuffix("/alt"), name.endswith("/alt")
+    method, steps, *spacing = name.split("-")
+    return method, int(steps), (spacing or ["uniform"])[0], alt
 
 
 def draw(run: Path, out: Path, experiment: ImageAudit, data: Data, members, samplers: list[str], n: int) -> None:
@@ -46,38 +50,50 @@ def draw(run: Path, out: Path, experiment: ImageAudit, data: Data, members, samp
     cfg = experiment.cfg
     model_class, model_kwargs = experiment.network(data)
     schedule, shape = experiment.schedule(), tuple(data.test.shape[1:])
-    seeds = experiment.seeds.sample_seeds(n)
     clip = 1.0 if cfg.scaling == "minus1to1" else None
-    for name in samplers:
-        method, steps = parse_sampler(name)
+    for name in sorted(samplers, key=lambda s: parse_sampler(s)[1]):  # the cheap ones first
+        method, steps, spacing, alt = parse_sampler(name)
+        seeds = experiment.seeds.sample_seeds(2 * n)[n:] if alt else experiment.seeds.sample_seeds(n)
         for r in read_jsonl(run / "metrics.jsonl"):
-            stem = out / f"{name}-{r['step']}"
+            stem = out / f"{name.replace('/', '-')}-{r['step']}"
             if stem.with_suffix(".safetensors").exists() and stem.with_suffix(".json").exists():
                 continue
             start = time.perf_counter()
             models = [load_model(model_class, model_kwargs, checkpoint_stem(run / "models" / f"model{m}", r["step"]),
                                  cfg.device) for m in range(len(members))]
             x = torch.stack([sample(x0_from_eps_model(model, schedule, clip=clip), schedule, shape, seeds,
-                                    method=method, steps=steps, batch_size=cfg.eval_batch) for model in models])
+                                    method=method, steps=steps, spacing=spacing, batch_size=cfg.eval_batch)
+                             for model in models])
             save_tensors(stem, {"samples": x}, {"sampler": name, "step": r["step"], "n_samples": n})
             print(f"{name} step {r['step']}: {time.perf_counter() - start:.1f} s", flush=True)
 
 
 def curves(experiment: ImageAudit, records: list[dict], samples: list[torch.Tensor], n: int, members, reference) -> dict:
-    """The first ``n`` of ``samples`` (one ``(M, N, C, H, W)`` per record): the judged curves, per-checkpoint twin D
-    and SEM, and f_mem at the last checkpoint (the audit's own :func:`proximity`)."""
+    """The first ``n`` of ``samples`` (one ``(M, N, C, H, W)`` per record) in place of the run's samples: the
+    judged verdict (the audit's own judge, with tau_mem from the audit's own :func:`proximity` at every
+    checkpoint), and per checkpoint the twin distance and the twin-minus-control contrast with their SEMs."""
     twins, controls = model_pairs(members)
-    new, twin = [], []
+    new, twin, contrast = [], [], []
     for r, x in zip(records, samples):
         tw = twin_distance(list(x[:, :n]), twins)
         twin.append((tw["mean"], tw["sem"]))
-        new.append({**r, "twin_distance": tw["median"], "twin_distance_sem": tw["sem"], "twin_distance_pairs": tw["per_pair"]})
+        rec = {**r, "twin_distance": tw["median"], "twin_distance_sem": tw["sem"], "twin_distance_pairs": tw["per_pair"]}
         if controls:  # one seed per split has none
-            new[-1]["same_split_distance_pairs"] = twin_distance(list(x[:, :n]), controls)["per_pair"]
-    last = proximity(samples[-1][:, :n], members, reference["train"], reference["test"], reference["heldout_l2"],
-                     experiment.cfg, experiment.seeds)
-    return {"judged": judge_records(experiment, new, members), "twin": twin,
-            "f_mem": {"value": last["f_mem"], "ci": last["f_mem_ci"]}}
+            co = twin_distance(list(x[:, :n]), controls)
+            rec["same_split_distance_pairs"] = co["per_pair"]
+            contrast.append((tw["mean"] - co["mean"], tw["sem"] + co["sem"]))
+        near = proximity(x[:, :n], members, reference["train"], reference["test"], reference["heldout_l2"],
+                         experiment.cfg, experiment.seeds)
+        new.append({**rec, **{k: near[k] for k in ("f_mem", "f_mem_ci", "nn_own_sim", "nn_other_sim", "copy_z")}})
+    return {"judged": judge_records(experiment, new, members), "twin": twin, "contrast": contrast,
+            "f_mem": {"value": new[-1]["f_mem"], "ci": new[-1]["f_mem_ci"]}}
+
+
+def deviation(curve: list[tuple[float, float]], ref: list[tuple[float, float]]) -> tuple[float, int]:
+    """``max |D - D_ref| / (SEM + SEM_ref)`` over checkpoints, and the index where it is reached."""
+    devs = [abs(d - rd) / (e + re) for (d, e), (rd, re) in zip(curve, ref)]
+    worst = max(range(len(devs)), key=devs.__getitem__)
+    return devs[worst], worst
 
 
 def main() -> None:
@@ -102,21 +118,27 @@ def main() -> None:
 
     records = read_jsonl(args.run / "metrics.jsonl")
     reference = experiment.reference(data, members)
-    samples = {name: [load_tensors(args.out / f"{name}-{r['step']}")[0]["samples"] for r in records] for name in samplers}
+    samples = {name: [load_tensors(args.out / f"{name.replace('/', '-')}-{r['step']}")[0]["samples"] for r in records] for name in samplers}
     results = {(name, n): curves(experiment, records, samples[name], n, members, reference)
                for name in samplers for n in counts}
     ref = results[samplers[0], counts[0]]
+    last = records[-1]["step"]
+    tau = lambda t: "—" if not t or t.get("step") is None else f"{t['step']} {t.get('ci')}"
     lines = [f"Reference: {samplers[0]}, {counts[0]} samples per model.", "",
-             "| sampler | samples per model | tau_bias (68% CI) | verdict | placebo | max abs(D - D_ref) / (SEM + SEM_ref) "
-             f"(at step) | twin D, step {records[-1]['step']} | f_mem, step {records[-1]['step']} (95% CI) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| sampler | samples per model | verdict | p at the loss minimum | placebo | tau_bias (68% CI) | "
+             "tau_data (68% CI) | tau_mem | max twin-D deviation, SEMs (step) | max contrast deviation, SEMs (step) | "
+             f"twin D, step {last} | f_mem, step {last} (95% CI) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (name, n), c in results.items():
-        devs = [abs(d - rd) / (e + re) for (d, e), (rd, re) in zip(c["twin"], ref["twin"])]
-        worst = max(range(len(devs)), key=devs.__getitem__)
         j, fm = c["judged"], c["f_mem"]
         placebo = j.get("negative_controls", {}).get("placebo_contrast", {}).get("verdict", "")
-        lines.append(f"| {name} | {n} | {j['tau_bias']['step']} {j['tau_bias']['ci']} | {j['verdict']} | {placebo} | "
-                     f"{devs[worst]:.2f} ({records[worst]['step']}) | {c['twin'][-1][0]:.4f} ± {c['twin'][-1][1]:.4f} | "
+        dev, at = deviation(c["twin"], ref["twin"])
+        cdev = "—" if not c["contrast"] else "{:.2f} ({})".format(*(lambda d, i: (d, records[i]["step"]))(
+            *deviation(c["contrast"], ref["contrast"])))
+        p = j.get("p_value")
+        lines.append(f"| {name} | {n} | {j['verdict']} | {'—' if p is None else f'{p:.3f}'} | {placebo} | "
+                     f"{tau(j['tau_bias'])} | {tau(j.get('tau_data'))} | {tau(j.get('tau_mem'))} | "
+                     f"{dev:.2f} ({records[at]['step']}) | {cdev} | {c['twin'][-1][0]:.4f} ± {c['twin'][-1][1]:.4f} | "
                      f"{fm['value']:.3f} ({fm['ci'][0]:.3f}..{fm['ci'][1]:.3f}) |")
     text = "\n".join(lines)
     write_bytes(args.out / "table.md", text.encode())

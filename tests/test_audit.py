@@ -2,6 +2,7 @@
 import contextlib
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -36,7 +37,8 @@ def test_tiny_audit_writes_every_output(tiny_run, capsys):
     assert summary["data"]["name"] == "digits" and "duplicates" in summary["data"]
     assert summary["config"]["n"] == 24 and summary["seeds"]["model_init"] == [1, 2]
     assert summary["environment"]["torch"] == torch.__version__
-    assert summary["sampler"] == {"method": "ddim", "steps": 5, "eta": 0.0, "name": "ddim-5", "validated": False}
+    assert summary["sampler"] == {"method": "ddim", "steps": 5, "spacing": "uniform", "calls": 5, "eta": 0.0,
+                                  "name": "ddim-5", "validated": False}
     assert "Note: sampled with ddim-5, which was not validated" in summary["reason"]
     for r in records:
         assert set(r) <= IMAGE_KEYS, set(r) - IMAGE_KEYS  # every key documented in biasgen.records
@@ -53,6 +55,17 @@ def test_tiny_audit_writes_every_output(tiny_run, capsys):
     sidecar = json.loads((tiny_run / "models" / "model0" / "step_0000012.json").read_text())
     assert sidecar["step"] == 12 and sidecar["model"]["base_width"] == 8 and sidecar["split"] == 0
     assert (tiny_run / "samples" / "step_0000012.safetensors").exists()
+
+
+def test_a_run_of_an_older_biasgen_resumes(tiny_run, tmp_path):
+    run = tmp_path / "old"
+    shutil.copytree(tiny_run, run)
+    info = json.loads((run / "run.json").read_text())
+    del info["config"]["sample_spacing"]  # a setting added later; the run used its default
+    (run / "run.json").write_text(json.dumps(info))
+    before = (run / "metrics.jsonl").read_bytes()
+    assert main(TINY + ["--out", str(run), "--resume"]) == 0
+    assert (run / "metrics.jsonl").read_bytes() == before
 
 
 @pytest.fixture(scope="module")

@@ -87,6 +87,19 @@ def test_run_folder_refuses_foreign_runs(tmp_path):
     assert (stranger / "notes.txt").exists()
 
 
+def test_a_run_written_before_a_setting_existed_resumes_with_its_default(tmp_path):
+    cfg = dataclasses.asdict(AuditConfig())
+    old = {k: v for k, v in cfg.items() if k != "sample_spacing"}  # run.json of an older biasgen
+    defaults = {"sample_spacing": "uniform"}
+    prepare_run_dir(tmp_path / "run", old, resume=False, force=False, kind="audit")
+    assert prepare_run_dir(tmp_path / "run", cfg, resume=True, force=False, kind="audit", defaults=defaults)
+    with pytest.raises(BiasgenError, match="differs in: sample_spacing"):  # without the default it looks changed
+        prepare_run_dir(tmp_path / "run", cfg, resume=True, force=False, kind="audit")
+    with pytest.raises(BiasgenError, match="differs in: sample_spacing"):  # and a new value is a different run
+        prepare_run_dir(tmp_path / "run", {**cfg, "sample_spacing": "quadratic"}, resume=True, force=False,
+                        kind="audit", defaults=defaults)
+
+
 def test_jsonl_and_json_roundtrip(tmp_path):
     append_jsonl(tmp_path / "m.jsonl", {"step": 1})
     append_jsonl(tmp_path / "m.jsonl", {"step": 2})

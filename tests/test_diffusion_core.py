@@ -6,7 +6,7 @@ import torch
 
 from biasgen.errors import BiasgenError
 from biasgen.losses import EpsMSELoss, X0CrossEntropyLoss
-from biasgen.sampler import NoiseStreams, sample, timesteps, x0_from_eps_model
+from biasgen.sampler import NoiseStreams, describe_sampler, sample, step_grid, timesteps, x0_from_eps_model
 from biasgen.schedule import NoiseSchedule
 from biasgen.training import checkpoint_stem, checkpoint_steps, completed_step, train
 from biasgen.checkpoint import load_tensors
@@ -123,6 +123,20 @@ def test_sampler_rejects_bad_settings():
         NoiseSchedule.from_name("sigmoid", 10)
     assert timesteps(s, 3) == [10, 6, 1]
     assert timesteps(s) == list(range(10, 0, -1))
+    with pytest.raises(BiasgenError, match="Unknown sample spacing 'log'"):
+        timesteps(s, 3, "log")
+
+
+def test_quadratic_spacing_is_dense_at_low_noise_and_named():
+    assert step_grid(10, 4, "quadratic") == [10, 5, 2, 1]  # t = 1 + 9 u^2 for u = 1, 2/3, 1/3, 0
+    grid = step_grid(1000, 250, "quadratic")
+    assert grid[0] == 1000 and grid[-1] == 1 and grid == sorted(set(grid), reverse=True)
+    assert grid[-15:] == list(range(15, 0, -1))  # every step at the low-noise end, where the grid is finer than 1
+    assert len(grid) == 234  # so fewer calls than the 250 asked for
+    assert step_grid(1000, None, "quadratic") == step_grid(1000, 1000, "quadratic") == list(range(1000, 0, -1))
+    assert describe_sampler("ddpm", 250, 0.0, 1000, "quadratic") == "ddpm-250-quadratic"
+    assert describe_sampler("ddpm", None, 0.0, 1000, "quadratic") == "ddpm-1000"  # all steps: the paper's sampler
+    assert describe_sampler("ddim", 50, 0.5, 1000) == "ddim-50-eta0.5"
 
 
 def test_checkpoint_steps_are_log_spaced_and_end_at_total():

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from .errors import BiasgenError
 from .jobs import BACKENDS, Backend, make_backend
-from .sampler import DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, SAMPLE_STEPS_HELP, SAMPLER_HELP, SAMPLERS
+from .sampler import (DEFAULT_SAMPLE_SPACING, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, SAMPLE_STEPS_HELP, SAMPLER_HELP,
+                      SAMPLERS, SPACING_HELP, SPACINGS, step_grid)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -199,6 +200,7 @@ class TwinConfig(ReadsInputs):
     n_samples: int = opt(128, "samples per model and checkpoint, from shared noise")
     sampler: str = opt(DEFAULT_SAMPLER, SAMPLER_HELP)
     sample_steps: int | None = opt(DEFAULT_SAMPLE_STEPS, SAMPLE_STEPS_HELP)
+    sample_spacing: str = opt(DEFAULT_SAMPLE_SPACING, SPACING_HELP)
     eta: float = opt(0.0, "DDIM noise in [0, 1]: 0 deterministic, 1 the DDPM posterior noise (ddim only)")
     n_boot: int = opt(1000, "bootstrap resamples for the uncertainty of each tau")
     # runtime (may change when a run is resumed)
@@ -235,6 +237,8 @@ class TwinConfig(ReadsInputs):
         check(self.sampler in SAMPLERS, f"--sampler must be {' or '.join(SAMPLERS)}, got {self.sampler!r}.")
         check(self.sample_steps is None or 1 <= self.sample_steps <= self.T,
               f"--sample-steps must be in [1, {self.T}] (or none for all T), got {self.sample_steps}.")
+        check(self.sample_spacing in SPACINGS,
+              f"--sample-spacing must be {' or '.join(SPACINGS)}, got {self.sample_spacing!r}.")
         check(0 <= self.eta <= 1, f"--eta must be in [0, 1], got {self.eta}.")
         check(self.eta == 0 or self.sampler == "ddim",
               f"--eta is a DDIM setting; the ddpm sampler always draws the full posterior noise (got --eta {self.eta}).")
@@ -250,8 +254,13 @@ class TwinConfig(ReadsInputs):
 
     @property
     def sample_step_count(self) -> int:
-        """Denoiser calls per sample: ``sample_steps``, or T when it is None."""
-        return self.T if self.sample_steps is None else self.sample_steps
+        """Denoiser calls per sample: the steps the sampler visits (:func:`biasgen.sampler.step_grid`)."""
+        return len(step_grid(self.T, self.sample_steps, self.sample_spacing))
+
+    @property
+    def sampler_settings(self) -> dict:
+        """The keyword arguments of :func:`biasgen.sampler.sample` that choose the sampler."""
+        return dict(method=self.sampler, steps=self.sample_steps, eta=self.eta, spacing=self.sample_spacing)
 
     @property
     def job_backend(self) -> Backend:

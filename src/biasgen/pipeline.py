@@ -213,8 +213,9 @@ def run_experiment(experiment: TwinExperiment, out: str | Path, *, resume: bool 
     with torch_threads(cfg.threads), backend.session():
         started = time.time()
         data = experiment.load()
+        defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
         with open_run_dir(out, dataclasses.asdict(cfg), resume=resume, force=force, kind=experiment.kind,
-                          runtime_keys=cfg.RUNTIME_KEYS, inputs=inputs) as run:
+                          runtime_keys=cfg.RUNTIME_KEYS, inputs=inputs, defaults=defaults) as run:
             return _train_and_evaluate(experiment, run.resolve(), data, backend, started, progress)
 
 
@@ -276,7 +277,8 @@ def _evaluate_step(step: int, shared: Shared) -> tuple[int, dict]:
         record, keep = shared.experiment.evaluate(models, shared)
     if keep:
         save_tensors(shared.run / "samples" / f"step_{step:07d}", keep,
-                     {"step": step, "sampler": cfg.sampler, "sample_steps": cfg.sample_step_count, "eta": cfg.eta})
+                     {"step": step, "sampler": cfg.sampler, "sample_steps": cfg.sample_step_count, "eta": cfg.eta,
+                      "sample_spacing": cfg.sample_spacing})
     return step, record
 
 
@@ -381,9 +383,10 @@ def summarize(experiment: TwinExperiment, records: list[dict], data: Data, refer
 
 def sampler_summary(cfg: TwinConfig, validated: Callable[[str], bool]) -> dict:
     """``summary.json``'s "sampler" block; ``validated`` is true for the paper's all-T DDPM and where ``validated(name)``."""
-    name = describe_sampler(cfg.sampler, cfg.sample_step_count, cfg.eta, cfg.T)
+    name = describe_sampler(cfg.sampler, cfg.sample_steps, cfg.eta, cfg.T, cfg.sample_spacing)
     paper = is_paper_sampler(cfg.sampler, cfg.sample_steps, cfg.T)
-    return {"method": cfg.sampler, "steps": cfg.sample_step_count, "eta": cfg.eta, "name": name,
+    return {"method": cfg.sampler, "steps": cfg.T if cfg.sample_steps is None else cfg.sample_steps,
+            "spacing": cfg.sample_spacing, "calls": cfg.sample_step_count, "eta": cfg.eta, "name": name,
             "validated": paper or validated(name)}
 
 

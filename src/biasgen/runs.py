@@ -230,7 +230,8 @@ def check_out(out: Path | str, inputs: Iterable[Path | str] = (), *, force: bool
 
 
 def prepare_run_dir(out: Path | str, config: dict, *, resume: bool, force: bool, kind: str,
-                    runtime_keys: tuple[str, ...] = (), inputs: Iterable[Path | str] = ()) -> Path:
+                    runtime_keys: tuple[str, ...] = (), inputs: Iterable[Path | str] = (),
+                    defaults: dict | None = None) -> Path:
     """Create (or reopen) the run folder ``out`` for a run of ``kind`` defined by ``config``.
 
     - empty or missing folder: start a new run;
@@ -239,7 +240,9 @@ def prepare_run_dir(out: Path | str, config: dict, *, resume: bool, force: bool,
     - anything else (a folder with files biasgen did not write): refuse, even with ``force``.
     ``inputs``: paths the run reads; ``out`` may not equal, contain or lie inside any (:func:`check_out`).
     Settings named in ``runtime_keys`` (e.g. the device or the number of worker
-    processes) do not define the run and may change on resume.
+    processes) do not define the run and may change on resume. ``defaults``: the value of each setting in a run
+    written before that setting existed (its default, which keeps the former behaviour), so that such a run
+    resumes after an upgrade.
     Writes ``run.json`` with the config and versions. The caller holds the folder's :class:`RunLock`
     (:func:`open_run_dir` takes both steps).
     """
@@ -255,6 +258,7 @@ def prepare_run_dir(out: Path | str, config: dict, *, resume: bool, force: bool,
         old = read_json(existing, keys=("kind", "config"),
                         fix="Choose another --out; to start over in this folder, delete it yourself.")
         old_config = old["config"] if isinstance(old["config"], dict) else {}
+        old_config = {**json.loads(json.dumps(defaults or {})), **old_config}
         if force:
             _empty(out)
         else:

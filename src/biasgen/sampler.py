@@ -61,8 +61,12 @@ SAMPLERS = ("ddpm", "ddim")
 # sampler, ancestral DDPM on all T steps; the cheaper ones understate copying (docs/samplers.md).
 DEFAULT_SAMPLER: str = "ddpm"
 DEFAULT_SAMPLE_STEPS: int | None = None  # None: all T
+DEFAULT_SAMPLE_SPACING: str = "uniform"
 SAMPLER_HELP = "ddpm (ancestral: draws of the DDPM posterior, the paper's) or ddim (deterministic unless --eta > 0)"
-SAMPLE_STEPS_HELP = "sampling steps, evenly spaced from T to 1 (none: all T, the paper's sampler; docs/samplers.md)"
+SAMPLE_STEPS_HELP = "sampling steps from T to 1, spaced by --sample-spacing (none: all T, the paper's sampler; docs/samplers.md)"
+SPACINGS = ("uniform", "quadratic")
+SPACING_HELP = ("how --sample-steps are spaced: uniform (evenly from T to 1), or quadratic (dense at low noise, where "
+                "fine detail and copying are decided; docs/samplers.md)")
 
 
 def is_paper_sampler(method: str, steps: int | None, T: int) -> bool:
@@ -70,19 +74,40 @@ def is_paper_sampler(method: str, steps: int | None, T: int) -> bool:
     return method == "ddpm" and (steps is None or steps == T)
 
 
-def timesteps(schedule: NoiseSchedule, steps: int | None = None) -> list[int]:
-    """The descending integer steps a sampler visits: ``steps`` evenly spaced from ``T`` to 1 (None: all ``T``)."""
-    n = schedule.T if steps is None else steps
-    if not 1 <= n <= schedule.T:
-        raise BiasgenError(f"Sampling steps must be in [1, {schedule.T}], got {n}.")
-    ts = torch.linspace(schedule.T, 1, n).round().long().unique(sorted=True).flip(0)
+def timesteps(schedule: NoiseSchedule, steps: int | None = None, spacing: str = DEFAULT_SAMPLE_SPACING) -> list[int]:
+    """The descending integer steps a sampler on ``schedule`` visits: :func:`step_grid` of its ``T``."""
+    return step_grid(schedule.T, steps, spacing)
+
+
+def step_grid(T: int, steps: int | None = None, spacing: str = DEFAULT_SAMPLE_SPACING) -> list[int]:
+    """The descending integer steps a sampler visits, from ``T`` down to 1 (``steps`` None: all ``T``).
+
+    ``spacing='uniform'``: ``steps`` evenly spaced. ``'quadratic'``: ``t = 1 + (T - 1) u^2`` for ``steps`` evenly
+    spaced ``u`` in [0, 1] (the "quadratic" selection of Song et al. 2021, DDIM §D.2), rounded; where that grid is
+    finer than one step (the low-noise end) every step is visited once, so it may visit fewer than ``steps``.
+    ``steps`` None or ``T``: every step, whatever the spacing.
+    """
+    n = T if steps is None else steps
+    if not 1 <= n <= T:
+        raise BiasgenError(f"Sampling steps must be in [1, {T}], got {n}.")
+    if spacing not in SPACINGS:
+        raise BiasgenError(f"Unknown sample spacing {spacing!r}; choose {' or '.join(SPACINGS)}.")
+    if n == T:  # every step, whatever the spacing
+        return list(range(T, 0, -1))
+    if spacing == "uniform":
+        grid = torch.linspace(T, 1, n)
+    else:
+        grid = 1 + (T - 1) * torch.linspace(1, 0, n, dtype=torch.float64) ** 2
+    ts = grid.round().long().unique(sorted=True).flip(0)
     return [int(t) for t in ts]
 
 
-def describe_sampler(method: str, steps: int | None, eta: float, T: int) -> str:
-    """A short name of a sampler setting, e.g. ``'ddpm-1000'``, ``'ddpm-100'``, ``'ddim-50'``, ``'ddim-50-eta1'``."""
+def describe_sampler(method: str, steps: int | None, eta: float, T: int, spacing: str = DEFAULT_SAMPLE_SPACING) -> str:
+    """A short name of a sampler setting, e.g. ``'ddpm-1000'``, ``'ddpm-100'``, ``'ddim-50'``, ``'ddim-50-eta1'``,
+    ``'ddpm-250-quadratic'``."""
     name = f"{method}-{T if steps is None else steps}"
-    return name if method == "ddpm" or eta == 0 else f"{name}-eta{eta:g}"
+    name = name if method == "ddpm" or eta == 0 else f"{name}-eta{eta:g}"
+    return name if spacing == "uniform" or steps in (None, T) else f"{name}-{spacing}"
 
 
 @torch.no_grad()
@@ -94,6 +119,7 @@ def sample(
     method: str = DEFAULT_SAMPLER,
     steps: int | None = DEFAULT_SAMPLE_STEPS,
     eta: float = 0.0,
+    spacing: str = DEFAULT_SAMPLE_SPACING,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     progress: bool = False,
@@ -101,7 +127,7 @@ def sample(
 ) -> torch.Tensor:
     """Draw ``len(seeds)`` samples of per-sample shape ``shape``; returns ``(N, *shape)`` float32 on CPU.
 
-    Both samplers visit the ``steps`` evenly spaced steps of :func:`timesteps` (None: all ``T``):
+    Both samplers visit the steps of :func:`timesteps` (``steps`` of them spaced by ``spacing``; None: all ``T``):
 
     - ``method='ddpm'``: ancestral sampling, a draw of the DDPM posterior ``q(x_s | x_t, x0_hat)``
       between consecutive visited steps (the original DDPM sampler when ``steps`` is None or ``T``;
@@ -119,11 +145,11 @@ def sample(
         raise BiasgenError(f"One label per sample is needed: {len(seeds)} seeds but {len(labels)} labels.")
     if method == "ddpm" and eta != 0:
         raise BiasgenError("eta is a DDIM setting; the ancestral 'ddpm' sampler always draws the full posterior noise.")
-    ts = timesteps(schedule, steps)
+    ts = timesteps(schedule, steps, spacing)
     stochastic = method == "ddpm" or eta > 0
     out = []
     chunks = range(0, len(seeds), batch_size)
-    chunks = progress_bar(chunks, progress, f"sampling ({describe_sampler(method, steps, eta, schedule.T)})")
+    chunks = progress_bar(chunks, progress, f"sampling ({describe_sampler(method, steps, eta, schedule.T, spacing)})")
     for start in chunks:
         batch_seeds = seeds[start : start + batch_size]
         streams = NoiseStreams(batch_seeds, shape)

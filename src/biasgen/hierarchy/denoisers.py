@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from ..errors import BiasgenError
-from ..sampler import DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, Denoiser, sample
+from ..sampler import DEFAULT_SAMPLE_SPACING, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, Denoiser, sample
 from ..schedule import NoiseSchedule
 from .bp import exact_denoiser
 from .grammar import Grammar
@@ -88,15 +88,16 @@ def sample_sequences(
     steps: int | None = DEFAULT_SAMPLE_STEPS,
     batch_size: int = 256,
     eta: float = 0.0,
+    spacing: str = DEFAULT_SAMPLE_SPACING,
 ) -> torch.Tensor:
     """Reverse diffusion of one-hot sequences driven by ``denoise``; LongTensor ``(len(seeds), n_leaves)``.
 
     ``schedule`` defaults to the one-hot schedule of docs/method.md §1 (T = 500); ``method``, ``steps``
-    (None: all T) and ``eta`` are those of :func:`biasgen.sampler.sample`.
+    (None: all T), ``eta`` and ``spacing`` are those of :func:`biasgen.sampler.sample`.
     """
     schedule = schedule or NoiseSchedule.onehot()
     x = sample(denoise, schedule, (n_leaves, q), list(seeds), method=method, steps=steps, eta=eta,
-               batch_size=batch_size)
+               spacing=spacing, batch_size=batch_size)
     return x.argmax(-1)
 
 

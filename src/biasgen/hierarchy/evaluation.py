@@ -125,7 +125,7 @@ def evaluate_checkpoint(models, members, ref: Reference, cfg: HierarchyConfig,
     splits = [s for s, _ in members]
     rec: HierarchyRecord = {**_disagreement(dens, splits, members, ref), **_losses(dens, splits, ref)}
     gen = [sample_sequences(d, 2 ** cfg.depth, cfg.q, seeds.sample_seeds(cfg.n_samples), NoiseSchedule.onehot(cfg.T),
-                            cfg.sampler, cfg.sample_steps, eta=cfg.eta, batch_size=1024) for d in dens]
+                            **cfg.sampler_settings, batch_size=1024) for d in dens]
     rec.update(_generation(gen, splits, ref, 2 ** cfg.depth))
     rec.update(_uturns(dens, splits, ref, cfg, seeds))
     return rec, {"samples": torch.stack(gen)}

@@ -112,8 +112,8 @@ def guided_samples(models, w: float, ref: dict, cfg, seeds) -> torch.Tensor:
     return torch.stack([
         sample(x0_from_eps_model(guided_eps(m, w, null, cfg.guidance_start), ref["schedule"],
                                  clip=1.0 if cfg.scaling == "minus1to1" else None),
-               ref["schedule"], tuple(ref["test"].shape[1:]), seeds.sample_seeds(cfg.n_samples), method=cfg.sampler,
-               steps=cfg.sample_steps, eta=cfg.eta, batch_size=cfg.eval_batch, device=cfg.device,
+               ref["schedule"], tuple(ref["test"].shape[1:]), seeds.sample_seeds(cfg.n_samples), **cfg.sampler_settings,
+               batch_size=cfg.eval_batch, device=cfg.device,
                labels=ref["sample_labels"])
         for m in models])
 

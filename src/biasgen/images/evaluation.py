@@ -38,8 +38,8 @@ def evaluate_checkpoint(models, members, ref: dict, cfg: AuditConfig, seeds) -> 
     """
     record = loss_record(models, members, ref, cfg, seeds)
     samples = torch.stack([sample(x0_from_eps_model(m, ref["schedule"], clip=sample_clip(cfg)), ref["schedule"],
-                                  tuple(ref["test"].shape[1:]), seeds.sample_seeds(cfg.n_samples), method=cfg.sampler,
-                                  steps=cfg.sample_steps, eta=cfg.eta, batch_size=cfg.eval_batch, device=cfg.device)
+                                  tuple(ref["test"].shape[1:]), seeds.sample_seeds(cfg.n_samples), **cfg.sampler_settings,
+                                  batch_size=cfg.eval_batch, device=cfg.device)
                            for m in models])  # from shared noise
     record.update(sample_record(list(samples), members, ref["train"], ref["test"], ref["heldout_l2"], cfg, seeds))
     record.update(score_record(models, members, ref["train"], ref["test"], ref["schedule"], cfg, seeds))
