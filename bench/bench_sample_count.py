@@ -2,18 +2,28 @@
 
     python bench/bench_sample_count.py RUN --out /tmp/counts                       # ddpm-1000 and ddpm-50, 128 samples
     python bench/bench_sample_count.py RUN --out /tmp/counts --counts 128,64,48,32 --threads 2
+    python bench/bench_sample_count.py RUN --out cnt --counts 96,48 \
+        --samplers ddpm-1000,ddpm-250-quadratic,ddpm-1000/alt,ddpm-250-quadratic/alt   # docs/samplers.md
 
 RUN is a finished ``biasgen audit`` folder (read only). Every checkpoint's models draw ``max(--counts)``
 samples from shared noise with each sampler of ``--samplers`` (the audit's own ``sample`` call and sample
 seeds; seeds are prefix-stable, so the first ``n`` samples are exactly what a run with ``--n-samples n``
-draws). The samples go to ``OUT/{sampler}-{step}.safetensors``; a killed bench continues where it stopped.
+draws). A sampler is ``METHOD-STEPS[-SPACING]``; ``/alt`` draws it on the next ``max(--counts)`` seeds, an
+independent draw. The samples go to ``OUT/{sampler}-{step}.safetensors``; a killed bench continues where it
+stopped, and several invocations with different ``--samplers`` may share one ``--out``.
 
-Then, for every sampler and every ``n`` of ``--counts``, the first ``n`` samples give the twin and control
-curves, judged by the audit's own judge (``biasgen.pipeline.judge_records``, test losses from the run),
-and ``f_mem`` at the last checkpoint. Each curve is compared with the reference (the first sampler at the
-largest count): ``max |D - D_ref| / (SEM + SEM_ref)`` over checkpoints, SEMs over twin pairs. Prefixes of
-the reference's own samples are nested in it, so their deviations show the cost of fewer samples, not
-the spread of two independent draws.
+Three tables go to ``OUT/table.md``:
+
+- for every sampler and every ``n`` of ``--counts``, the first ``n`` samples judged by the audit's own judge
+  (``biasgen.pipeline.judge_records``, test losses from the run; tau_mem from f_mem at every checkpoint),
+  and each curve's distance from the reference (the first sampler at the largest count):
+  ``max |D - D_ref| / (SEM + SEM_ref)`` over checkpoints, SEMs over twin pairs, for the twin distance and the
+  twin-minus-control contrast. Prefixes of the reference's own samples are nested in it, so their deviations
+  show the cost of fewer samples, not the spread of two independent draws; a ``/alt`` row shows that spread;
+- replicates: the drawn samples cut into disjoint sets of ``n``, each judged alone (how much the decision
+  moves from one draw to the next);
+- paired by sample seed: the mean difference of each sampler from the reference per checkpoint, over seeds
+  that share ``x_T``, with its standard error (the sampler's systematic effect).
 """
 from __future__ import annotations
 
@@ -68,21 +78,23 @@ def draw(run: Path, out: Path, experiment: ImageAudit, data: Data, members, samp
             print(f"{name} step {r['step']}: {time.perf_counter() - start:.1f} s", flush=True)
 
 
-def curves(experiment: ImageAudit, records: list[dict], samples: list[torch.Tensor], n: int, members, reference) -> dict:
-    """The first ``n`` of ``samples`` (one ``(M, N, C, H, W)`` per record) in place of the run's samples: the
+def curves(experiment: ImageAudit, records: list[dict], samples: list[torch.Tensor], part: slice, members,
+           reference) -> dict:
+    """The samples ``part`` of ``samples`` (one ``(M, N, C, H, W)`` per record) in place of the run's: the
     judged verdict (the audit's own judge, with tau_mem from the audit's own :func:`proximity` at every
     checkpoint), and per checkpoint the twin distance and the twin-minus-control contrast with their SEMs."""
     twins, controls = model_pairs(members)
     new, twin, contrast = [], [], []
     for r, x in zip(records, samples):
-        tw = twin_distance(list(x[:, :n]), twins)
+        x = x[:, part]
+        tw = twin_distance(list(x), twins)
         twin.append((tw["mean"], tw["sem"]))
         rec = {**r, "twin_distance": tw["median"], "twin_distance_sem": tw["sem"], "twin_distance_pairs": tw["per_pair"]}
         if controls:  # one seed per split has none
-            co = twin_distance(list(x[:, :n]), controls)
+            co = twin_distance(list(x), controls)
             rec["same_split_distance_pairs"] = co["per_pair"]
             contrast.append((tw["mean"] - co["mean"], tw["sem"] + co["sem"]))
-        near = proximity(x[:, :n], members, reference["train"], reference["test"], reference["heldout_l2"],
+        near = proximity(x, members, reference["train"], reference["test"], reference["heldout_l2"],
                          experiment.cfg, experiment.seeds)
         new.append({**rec, **{k: near[k] for k in ("f_mem", "f_mem_ci", "nn_own_sim", "nn_other_sim", "copy_z")}})
     return {"judged": judge_records(experiment, new, members), "twin": twin, "contrast": contrast,
@@ -94,6 +106,70 @@ def deviation(curve: list[tuple[float, float]], ref: list[tuple[float, float]]) 
     devs = [abs(d - rd) / (e + re) for (d, e), (rd, re) in zip(curve, ref)]
     worst = max(range(len(devs)), key=devs.__getitem__)
     return devs[worst], worst
+
+
+def replicate_table(experiment: ImageAudit, records: list[dict], samples: dict, counts: list[int], members,
+                    reference) -> list[str]:
+    """Independent draws of one sampler: its drawn samples cut into disjoint sets of ``n`` (and those of its
+    ``/alt`` seeds), each judged on its own. Lines of a markdown table: how the decision varies between draws."""
+    lines = ["", "Replicates: disjoint sets of samples (other sample seeds) of each sampler, each judged on its own.", "",
+             "| sampler | samples per model | draws | verdicts | p at the loss minimum | placebo verdicts | tau_bias | "
+             "tau_data | f_mem at the last checkpoint |", "|---|---|---|---|---|---|---|---|---|"]
+    step = lambda t: "—" if not t or t.get("step") is None else str(t["step"])
+    for base in dict.fromkeys(name.removesuffix("/alt") for name in samples):
+        for n in counts:
+            draws = [curves(experiment, records, samples[name], slice(k * n, (k + 1) * n), members, reference)
+                     for name in samples if name.removesuffix("/alt") == base
+                     for k in range(samples[name][0].shape[1] // n)]
+            if len(draws) < 2:
+                continue
+            judged = [d["judged"] for d in draws]
+            verdicts = [j["verdict"] for j in judged]
+            tally = ", ".join(f"{verdicts.count(v)} {v}" for v in dict.fromkeys(verdicts))
+            placebo = [j.get("negative_controls", {}).get("placebo_contrast", {}).get("verdict", "—") for j in judged]
+            placebo = ", ".join(f"{placebo.count(v)} {v}" for v in dict.fromkeys(placebo))
+            fmem = ", ".join(f"{d['f_mem']['value']:.3f}" for d in draws)
+            p = ", ".join("—" if j.get("p_value") is None else f"{j['p_value']:.3f}" for j in judged)
+            lines.append(f"| {base} | {n} | {len(draws)} | {tally} | {p} | {placebo} | "
+                         f"{', '.join(step(j['tau_bias']) for j in judged)} | "
+                         f"{', '.join(step(j.get('tau_data')) for j in judged)} | "
+                         f"{fmem} |")
+    return lines
+
+
+def paired_table(records: list[dict], samples: dict, reference: str, members, n_at: int) -> list[str]:
+    """The systematic effect of each sampler on the twin distance and on the twin-minus-control contrast: per
+    checkpoint, the mean over sample seeds of (sampler - reference) for samples drawn from the same seeds (the
+    same ``x_T``; a ``/alt`` sampler is paired with the reference's ``/alt``), ± its standard error, beside the
+    sampling noise of the reference's own value with ``n_at`` samples (its per-seed SD / sqrt(n_at))."""
+    twins, controls = model_pairs(members)
+
+    def per_seed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (N,) twin D and contrast per seed
+        tw = torch.tensor(twin_distance(list(x), twins)["per_sample"])
+        co = torch.tensor(twin_distance(list(x), controls)["per_sample"]) if controls else torch.zeros_like(tw)
+        return tw, tw - co
+
+    lines = ["", f"Paired by sample seed against {reference}: mean (sampler - reference) ± SE over seeds; "
+             f"'noise {n_at}': the reference's own sampling SE with {n_at} samples.", ""]
+    others = [name for name in samples if name.removesuffix("/alt") != reference]
+    bases = list(dict.fromkeys(name.removesuffix("/alt") for name in others))
+    lines += ["| step | " + " | ".join(f"{b}: twin D | {b}: contrast" for b in bases) + f" | noise {n_at}: twin D | "
+              f"noise {n_at}: contrast |", "|---|" + "---|---|" * len(bases) + "---|---|"]
+    for i, r in enumerate(records):
+        cells, noise = [], None
+        for base in bases:
+            diffs_t, diffs_c, ref_t, ref_c = [], [], [], []
+            for alt in ("", "/alt"):
+                if base + alt in samples and reference + alt in samples:
+                    t, c = per_seed(samples[base + alt][i])
+                    rt, rc = per_seed(samples[reference + alt][i])
+                    diffs_t.append(t - rt), diffs_c.append(c - rc), ref_t.append(rt), ref_c.append(rc)
+            dt, dc = torch.cat(diffs_t), torch.cat(diffs_c)
+            se = lambda d: float(d.std()) / len(d) ** 0.5
+            cells += [f"{float(dt.mean()):+.4f} ± {se(dt):.4f}", f"{float(dc.mean()):+.4f} ± {se(dc):.4f}"]
+            noise = noise or (float(torch.cat(ref_t).std()) / n_at**0.5, float(torch.cat(ref_c).std()) / n_at**0.5)
+        lines.append(f"| {r['step']} | " + " | ".join(cells) + f" | {noise[0]:.4f} | {noise[1]:.4f} |")
+    return lines
 
 
 def main() -> None:
@@ -119,7 +195,7 @@ def main() -> None:
     records = read_jsonl(args.run / "metrics.jsonl")
     reference = experiment.reference(data, members)
     samples = {name: [load_tensors(args.out / f"{name.replace('/', '-')}-{r['step']}")[0]["samples"] for r in records] for name in samplers}
-    results = {(name, n): curves(experiment, records, samples[name], n, members, reference)
+    results = {(name, n): curves(experiment, records, samples[name], slice(0, n), members, reference)
                for name in samplers for n in counts}
     ref = results[samplers[0], counts[0]]
     last = records[-1]["step"]
@@ -140,6 +216,9 @@ def main() -> None:
                      f"{tau(j['tau_bias'])} | {tau(j.get('tau_data'))} | {tau(j.get('tau_mem'))} | "
                      f"{dev:.2f} ({records[at]['step']}) | {cdev} | {c['twin'][-1][0]:.4f} ± {c['twin'][-1][1]:.4f} | "
                      f"{fm['value']:.3f} ({fm['ci'][0]:.3f}..{fm['ci'][1]:.3f}) |")
+    lines += replicate_table(experiment, records, samples, counts, members, reference)
+    if len({name.removesuffix("/alt") for name in samplers}) > 1:
+        lines += paired_table(records, samples, samplers[0], members, counts[-1])
     text = "\n".join(lines)
     write_bytes(args.out / "table.md", text.encode())
     print(text)

@@ -33,10 +33,14 @@ def test_sampler_comparison_on_a_finished_audit(tmp_path, monkeypatch, capsys):
                                       "--samplers", "ddpm-20,ddpm-20-quadratic,ddpm-20/alt", "--counts", "8,4"])
     bench.main()
     table = (tmp_path / "cmp" / "table.md").read_text()
-    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ddpm-")]
+    first = table.split("Replicates")[0]
+    rows = [line.split(" | ") for line in first.splitlines() if line.startswith("| ddpm-")]
     assert [(r[0], r[1]) for r in rows] == [("| ddpm-20", "8"), ("| ddpm-20", "4"), ("| ddpm-20-quadratic", "8"),
                                             ("| ddpm-20-quadratic", "4"), ("| ddpm-20/alt", "8"), ("| ddpm-20/alt", "4")]
     assert rows[0][8].startswith("0.00 ")  # the reference against itself
     assert not rows[2][8].startswith("0.00 ") and not rows[4][8].startswith("0.00 ")  # other samples, other curves
+    assert "| ddpm-20 | 4 | 4 |" in table  # replicates: 8 + 8 /alt samples cut into 4 draws of 4
+    assert "| ddpm-20-quadratic | 4 | 2 |" in table
+    assert "Paired by sample seed against ddpm-20" in table and "| 12 | " in table
     meta = json.loads((tmp_path / "cmp" / "ddpm-20-quadratic-12.json").read_text())
     assert meta["sampler"] == "ddpm-20-quadratic" and meta["n_samples"] == 8

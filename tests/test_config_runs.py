@@ -126,8 +126,11 @@ def test_checkpoint_roundtrip_and_mismatch(tmp_path):
 def test_summary_names_the_sampler_and_whether_it_was_validated():
     paper = build_config(AuditConfig, PRESETS, "default", None, {"sampler": "ddpm", "sample_steps": "none"})
     never = lambda name: False
-    assert sampler_summary(paper, never) == {"method": "ddpm", "steps": 1000, "eta": 0.0, "name": "ddpm-1000",
-                                             "validated": True}
+    assert sampler_summary(paper, never) == {"method": "ddpm", "steps": 1000, "spacing": "uniform", "calls": 1000,
+                                             "eta": 0.0, "name": "ddpm-1000", "validated": True}
+    quadratic = build_config(AuditConfig, PRESETS, "default", None, {"sample_steps": 250, "sample_spacing": "quadratic"})
+    assert sampler_summary(quadratic, never) == {"method": "ddpm", "steps": 250, "spacing": "quadratic", "calls": 234,
+                                                 "eta": 0.0, "name": "ddpm-250-quadratic", "validated": False}
     cheap = build_config(AuditConfig, PRESETS, "default", None, {"sampler": "ddim", "sample_steps": 50, "eta": 1})
     assert sampler_summary(cheap, never)["name"] == "ddim-50-eta1" and not sampler_summary(cheap, never)["validated"]
     assert sampler_summary(cheap, lambda name: name == "ddim-50-eta1")["validated"]
