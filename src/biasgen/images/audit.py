@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..compiling import COMPILE_HELP, COMPILE_SETTINGS
 from ..config import TwinConfig, check, check_at_least, opt
 from ..errors import BiasgenError
 from ..losses import EpsMSEConditionalLoss, EpsMSELoss, Labelled
@@ -75,6 +76,7 @@ class AuditConfig(TwinConfig):
     score_ts: tuple[int, ...] = opt(SCORE_TS, "diffusion steps t for the score-level twin similarity")
     n_score_inputs: int = opt(128, "training and test inputs for the score-level similarity")
     eval_batch: int = opt(256, "batch size of evaluation passes")
+    compile: str = opt("auto", COMPILE_HELP)
     # class-conditional twins and guidance (docs/guidance.md)
     conditional: bool = opt(False, "train class-conditional twins on the data's labels (digits, fashion-mnist, a "
                                    "folder with one sub-folder per class, a .npz with 'labels')")
@@ -86,7 +88,7 @@ class AuditConfig(TwinConfig):
     use_guidance: float | None = opt(None, "with --conditional: the scale you sample with, which the top-level verdict "
                                            "and recommended step use (default: the largest of --guidance)")
 
-    RUNTIME_KEYS = TwinConfig.RUNTIME_KEYS + ("eval_batch",)
+    RUNTIME_KEYS = TwinConfig.RUNTIME_KEYS + ("eval_batch", "compile")
     INPUT_KEYS = ("data", "data_dir", "model_config", "scheduler_config", "groups")
 
     def validate(self) -> None:
@@ -95,6 +97,7 @@ class AuditConfig(TwinConfig):
         check(self.groups is None or self.group_by_regex is None, "pass --groups FILE or --group-by-regex, not both.")
         check(not self.conditional or (self.groups is None and self.group_by_regex is None),
               "--conditional splits keep the class balance and do not take --groups or --group-by-regex; drop one.")
+        check(self.compile in COMPILE_SETTINGS, f"--compile must be auto, on or off, got {self.compile!r}.")
         check(self.scaling in ("minus1to1", "center"), f"--scaling must be minus1to1 or center, got {self.scaling!r}.")
         check(self.schedule in ("linear", "cosine"), f"--schedule must be linear or cosine, got {self.schedule!r}.")
         check(self.resolution is None or self.resolution >= 4, "--resolution must be at least 4 pixels.")

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..compiling import compiled, should_compile
 from ..drift import noise_sd
 from ..onset import checkpoint_minimum
 from ..sampler import sample, x0_from_eps_model
@@ -23,6 +24,7 @@ from .metrics import (
     score_similarity,
     twin_distance,
 )
+from .unet import UNet
 
 if TYPE_CHECKING:
     from .audit import AuditConfig
@@ -37,13 +39,23 @@ def evaluate_checkpoint(models, members, ref: dict, cfg: AuditConfig, seeds) -> 
     Returns the metric record and ``{"samples": (M, n_samples, C, H, W)}``.
     """
     record = loss_record(models, members, ref, cfg, seeds)
-    samples = torch.stack([sample(x0_from_eps_model(m, ref["schedule"], clip=sample_clip(cfg)), ref["schedule"],
-                                  tuple(ref["test"].shape[1:]), seeds.sample_seeds(cfg.n_samples), **cfg.sampler_settings,
-                                  batch_size=cfg.eval_batch, device=cfg.device)
-                           for m in models])  # from shared noise
+    shape = tuple(ref["test"].shape[1:])
+    samples = torch.stack([sample(x0_from_eps_model(m, ref["schedule"], clip=sample_clip(cfg)), ref["schedule"], shape,
+                                  seeds.sample_seeds(cfg.n_samples), **cfg.sampler_settings, batch_size=cfg.eval_batch,
+                                  device=cfg.device)
+                           for m in sampling_networks(models, cfg, shape)])  # from shared noise
     record.update(sample_record(list(samples), members, ref["train"], ref["test"], ref["heldout_l2"], cfg, seeds))
     record.update(score_record(models, members, ref["train"], ref["test"], ref["schedule"], cfg, seeds))
     return record, {"samples": samples}
+
+
+def sampling_networks(models, cfg: AuditConfig, shape: tuple[int, ...]) -> list:
+    """The networks the sampler calls: each compiled (:mod:`biasgen.compiling`) where ``cfg.compile`` says it pays
+    (``auto``: biasgen's own :class:`~biasgen.images.unet.UNet`, not a wrapped or adapted one)."""
+    batch = min(cfg.n_samples, cfg.eval_batch)  # the sampler's batch per network call
+    example = (torch.zeros(batch, *shape, device=cfg.device), torch.ones(batch, dtype=torch.long, device=cfg.device))
+    return [compiled(m, example) if should_compile(cfg.compile, cfg.device, cfg.sample_step_count,
+                                                   measured_network=type(m) is UNet) else m for m in models]
 
 
 def sample_clip(cfg: AuditConfig) -> float | None:
