@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 
 COMPILE_SETTINGS = ("auto", "on", "off")
-COMPILE_HELP = ("torch.compile the networks for sampling: auto (biasgen's U-Net on a CPU, for samplers of at least "
-                "200 calls, where it was measured to pay), on, or off")
+COMPILE_HELP = ("torch.compile the networks for unconditional sampling: auto (biasgen's U-Net on a CPU, for "
+                "samplers of at least 200 calls, where it was measured to pay), on, or off")
 MIN_SAMPLER_CALLS = 200  # auto: below this many network calls per sample, compiling costs more than it saves
 
 
@@ -31,14 +31,22 @@ def should_compile(setting: str, device: str, sampler_calls: int, measured_netwo
     return setting == "on"
 
 
+_failed_here: set[str] = set()  # network classes whose compilation failed in this process: not tried again
+
+
 def compiled(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> Callable:
-    """``torch.compile(model)``, compiled now on the inputs ``example``; the model itself (with a warning) when
-    compilation fails (no C++ compiler, an unsupported layer), so a run never stops for it."""
+    """``torch.compile(model)``, compiled now on the inputs ``example``; the model itself (with a warning, once per
+    process and network class) when compilation fails (no C++ compiler, an unsupported layer), so a run never
+    stops for it and does not pay for the failed attempt at every checkpoint."""
+    name = type(model).__qualname__
+    if name in _failed_here:
+        return model
     fast = torch.compile(model)
     try:
         with torch.no_grad():
             fast(*example)
     except Exception as error:  # noqa: BLE001 - any failure of the compiler stack falls back to eager
+        _failed_here.add(name)
         warnings.warn(f"torch.compile failed ({type(error).__name__}: {str(error)[:200]}); sampling with the "
                       "uncompiled network instead (slower; pass --compile off to skip the attempt).", stacklevel=2)
         return model
