@@ -17,7 +17,7 @@ from scipy.stats import chisquare
 from biasgen.hierarchy import Grammar, sample_bp
 from biasgen.images import metrics
 from biasgen.images.metrics import memorized_fraction, nearest_neighbors, twin_distance, twin_similarity
-from biasgen.sampler import sample, timesteps
+from biasgen.sampler import ancestral_gaussian_variance, sample, timesteps
 from biasgen.schedule import NoiseSchedule
 
 # -- samplers against Gaussian data ------------------------------------------------------------
@@ -75,26 +75,9 @@ def test_variance_converges_to_the_data_as_steps_grow(method, eta):
     assert gaps[0] > gaps[1] > gaps[2] > 0
 
 
-def ancestral_variance(ts: list[int], var: float) -> float:
-    """The exact variance after ancestral sampling on the steps ``ts`` of 1-d Gaussian data with variance ``var``.
-
-    The exact denoiser is linear, ``x0_hat = k_t x_t + c``, and so is every ancestral step: ``x_s = A x0_hat + B x_t
-    + sqrt(v) z``; the variance follows ``Var_s = (A k_t + B)^2 Var_t + v`` from ``Var_T = 1``."""
-    out = 1.0
-    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
-    for i, t in enumerate(ts):
-        s = ts[i + 1] if i + 1 < len(ts) else 0
-        a = float(SCHEDULE.alpha_bar[t])
-        k = math.sqrt(a) * var / (a * var + 1 - a)
-        A = float(SCHEDULE.posterior_mean_var(zero, one, t, s)[0])  # the weight of x0_hat in the posterior mean
-        B, v = (float(u) for u in SCHEDULE.posterior_mean_var(one, zero, t, s))  # the weight of x_t, the variance
-        out = (A * k + B) ** 2 * out + (v if s > 0 else 0.0)
-    return out
-
-
 def test_the_variance_recursion_matches_sampling():
     x = sample(gaussian_denoiser, SCHEDULE, (len(MU),), SEEDS, method="ddpm", steps=100, batch_size=len(SEEDS))
-    exact = ancestral_variance(timesteps(SCHEDULE, 100), SD**2)
+    exact = ancestral_gaussian_variance(SCHEDULE, timesteps(SCHEDULE, 100), SD**2)
     se = exact * math.sqrt(2 / (len(SEEDS) - 1)) / math.sqrt(len(MU))
     assert abs(float(x.double().var(0).mean()) - exact) < Z_MAX * se
 
@@ -106,9 +89,10 @@ def test_quadratic_spacing_keeps_the_papers_variance_at_every_scale():
     paper = timesteps(SCHEDULE)
     quadratic, uniform = timesteps(SCHEDULE, 250, "quadratic"), timesteps(SCHEDULE, 250)
     for var in (1e-3, 1e-2, 0.05, 0.25, 1.0):
-        ref = ancestral_variance(paper, var)
-        assert abs(ancestral_variance(quadratic, var) / ref - 1) < 0.02, var
-    assert ancestral_variance(uniform, 1e-3) / ancestral_variance(paper, 1e-3) < 0.75
+        ref = ancestral_gaussian_variance(SCHEDULE, paper, var)
+        assert abs(ancestral_gaussian_variance(SCHEDULE, quadratic, var) / ref - 1) < 0.02, var
+    exact = lambda ts, var: ancestral_gaussian_variance(SCHEDULE, ts, var)
+    assert exact(uniform, 1e-3) / exact(paper, 1e-3) < 0.75
 
 
 @pytest.mark.parametrize("steps", [None, 100])

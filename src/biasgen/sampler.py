@@ -13,6 +13,7 @@ eps-predicting network; :mod:`biasgen.guidance` makes a guided one.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -166,3 +167,21 @@ def sample(
                 x = schedule.ddim_step(x, x0_hat, t, t_prev, eta=eta, noise=noise)
         out.append(x.float().cpu())
     return torch.cat(out)
+
+
+def ancestral_gaussian_variance(schedule: NoiseSchedule, ts: Sequence[int], var: float) -> float:
+    """The exact variance of ancestral sampling on the steps ``ts`` (:func:`timesteps`) of 1-d Gaussian data with
+    variance ``var``, driven by its exact denoiser: a closed-form check of a step schedule (docs/samplers.md).
+
+    The denoiser is linear, ``x0_hat = k_t x_t + c``, and so is each step, ``x_s = A x0_hat + B x_t + sqrt(v) z``:
+    the variance follows ``Var_s = (A k_t + B)^2 Var_t + v`` from ``Var_T = 1`` (no noise on the last step)."""
+    out = 1.0
+    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    for i, t in enumerate(ts):
+        s = ts[i + 1] if i + 1 < len(ts) else 0
+        a = float(schedule.alpha_bar[t])
+        k = math.sqrt(a) * var / (a * var + 1 - a)
+        A = float(schedule.posterior_mean_var(zero, one, t, s)[0])  # the weight of x0_hat in the posterior mean
+        B, v = (float(u) for u in schedule.posterior_mean_var(one, zero, t, s))  # the weight of x_t, the variance
+        out = (A * k + B) ** 2 * out + (v if s > 0 else 0.0)
+    return out
