@@ -40,7 +40,7 @@ from biasgen.images.monitor_command import member_experiment
 from biasgen.images.evaluation import proximity
 from biasgen.images.metrics import twin_distance
 from biasgen.pipeline import Data, judge_records
-from biasgen.runs import environment, read_json, read_jsonl, write_bytes
+from biasgen.runs import check_out, environment, read_json, read_jsonl, write_bytes
 from biasgen.sampler import sample, x0_from_eps_model
 from biasgen.training import checkpoint_stem
 from biasgen.twins import load_model, make_members, model_pairs
@@ -186,6 +186,7 @@ def main() -> None:
     cfg = experiment.cfg
     data, members = experiment.load(), make_members(cfg.splits, cfg.seeds_per_split)
     samplers, counts = args.samplers.split(","), sorted({int(c) for c in args.counts.split(",")}, reverse=True)
+    check_out(args.out, [args.run])  # never inside (or around) the audit it reads
     args.out.mkdir(parents=True, exist_ok=True)
     env = environment()
     print(f"machine: {env['platform']}, torch {env['torch']}, {os.cpu_count()} CPU cores, {args.threads} torch "

@@ -52,10 +52,13 @@ def evaluate_checkpoint(models, members, ref: dict, cfg: AuditConfig, seeds) -> 
 def sampling_networks(models, cfg: AuditConfig, shape: tuple[int, ...]) -> list:
     """The networks the sampler calls: each compiled (:mod:`biasgen.compiling`) where ``cfg.compile`` says it pays
     (``auto``: biasgen's own :class:`~biasgen.images.unet.UNet`, not a wrapped or adapted one)."""
+    wanted = [should_compile(cfg.compile, cfg.device, cfg.sample_step_count, measured_network=type(m) is UNet)
+              for m in models]
+    if not any(wanted):
+        return list(models)
     batch = min(cfg.n_samples, cfg.eval_batch)  # the sampler's batch per network call
     example = (torch.zeros(batch, *shape, device=cfg.device), torch.ones(batch, dtype=torch.long, device=cfg.device))
-    return [compiled(m, example) if should_compile(cfg.compile, cfg.device, cfg.sample_step_count,
-                                                   measured_network=type(m) is UNet) else m for m in models]
+    return [compiled(m, example) if want else m for m, want in zip(models, wanted)]
 
 
 def sample_clip(cfg: AuditConfig) -> float | None:
