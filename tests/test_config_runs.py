@@ -9,7 +9,7 @@ from biasgen.checkpoint import load_checkpoint, save_checkpoint
 from biasgen.config import build_config, coerce
 from biasgen.errors import BiasgenError
 from biasgen.pipeline import sampler_summary
-from biasgen.runs import append_jsonl, prepare_run_dir, read_jsonl, write_json
+from biasgen.runs import append_jsonl, prepare_run_dir, read_jsonl, with_defaults, write_json
 
 
 def test_resolution_order(tmp_path):
@@ -98,6 +98,13 @@ def test_a_run_written_before_a_setting_existed_resumes_with_its_default(tmp_pat
     with pytest.raises(BiasgenError, match="differs in: sample_spacing"):  # and a new value is a different run
         prepare_run_dir(tmp_path / "run", {**cfg, "sample_spacing": "quadratic"}, resume=True, force=False,
                         kind="audit", defaults=defaults)
+
+
+def test_defaults_fill_only_missing_settings_the_new_config_has_also_when_nested():
+    old = {"a": 1, "settings": {"x": 1}}
+    new = {"a": 2, "b": 3, "settings": {"x": 1, "y": 5}}
+    defaults = {"b": 0, "c": 9, "settings": {"y": 4, "z": 7}}
+    assert with_defaults(old, new, defaults) == {"a": 1, "b": 0, "settings": {"x": 1, "y": 4}}
 
 
 def test_jsonl_and_json_roundtrip(tmp_path):

@@ -1,5 +1,6 @@
 """`biasgen sweep`: tiny sweeps end to end, resume after a kill, the censored fits, the advice and every bad input."""
 import json
+import shutil
 import math
 from pathlib import Path
 
@@ -85,6 +86,21 @@ def test_resume_after_a_kill_mid_sweep_gives_the_same_sweep(tiny_sweep, tmp_path
     assert without_timing(resumed) == without_timing(json.loads((tiny_sweep / "sweep.json").read_text()))
     again = sweep(out, preset="tiny", target_n=200, progress=False, resume=True)  # new advice, nothing rerun
     assert len(calls) == 4 and again["target"]["target_n"] == 200 and again["rows"] == resumed["rows"]
+
+
+def test_a_sweep_of_an_older_biasgen_resumes_without_rerunning(tiny_sweep, tmp_path, monkeypatch):
+    out = tmp_path / "old"
+    shutil.copytree(tiny_sweep, out)
+    for path in [out / "run.json", *out.glob("n*/run.json"), *out.glob("n*/summary.json")]:
+        info = json.loads(path.read_text())  # written before --sample-spacing existed: the setting is missing
+        config = info["config"]["settings"] if path.parent == out else info["config"]
+        del config["sample_spacing"]
+        path.write_text(json.dumps(info))
+    calls = []
+    monkeypatch.setattr(sweep_module, "run_experiment", lambda *args, **kwargs: calls.append(args))
+    resumed = sweep(out, preset="tiny", target_n=100, progress=False, resume=True)
+    assert calls == []  # every size is recognised as complete with the setting's default
+    assert without_timing(resumed) == without_timing(json.loads((tiny_sweep / "sweep.json").read_text()))
 
 
 def test_hierarchy_sweep_counts_near_copies(tmp_path):

@@ -148,6 +148,11 @@ def flags_given(args: argparse.Namespace, cls) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
 
 
+def config_defaults(cfg) -> dict:
+    """Every field of the config dataclass (or instance) ``cfg`` that has a default, with that default."""
+    return {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+
+
 def check(condition: bool, message: str) -> None:
     """Raise :class:`BiasgenError` with ``message`` unless ``condition``."""
     if not condition:

@@ -34,7 +34,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from .checkpoint import save_tensors
-from .config import TwinConfig, build_config
+from .config import TwinConfig, build_config, config_defaults
 from .jobs import Backend, torch_threads
 from .memorization import memorization_onset
 from .report import write_report
@@ -213,9 +213,8 @@ def run_experiment(experiment: TwinExperiment, out: str | Path, *, resume: bool 
     with torch_threads(cfg.threads), backend.session():
         started = time.time()
         data = experiment.load()
-        defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
         with open_run_dir(out, dataclasses.asdict(cfg), resume=resume, force=force, kind=experiment.kind,
-                          runtime_keys=cfg.RUNTIME_KEYS, inputs=inputs, defaults=defaults) as run:
+                          runtime_keys=cfg.RUNTIME_KEYS, inputs=inputs, defaults=config_defaults(cfg)) as run:
             return _train_and_evaluate(experiment, run.resolve(), data, backend, started, progress)
 
 

@@ -258,7 +258,7 @@ def prepare_run_dir(out: Path | str, config: dict, *, resume: bool, force: bool,
         old = read_json(existing, keys=("kind", "config"),
                         fix="Choose another --out; to start over in this folder, delete it yourself.")
         old_config = old["config"] if isinstance(old["config"], dict) else {}
-        old_config = {**json.loads(json.dumps(defaults or {})), **old_config}
+        old_config = with_defaults(old_config, config, json.loads(json.dumps(defaults or {})))
         if force:
             _empty(out)
         else:
@@ -277,6 +277,20 @@ def prepare_run_dir(out: Path | str, config: dict, *, resume: bool, force: bool,
     out.mkdir(parents=True, exist_ok=True)
     write_json(existing, {"kind": kind, "config": config, "environment": environment()})
     return out
+
+
+def with_defaults(old: dict, new: dict, defaults: dict) -> dict:
+    """``old`` (a stored config) with each setting that ``new`` has and ``old`` lacks taken from ``defaults``, also
+    inside nested settings (a sweep's ``settings``): what a run written before that setting existed used."""
+    filled = dict(old)
+    for key, default in defaults.items():
+        if key not in new:
+            continue
+        if key not in filled:
+            filled[key] = default
+        elif isinstance(filled[key], dict) and isinstance(default, dict) and isinstance(new[key], dict):
+            filled[key] = with_defaults(filled[key], new[key], default)
+    return filled
 
 
 def _empty(folder: Path) -> None:

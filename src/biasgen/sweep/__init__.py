@@ -24,12 +24,12 @@ import math
 import time
 from pathlib import Path
 
-from ..config import add_config_flags, flags_given
+from ..config import add_config_flags, config_defaults, flags_given
 from ..errors import BiasgenError, run_command
 from ..experiments import experiments
 from ..pipeline import TwinExperiment, run_experiment
 from ..report import write_report
-from ..runs import STEP, environment, open_run_dir, read_json, read_jsonl, write_bytes, write_json
+from ..runs import STEP, environment, open_run_dir, read_json, read_jsonl, with_defaults, write_bytes, write_json
 from ..memorization import memorization_onset
 from .fit import extrapolate, fit_power_law
 
@@ -160,8 +160,9 @@ def sweep(out: str | Path = "runs/sweep", kind: str | None = None, sizes=None, p
     plan = plan_sweep(kind, sizes, preset, config, steps_per_image, target_n, mem_level, max_exponent_ci_width,
                       **settings)
     inputs = (*plan.experiments[0].cfg.input_paths(), *([config] if config else []))
+    defaults = {"settings": config_defaults(plan.experiments[0].cfg)}  # a sweep of an older biasgen resumes
     with open_run_dir(out, plan.config, resume=resume, force=force, kind="sweep", runtime_keys=RUNTIME_KEYS,
-                      inputs=inputs) as out:
+                      inputs=inputs, defaults=defaults) as out:
         rows, timing = [], {}
         for n, experiment in zip(plan.sizes, plan.experiments):
             folder = out / f"n{n:06d}"
@@ -196,7 +197,8 @@ def completed_summary(folder: Path, experiment: TwinExperiment) -> dict | None:
                         "summary is rebuilt from its metrics and models, which are kept.")
     want = json.loads(json.dumps(dataclasses.asdict(experiment.cfg)))
     runtime = experiment.cfg.RUNTIME_KEYS
-    same = all(summary.get("config", {}).get(k) == v for k, v in want.items() if k not in runtime)
+    stored = with_defaults(summary.get("config", {}), want, json.loads(json.dumps(config_defaults(experiment.cfg))))
+    same = all(stored.get(k) == v for k, v in want.items() if k not in runtime)
     return summary if summary.get("complete") is True and same else None
 
 
