@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from typing import Callable
 
 import torch
 
 from biasgen.config import build_config
 from biasgen.images.audit import PRESETS, AuditConfig, ImageAudit
+from biasgen.images.evaluation import sampling_networks
 from biasgen.losses import EpsMSELoss
 from biasgen.pipeline import Data, run_experiment
 from biasgen.runs import environment
@@ -50,14 +52,22 @@ def time_training(cfg: AuditConfig, schedule: NoiseSchedule, steps: int = 40) ->
     return steps / (time.perf_counter() - start)
 
 
-def time_sampling(cfg: AuditConfig, schedule: NoiseSchedule, **sampler) -> float:
-    """Seconds to draw the preset's ``n_samples`` from one model with the ``sampler`` settings of
-    :func:`biasgen.sampler.sample` (``method``, ``steps``, ``eta``, ``spacing``)."""
-    model = digits_unet(cfg).eval()
+def time_sampling(cfg: AuditConfig, schedule: NoiseSchedule, network: Callable | None = None, **sampler) -> float:
+    """Seconds to draw the preset's ``n_samples`` from one model (``network``: the preset's U-Net from init, or
+    a compiled one) with the ``sampler`` settings of :func:`biasgen.sampler.sample` (``method``, ``steps``,
+    ``eta``, ``spacing``)."""
+    model = network or digits_unet(cfg).eval()
     start = time.perf_counter()
     sample(x0_from_eps_model(model, schedule, clip=1.0), schedule, (1, 8, 8), list(range(cfg.n_samples)),
            **sampler, batch_size=cfg.eval_batch)
     return time.perf_counter() - start
+
+
+def compiled_unet(cfg: AuditConfig) -> tuple[Callable, float]:
+    """The preset's U-Net compiled as the audit's evaluation compiles it, and the seconds that took."""
+    start = time.perf_counter()
+    net = sampling_networks([digits_unet(cfg).eval()], cfg, (1, 8, 8))[0]
+    return net, time.perf_counter() - start
 
 
 def best_us(fn, calls: int = 200) -> float:
@@ -177,8 +187,13 @@ def main() -> None:
     rows = [("training", f"{time_training(cfg, schedule):.1f} steps/s (batch {cfg.batch_size})")]
     preset = time_sampling(cfg, schedule, **cfg.sampler_settings)
     name = describe_sampler(cfg.sampler, cfg.sample_steps, cfg.eta, cfg.T, cfg.sample_spacing)
-    rows.append((f"sampling, the preset's {name} ({cfg.sample_step_count} denoiser calls)",
+    rows.append((f"sampling, the preset's {name} ({cfg.sample_step_count} denoiser calls), eager",
                  f"{preset:.2f} s for {cfg.n_samples} samples"))
+    network, compile_s = compiled_unet(cfg)
+    fast = time_sampling(cfg, schedule, network, **cfg.sampler_settings)
+    rows.append((f"sampling, the preset's {name}, compiled as the audit does (`--compile {cfg.compile}`)",
+                 f"{fast:.2f} s for {cfg.n_samples} samples ({preset / fast:.2f}x faster; compiling took "
+                 f"{compile_s:.1f} s, not counted)"))
     cheap = time_sampling(cfg, schedule, method="ddpm", steps=250, spacing="quadratic")
     rows.append(("sampling, ddpm-250-quadratic (234 calls; not validated, docs/samplers.md)",
                  f"{cheap:.2f} s for {cfg.n_samples} samples (the preset's costs {preset / cheap:.1f}x)"))
