@@ -56,7 +56,7 @@ def time_sampling(cfg: AuditConfig, schedule: NoiseSchedule, network: Callable |
     """Seconds to draw the preset's ``n_samples`` from one model (``network``: the preset's U-Net from init, or
     a compiled one) with the ``sampler`` settings of :func:`biasgen.sampler.sample` (``method``, ``steps``,
     ``eta``, ``spacing``)."""
-    model = network or digits_unet(cfg).eval()
+    model = network if network is not None else digits_unet(cfg).eval()
     start = time.perf_counter()
     sample(x0_from_eps_model(model, schedule, clip=1.0), schedule, (1, 8, 8), list(range(cfg.n_samples)),
            **sampler, batch_size=cfg.eval_batch)
