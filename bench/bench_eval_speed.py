@@ -1,13 +1,14 @@
-"""The audit's evaluation with eager and with compiled networks, on the SAME trained models, one after the other.
+"""The audit's evaluation done in several ways, on the SAME trained models, one after the other.
 
     python bench/bench_eval_speed.py RUN --out /tmp/evalspeed                   # RUN: a finished default audit
-    python bench/bench_eval_speed.py RUN --out /tmp/evalspeed --ways compiled,eager
+    python bench/bench_eval_speed.py RUN --out /tmp/evalspeed --ways compiled,held
     python bench/bench_eval_speed.py RUN --adaptive                             # seconds, no sampling
 
 RUN is read, never written: its config and ``models/`` are copied into ``OUT/<way>`` (a folder biasgen did not
 write is refused, never emptied) and each copy is resumed (training finds every checkpoint done, so only the evaluation runs, with the preset's worker
 processes). The ways: ``eager`` (``--compile off``) and ``compiled`` (``--compile on``; what ``auto`` does for
-the default audit on a CPU). Point ``TORCHINDUCTOR_CACHE_DIR`` at an empty folder to time a machine's first
+the default audit on a CPU), both with the paper's sampler; ``held``: compiled, with the network's prediction held
+for 4 steps above t = 300 (``--hold-above 300 --hold-every 4``, the ``default`` preset's sampler; docs/samplers.md). Point ``TORCHINDUCTOR_CACHE_DIR`` at an empty folder to time a machine's first
 run (every worker compiles), or at a filled one for later runs.
 
 ``--adaptive`` asks instead whether an adaptive evaluation grid would save sampling: a coarse grid of the
@@ -35,7 +36,9 @@ from biasgen.pipeline import judge_records, run_experiment
 from biasgen.runs import STEP, environment, prepare_run_dir, read_json, read_jsonl
 from biasgen.twins import make_members
 
-WAYS = {"eager": "off", "compiled": "on"}  # way -> --compile
+PAPER = dict(hold_above=0, hold_every=1)  # the paper's sampler: a network call at every step
+WAYS = {"eager": dict(compile="off", **PAPER), "compiled": dict(compile="on", **PAPER),
+        "held": dict(compile="on", hold_above=300, hold_every=4)}  # way -> settings
 
 
 def cpu_seconds() -> float:
@@ -58,7 +61,7 @@ def evaluate_way(run: Path, out: Path, way: str) -> dict:
     # a fresh run folder with RUN's config; --force empties only a folder biasgen wrote (biasgen.runs)
     prepare_run_dir(folder, info["config"], resume=False, force=True, kind=info["kind"], inputs=(run,))
     shutil.copytree(run / "models", folder / "models")
-    experiment = ImageAudit.from_settings(None, None, **{**info["config"], "compile": WAYS[way]})
+    experiment = ImageAudit.from_settings(None, None, **{**info["config"], **WAYS[way]})
     cpu0, wall0 = cpu_seconds(), time.time()
     summary = run_experiment(experiment, folder, resume=True, progress=False)
     return {"way": way, "evaluation_wall_s": summary["timing"]["evaluation_s_this_invocation"],

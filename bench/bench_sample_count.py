@@ -8,7 +8,7 @@
 RUN is a finished ``biasgen audit`` folder (read only). Every checkpoint's models draw ``max(--counts)``
 samples from shared noise with each sampler of ``--samplers`` (the audit's own ``sample`` call and sample
 seeds; seeds are prefix-stable, so the first ``n`` samples are exactly what a run with ``--n-samples n``
-draws). A sampler is ``METHOD-STEPS[-SPACING]``; ``/alt`` draws it on the next ``max(--counts)`` seeds, an
+draws). A sampler is ``METHOD-STEPS[-SPACING][-holdABOVExEVERY]``; ``/alt`` draws it on the next ``max(--counts)`` seeds, an
 independent draw. The samples go to ``OUT/{sampler}-{step}.safetensors``; a killed bench continues where it
 stopped, and several invocations with different ``--samplers`` may share one ``--out``.
 
@@ -41,18 +41,33 @@ from biasgen.images.evaluation import proximity
 from biasgen.images.metrics import twin_distance
 from biasgen.pipeline import Data, judge_records
 from biasgen.runs import check_out, environment, read_json, read_jsonl, write_bytes
-from biasgen.sampler import sample, x0_from_eps_model
+from biasgen.sampler import network_calls, sample, step_grid, x0_from_eps_model
 from biasgen.training import checkpoint_stem
 from biasgen.twins import load_model, make_members, model_pairs
 
 
-def parse_sampler(name: str) -> tuple[str, int, str, bool]:
-    """``'ddpm-50'`` -> ``('ddpm', 50, 'uniform', False)``: the method, its steps (T of them: every step), their
-    spacing (``'ddpm-250-quadratic'``) and whether the samples use other seeds (``'ddpm-1000/alt'``: the next
-    seeds after the counted ones, an independent replicate that measures the spread of two draws)."""
+def parse_sampler(name: str) -> tuple[dict, bool]:
+    """``'ddpm-50'`` -> ``({'method': 'ddpm', 'steps': 50, 'spacing': 'uniform', 'hold_above': 0, 'hold_every': 1},
+    False)``: the settings of :func:`biasgen.sampler.sample` (steps: T of them is every step; ``-quadratic``: their
+    spacing; ``-hold300x4``: the network called on every 4th step above step 300, its prediction held in between)
+    and whether the samples use other seeds (``'ddpm-1000/alt'``: the next seeds after the counted ones, an
+    independent replicate that measures the spread of two draws)."""
     name, alt = name.removesuffix("/alt"), name.endswith("/alt")
-    method, steps, *spacing = name.split("-")
-    return method, int(steps), (spacing or ["uniform"])[0], alt
+    method, steps, *rest = name.split("-")
+    settings = dict(method=method, steps=int(steps), spacing="uniform", hold_above=0, hold_every=1)
+    for part in rest:
+        if part.startswith("hold"):
+            above, every = part.removeprefix("hold").split("x")
+            settings.update(hold_above=int(above), hold_every=int(every))
+        else:
+            settings["spacing"] = part
+    return settings, alt
+
+
+def network_call_count(settings: dict, T: int) -> int:
+    """How many network calls one sample costs with ``settings`` (:func:`parse_sampler`)."""
+    return sum(network_calls(step_grid(T, settings["steps"], settings["spacing"]), settings["hold_above"],
+                             settings["hold_every"]))
 
 
 def draw(run: Path, out: Path, experiment: ImageAudit, data: Data, members, samplers: list[str], n: int) -> None:
@@ -61,8 +76,8 @@ def draw(run: Path, out: Path, experiment: ImageAudit, data: Data, members, samp
     model_class, model_kwargs = experiment.network(data)
     schedule, shape = experiment.schedule(), tuple(data.test.shape[1:])
     clip = 1.0 if cfg.scaling == "minus1to1" else None
-    for name in sorted(samplers, key=lambda s: parse_sampler(s)[1]):  # the cheap ones first
-        method, steps, spacing, alt = parse_sampler(name)
+    for name in sorted(samplers, key=lambda s: network_call_count(parse_sampler(s)[0], cfg.T)):  # cheap ones first
+        settings, alt = parse_sampler(name)
         seeds = experiment.seeds.sample_seeds(2 * n)[n:] if alt else experiment.seeds.sample_seeds(n)
         for r in read_jsonl(run / "metrics.jsonl"):
             stem = out / f"{name.replace('/', '-')}-{r['step']}"
@@ -72,7 +87,7 @@ def draw(run: Path, out: Path, experiment: ImageAudit, data: Data, members, samp
             models = [load_model(model_class, model_kwargs, checkpoint_stem(run / "models" / f"model{m}", r["step"]),
                                  cfg.device) for m in range(len(members))]
             x = torch.stack([sample(x0_from_eps_model(model, schedule, clip=clip), schedule, shape, seeds,
-                                    method=method, steps=steps, spacing=spacing, batch_size=cfg.eval_batch)
+                                    **settings, batch_size=cfg.eval_batch)
                              for model in models])
             save_tensors(stem, {"samples": x}, {"sampler": name, "step": r["step"], "n_samples": n})
             print(f"{name} step {r['step']}: {time.perf_counter() - start:.1f} s", flush=True)

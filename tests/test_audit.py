@@ -37,8 +37,8 @@ def test_tiny_audit_writes_every_output(tiny_run, capsys):
     assert summary["data"]["name"] == "digits" and "duplicates" in summary["data"]
     assert summary["config"]["n"] == 24 and summary["seeds"]["model_init"] == [1, 2]
     assert summary["environment"]["torch"] == torch.__version__
-    assert summary["sampler"] == {"method": "ddim", "steps": 5, "spacing": "uniform", "calls": 5, "eta": 0.0,
-                                  "name": "ddim-5", "validated": False}
+    assert summary["sampler"] == {"method": "ddim", "steps": 5, "spacing": "uniform", "hold_above": 0, "hold_every": 1,
+                                  "calls": 5, "eta": 0.0, "name": "ddim-5", "validated": False}
     assert "Note: sampled with ddim-5, which was not validated" in summary["reason"]
     for r in records:
         assert set(r) <= IMAGE_KEYS, set(r) - IMAGE_KEYS  # every key documented in biasgen.records
@@ -57,14 +57,42 @@ def test_tiny_audit_writes_every_output(tiny_run, capsys):
     assert (tiny_run / "samples" / "step_0000012.safetensors").exists()
 
 
+def test_held_predictions_reach_the_sampler_and_change_only_the_samples(tiny_run, tmp_path):
+    held = tmp_path / "held"  # the network called on visited steps 0, 2 and 4 of 5 (docs/samplers.md)
+    assert main(TINY + ["--out", str(held), "--hold-above", "0", "--hold-every", "2"]) == 0
+    summary = json.loads((held / "summary.json").read_text())
+    assert (summary["sampler"]["calls"], summary["sampler"]["name"]) == (3, "ddim-5-hold0x2")
+    assert "Note: sampled with ddim-5-hold0x2, which was not validated" in summary["reason"]
+    for a, b in zip(read_jsonl(held / "metrics.jsonl"), read_jsonl(tiny_run / "metrics.jsonl")):
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)  # the same training
+        assert a["twin_distance_samples"] != b["twin_distance_samples"]  # other samples
+
+
 def test_a_run_of_an_older_biasgen_resumes(tiny_run, tmp_path):
     run = tmp_path / "old"
     shutil.copytree(tiny_run, run)
     info = json.loads((run / "run.json").read_text())
-    del info["config"]["sample_spacing"]  # a setting added later; the run used its default
+    for later in ("sample_spacing", "hold_above", "hold_every"):  # settings added later; the run used their defaults
+        del info["config"][later]
     (run / "run.json").write_text(json.dumps(info))
     before = (run / "metrics.jsonl").read_bytes()
     assert main(TINY + ["--out", str(run), "--resume"]) == 0
+    assert (run / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_preset_changed_since_the_run_says_how_to_resume_it(tiny_run, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "old"
+    shutil.copytree(tiny_run, run)
+    info = json.loads((run / "run.json").read_text())
+    for later in ("hold_above", "hold_every"):  # made before these settings; the preset now sets them
+        del info["config"][later]
+    (run / "run.json").write_text(json.dumps(info))
+    monkeypatch.setitem(audit_module.PRESETS, "tiny", {**audit_module.PRESETS["tiny"], "hold_every": 2})
+    before = (run / "metrics.jsonl").read_bytes()
+    assert main(TINY + ["--out", str(run), "--resume"]) != 0
+    err = capsys.readouterr().err
+    assert "hold_every (the run: 1; now: 2)" in err and "pass its settings: --resume --hold-every 1" in err, err
+    assert main(TINY + ["--out", str(run), "--resume", "--hold-every", "1"]) == 0
     assert (run / "metrics.jsonl").read_bytes() == before
 
 

@@ -28,7 +28,11 @@ def test_sampler_comparison_on_a_finished_audit(tmp_path, monkeypatch, capsys):
     run = tmp_path / "tiny"
     assert main(["audit", "--preset", "tiny", "--quiet", "--out", str(run)]) == 0
     bench = load(BENCH / "bench_sample_count.py")
-    assert bench.parse_sampler("ddpm-250-quadratic/alt") == ("ddpm", 250, "quadratic", True)
+    assert bench.parse_sampler("ddpm-250-quadratic/alt") == (
+        dict(method="ddpm", steps=250, spacing="quadratic", hold_above=0, hold_every=1), True)
+    held, alt = bench.parse_sampler("ddpm-1000-hold300x4")
+    assert (held["hold_above"], held["hold_every"], alt) == (300, 4, False)
+    assert bench.network_call_count(held, 1000) == 300 + 700 // 4 == 475
     monkeypatch.setattr(sys, "argv", ["bench", str(run), "--out", str(tmp_path / "cmp"), "--threads", "1",
                                       "--samplers", "ddpm-20,ddpm-20-quadratic,ddpm-20/alt", "--counts", "8,4"])
     bench.main()

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from biasgen.images.audit import PRESETS, AuditConfig
+from biasgen.images.audit import PRESETS, AuditConfig, ImageAudit
 from biasgen.checkpoint import load_checkpoint, save_checkpoint
 from biasgen.config import build_config, coerce
 from biasgen.errors import BiasgenError
@@ -27,7 +27,8 @@ def test_coercion_of_flag_strings():
     assert coerce(AuditConfig, "score_ts", "50,100") == (50, 100)
     assert coerce(AuditConfig, "ema_decay", "none") is None
     assert coerce(AuditConfig, "resolution", "16") == 16
-    cfg = build_config(AuditConfig, PRESETS, "default", None, {"sampler": "ddpm", "sample_steps": "none"})
+    cfg = build_config(AuditConfig, PRESETS, "default", None, {"sampler": "ddpm", "sample_steps": "none",
+                                                               "hold_every": "1"})
     assert cfg.sample_steps is None and cfg.sample_step_count == cfg.T  # none: all T steps
     with pytest.raises(BiasgenError, match="Bad value 'abc' for 'n'"):
         coerce(AuditConfig, "n", "abc")
@@ -131,25 +132,42 @@ def test_checkpoint_roundtrip_and_mismatch(tmp_path):
 
 
 def test_summary_names_the_sampler_and_whether_it_was_validated():
-    paper = build_config(AuditConfig, PRESETS, "default", None, {"sampler": "ddpm", "sample_steps": "none"})
+    paper = build_config(AuditConfig, PRESETS, "default", None, {"hold_every": 1})
     never = lambda name: False
-    assert sampler_summary(paper, never) == {"method": "ddpm", "steps": 1000, "spacing": "uniform", "calls": 1000,
-                                             "eta": 0.0, "name": "ddpm-1000", "validated": True}
-    quadratic = build_config(AuditConfig, PRESETS, "default", None, {"sample_steps": 250, "sample_spacing": "quadratic"})
-    assert sampler_summary(quadratic, never) == {"method": "ddpm", "steps": 250, "spacing": "quadratic", "calls": 234,
-                                                 "eta": 0.0, "name": "ddpm-250-quadratic", "validated": False}
-    cheap = build_config(AuditConfig, PRESETS, "default", None, {"sampler": "ddim", "sample_steps": 50, "eta": 1})
+    assert sampler_summary(paper, never) == {"method": "ddpm", "steps": 1000, "spacing": "uniform", "hold_above": 300,
+                                             "hold_every": 1, "calls": 1000, "eta": 0.0, "name": "ddpm-1000",
+                                             "validated": True}
+    held = build_config(AuditConfig, PRESETS, "default", None, {})
+    assert sampler_summary(held, never) == {"method": "ddpm", "steps": 1000, "spacing": "uniform", "hold_above": 300,
+                                            "hold_every": 4, "calls": 475, "eta": 0.0, "name": "ddpm-1000-hold300x4",
+                                            "validated": False}
+    assert sampler_summary(held, ImageAudit(held).sampler_validated)["validated"]
+    assert not sampler_summary(build_config(AuditConfig, PRESETS, "default", None, {"hold_every": 8}),
+                               ImageAudit(held).sampler_validated)["validated"]  # only the measured setting
+    quadratic = build_config(AuditConfig, PRESETS, "default", None, {"sample_steps": 250, "sample_spacing": "quadratic",
+                                                                     "hold_every": 1})
+    assert sampler_summary(quadratic, never) == {"method": "ddpm", "steps": 250, "spacing": "quadratic", "hold_above": 300,
+                                                 "hold_every": 1, "calls": 234, "eta": 0.0,
+                                                 "name": "ddpm-250-quadratic", "validated": False}
+    cheap = build_config(AuditConfig, PRESETS, "tiny", None, {"sampler": "ddim", "sample_steps": 50, "eta": 1})
     assert sampler_summary(cheap, never)["name"] == "ddim-50-eta1" and not sampler_summary(cheap, never)["validated"]
     assert sampler_summary(cheap, lambda name: name == "ddim-50-eta1")["validated"]
+    with pytest.raises(BiasgenError, match="--hold-above must be in"):
+        build_config(AuditConfig, PRESETS, "default", None, {"hold_above": 1000})
 
 
-def test_the_image_and_hierarchy_presets_sample_with_the_papers_sampler():
-    """docs/samplers.md: no cheaper sampler agrees with the paper's, so the CPU presets use it (on fewer samples)."""
+def test_the_image_and_hierarchy_presets_sample_with_the_papers_sampler_or_a_validated_one():
+    """docs/samplers.md: the CPU image presets run the paper's chain with held predictions at high noise, measured
+    to give the paper's decisions on their models; the rest use the paper's sampler itself."""
     from biasgen.hierarchy.experiment import PRESETS as HIERARCHY_PRESETS, HierarchyConfig
     never = lambda name: False
-    for preset in ("default", "phases", "fashion-mnist"):
+    for preset in ("default", "phases"):
         cfg = build_config(AuditConfig, PRESETS, preset, None, {})
-        assert sampler_summary(cfg, never)["validated"] and cfg.n_samples == 48, preset
+        assert cfg.sampler_name == "ddpm-1000-hold300x4" and cfg.sample_step_count == 475 and cfg.n_samples == 48
+        assert sampler_summary(cfg, ImageAudit(cfg).sampler_validated)["validated"], preset
+    for preset in ("fashion-mnist", "guidance", "paper"):
+        cfg = build_config(AuditConfig, PRESETS, preset, None, {"device": "cpu"})
+        assert sampler_summary(cfg, never)["validated"] and cfg.sample_step_count == 1000, preset
     for preset in ("cpu", "cpu-depth3"):
         assert sampler_summary(build_config(HierarchyConfig, HIERARCHY_PRESETS, preset, None, {}), never)["validated"]
 

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from .errors import BiasgenError
 from .jobs import BACKENDS, Backend, make_backend
-from .sampler import (DEFAULT_SAMPLE_SPACING, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, SAMPLE_STEPS_HELP, SAMPLER_HELP,
-                      SAMPLERS, SPACING_HELP, SPACINGS, step_grid)
+from .sampler import (DEFAULT_HOLD_ABOVE, DEFAULT_HOLD_EVERY, DEFAULT_SAMPLE_SPACING, DEFAULT_SAMPLE_STEPS,
+                      DEFAULT_SAMPLER, HOLD_EVERY_HELP, HOLD_HELP, SAMPLE_STEPS_HELP, SAMPLER_HELP, SAMPLERS,
+                      SPACING_HELP, SPACINGS, describe_sampler, network_calls, step_grid)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -206,6 +207,8 @@ class TwinConfig(ReadsInputs):
     sampler: str = opt(DEFAULT_SAMPLER, SAMPLER_HELP)
     sample_steps: int | None = opt(DEFAULT_SAMPLE_STEPS, SAMPLE_STEPS_HELP)
     sample_spacing: str = opt(DEFAULT_SAMPLE_SPACING, SPACING_HELP)
+    hold_above: int = opt(DEFAULT_HOLD_ABOVE, HOLD_HELP)
+    hold_every: int = opt(DEFAULT_HOLD_EVERY, HOLD_EVERY_HELP)
     eta: float = opt(0.0, "DDIM noise in [0, 1]: 0 deterministic, 1 the DDPM posterior noise (ddim only)")
     n_boot: int = opt(1000, "bootstrap resamples for the uncertainty of each tau")
     # runtime (may change when a run is resumed)
@@ -244,6 +247,8 @@ class TwinConfig(ReadsInputs):
               f"--sample-steps must be in [1, {self.T}] (or none for all T), got {self.sample_steps}.")
         check(self.sample_spacing in SPACINGS,
               f"--sample-spacing must be {' or '.join(SPACINGS)}, got {self.sample_spacing!r}.")
+        check(0 <= self.hold_above < self.T and self.hold_every >= 1, f"--hold-above must be in [0, {self.T}) and "
+              f"--hold-every at least 1, got {self.hold_above} and {self.hold_every}.")
         check(0 <= self.eta <= 1, f"--eta must be in [0, 1], got {self.eta}.")
         check(self.eta == 0 or self.sampler == "ddim",
               f"--eta is a DDIM setting; the ddpm sampler always draws the full posterior noise (got --eta {self.eta}).")
@@ -259,13 +264,22 @@ class TwinConfig(ReadsInputs):
 
     @property
     def sample_step_count(self) -> int:
-        """Denoiser calls per sample: the steps the sampler visits (:func:`biasgen.sampler.step_grid`)."""
-        return len(step_grid(self.T, self.sample_steps, self.sample_spacing))
+        """Denoiser calls per sample: the steps the sampler visits (:func:`biasgen.sampler.step_grid`) that call
+        the network (:func:`biasgen.sampler.network_calls`)."""
+        return sum(network_calls(step_grid(self.T, self.sample_steps, self.sample_spacing), self.hold_above,
+                                 self.hold_every))
 
     @property
     def sampler_settings(self) -> dict:
         """The keyword arguments of :func:`biasgen.sampler.sample` that choose the sampler."""
-        return dict(method=self.sampler, steps=self.sample_steps, eta=self.eta, spacing=self.sample_spacing)
+        return dict(method=self.sampler, steps=self.sample_steps, eta=self.eta, spacing=self.sample_spacing,
+                    hold_above=self.hold_above, hold_every=self.hold_every)
+
+    @property
+    def sampler_name(self) -> str:
+        """The sampler's short name (:func:`biasgen.sampler.describe_sampler`), e.g. ``'ddpm-1000-hold300x4'``."""
+        return describe_sampler(self.sampler, self.sample_steps, self.eta, self.T, self.sample_spacing,
+                                self.hold_above, self.hold_every)
 
     @property
     def job_backend(self) -> Backend:

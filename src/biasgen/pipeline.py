@@ -44,7 +44,7 @@ from .verdict import VerdictBlock, judge
 from .errors import BiasgenError
 from .runs import (STEP, RunLock, append_jsonl, check_out, environment, open_run_dir, progress_bar, read_json,
                    read_jsonl, write_json)
-from .sampler import describe_sampler, is_paper_sampler
+from .sampler import is_paper_sampler
 from .seeds import SeedPlan
 from .training import LossFn, checkpoint_stem, checkpoint_steps
 from .twins import load_model, make_members, model_pairs, train_members
@@ -192,11 +192,13 @@ class TwinExperiment:
         Default: not measured."""
         return None
 
+    validated_samplers: tuple[str, ...] = ()  # sampler names measured to agree with the paper's (docs/samplers.md)
+
     def sampler_validated(self, name: str) -> bool:
-        """Whether the cheaper sampler ``name`` (e.g. ``'ddpm-100'``) was measured to give the same tau_bias and
-        twin curve as the paper's all-T DDPM sampler in this experiment's setting (docs/samplers.md). A run with
-        a sampler that was not gets a note in its verdict reason."""
-        return False
+        """Whether the cheaper sampler ``name`` (e.g. ``'ddpm-1000-hold300x4'``) was measured to give the decisions
+        of the paper's all-T DDPM sampler in this experiment's setting (``validated_samplers``; docs/samplers.md).
+        A run with a sampler that was not gets a note in its verdict reason."""
+        return name in self.validated_samplers
 
 
 def run_experiment(experiment: TwinExperiment, out: str | Path, *, resume: bool = False, force: bool = False,
@@ -276,8 +278,7 @@ def _evaluate_step(step: int, shared: Shared) -> tuple[int, dict]:
         record, keep = shared.experiment.evaluate(models, shared)
     if keep:
         save_tensors(shared.run / "samples" / f"step_{step:07d}", keep,
-                     {"step": step, "sampler": cfg.sampler, "sample_steps": cfg.sample_step_count, "eta": cfg.eta,
-                      "sample_spacing": cfg.sample_spacing})
+                     {"step": step, "sampler": cfg.sampler_name, "calls": cfg.sample_step_count, "eta": cfg.eta})
     return step, record
 
 
@@ -382,11 +383,11 @@ def summarize(experiment: TwinExperiment, records: list[dict], data: Data, refer
 
 def sampler_summary(cfg: TwinConfig, validated: Callable[[str], bool]) -> dict:
     """``summary.json``'s "sampler" block; ``validated`` is true for the paper's all-T DDPM and where ``validated(name)``."""
-    name = describe_sampler(cfg.sampler, cfg.sample_steps, cfg.eta, cfg.T, cfg.sample_spacing)
-    paper = is_paper_sampler(cfg.sampler, cfg.sample_steps, cfg.T)
+    name = cfg.sampler_name
+    paper = is_paper_sampler(cfg.sampler, cfg.sample_steps, cfg.T) and cfg.sample_step_count == cfg.T
     return {"method": cfg.sampler, "steps": cfg.T if cfg.sample_steps is None else cfg.sample_steps,
-            "spacing": cfg.sample_spacing, "calls": cfg.sample_step_count, "eta": cfg.eta, "name": name,
-            "validated": paper or validated(name)}
+            "spacing": cfg.sample_spacing, "hold_above": cfg.hold_above, "hold_every": cfg.hold_every,
+            "calls": cfg.sample_step_count, "eta": cfg.eta, "name": name, "validated": paper or validated(name)}
 
 
 def terminal_summary(experiment: TwinExperiment, summary: VerdictBlock, out: Path) -> str:

@@ -265,9 +265,14 @@ def prepare_run_dir(out: Path | str, config: dict, *, resume: bool, force: bool,
             changed = sorted(k for k in set(config) | set(old_config)
                              if k not in runtime_keys and config.get(k) != old_config.get(k))
             if old["kind"] != kind or changed:
+                stored = ", ".join(f"{k} (the run: {old_config.get(k)!r}; now: {config.get(k)!r})" for k in changed)
+                same = " ".join(f"--{k.replace('_', '-')} {_flag_value(old_config[k])}" for k in changed
+                                if k in old_config and k in config and not isinstance(old_config[k], dict))
                 raise BiasgenError(
-                    f"--out {out} holds a different {old['kind']} run (differs in: {', '.join(changed) or 'kind'}). "
-                    "Use another --out, or --force to delete it (with its trained models) and start over."
+                    f"--out {out} holds a different {old['kind']} run (differs in: {stored or 'kind'}). "
+                    + (f"To continue it, pass its settings: --resume {same} (a preset's defaults may have changed "
+                       "since it was made). " if resume and old["kind"] == kind and same else "")
+                    + "Use another --out, or --force to delete it (with its trained models) and start over."
                 )
             if not resume:
                 raise BiasgenError(
@@ -277,6 +282,13 @@ def prepare_run_dir(out: Path | str, config: dict, *, resume: bool, force: bool,
     out.mkdir(parents=True, exist_ok=True)
     write_json(existing, {"kind": kind, "config": config, "environment": environment()})
     return out
+
+
+def _flag_value(value) -> str:
+    """A stored setting as the command line spells it: ``none``, ``1,2`` for a list, else the value."""
+    if value is None:
+        return "none"
+    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
 
 
 def with_defaults(old: dict, new: dict, defaults: dict) -> dict:

@@ -63,11 +63,31 @@ SAMPLERS = ("ddpm", "ddim")
 DEFAULT_SAMPLER: str = "ddpm"
 DEFAULT_SAMPLE_STEPS: int | None = None  # None: all T
 DEFAULT_SAMPLE_SPACING: str = "uniform"
+DEFAULT_HOLD_ABOVE: int = 0
+DEFAULT_HOLD_EVERY: int = 1  # 1: the network is called at every visited step
 SAMPLER_HELP = "ddpm (ancestral: draws of the DDPM posterior, the paper's) or ddim (deterministic unless --eta > 0)"
 SAMPLE_STEPS_HELP = "sampling steps from T to 1, spaced by --sample-spacing (none: all T, the paper's sampler; docs/samplers.md)"
 SPACINGS = ("uniform", "quadratic")
 SPACING_HELP = ("how --sample-steps are spaced: uniform (evenly from T to 1), or quadratic (dense at low noise, where "
                 "fine detail and copying are decided; docs/samplers.md)")
+HOLD_HELP = ("with --hold-every k > 1: above this diffusion step the sampler calls the network on every k-th step "
+             "only and reuses its last x0 prediction in between, on the same noise (docs/samplers.md)")
+HOLD_EVERY_HELP = "above --hold-above, call the network on every this-many-th visited step (1: every step)"
+
+
+def network_calls(ts: Sequence[int], hold_above: int = DEFAULT_HOLD_ABOVE,
+                  hold_every: int = DEFAULT_HOLD_EVERY) -> list[bool]:
+    """Which of the visited steps ``ts`` (descending, :func:`timesteps`) call the network: every step at or below
+    ``hold_above``, and above it the first and then every ``hold_every``-th; the others reuse the last ``x0_hat``
+    (``hold_every=1``: every step calls the network).
+
+    At high noise the posterior mean gives ``x0_hat`` a small weight and ``x0_hat`` changes slowly, so holding it
+    for a few steps moves a sample little, while every step still draws its own noise (docs/samplers.md measures
+    what it moves).
+    """
+    if hold_above < 0 or hold_every < 1:
+        raise BiasgenError(f"--hold-above must be >= 0 and --hold-every >= 1, got {hold_above} and {hold_every}.")
+    return [t <= hold_above or i % hold_every == 0 for i, t in enumerate(ts)]
 
 
 def is_paper_sampler(method: str, steps: int | None, T: int) -> bool:
@@ -103,12 +123,14 @@ def step_grid(T: int, steps: int | None = None, spacing: str = DEFAULT_SAMPLE_SP
     return [int(t) for t in ts]
 
 
-def describe_sampler(method: str, steps: int | None, eta: float, T: int, spacing: str = DEFAULT_SAMPLE_SPACING) -> str:
+def describe_sampler(method: str, steps: int | None, eta: float, T: int, spacing: str = DEFAULT_SAMPLE_SPACING,
+                     hold_above: int = DEFAULT_HOLD_ABOVE, hold_every: int = DEFAULT_HOLD_EVERY) -> str:
     """A short name of a sampler setting, e.g. ``'ddpm-1000'``, ``'ddpm-100'``, ``'ddim-50'``, ``'ddim-50-eta1'``,
-    ``'ddpm-250-quadratic'``."""
+    ``'ddpm-250-quadratic'``, ``'ddpm-1000-hold300x4'`` (:func:`network_calls`)."""
     name = f"{method}-{T if steps is None else steps}"
     name = name if method == "ddpm" or eta == 0 else f"{name}-eta{eta:g}"
-    return name if spacing == "uniform" or steps in (None, T) else f"{name}-{spacing}"
+    name = name if spacing == "uniform" or steps in (None, T) else f"{name}-{spacing}"
+    return f"{name}-hold{hold_above}x{hold_every}" if hold_every > 1 else name
 
 
 @torch.no_grad()
@@ -121,6 +143,8 @@ def sample(
     steps: int | None = DEFAULT_SAMPLE_STEPS,
     eta: float = 0.0,
     spacing: str = DEFAULT_SAMPLE_SPACING,
+    hold_above: int = DEFAULT_HOLD_ABOVE,
+    hold_every: int = DEFAULT_HOLD_EVERY,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     progress: bool = False,
@@ -136,6 +160,9 @@ def sample(
     - ``method='ddim'``: DDIM with noise ``eta`` in [0, 1]; eta = 0 is deterministic (only ``x_T`` is
       random), eta = 1 gives the same chain as ``'ddpm'`` on the same steps.
 
+    ``hold_above``, ``hold_every``: above step ``hold_above`` the network is called only on every ``hold_every``-th
+    visited step, its ``x0_hat`` reused in between (:func:`network_calls`; ``hold_every=1``: every step).
+
     Every random draw (``x_T``, then one per step when the sampler is stochastic) comes from the
     sample's own stream, so a sample never depends on the batch it was drawn in. ``labels``: ``(N,)``
     long, one class label per sample, passed to ``denoise`` as its third argument (None: not passed).
@@ -147,18 +174,20 @@ def sample(
     if method == "ddpm" and eta != 0:
         raise BiasgenError("eta is a DDIM setting; the ancestral 'ddpm' sampler always draws the full posterior noise.")
     ts = timesteps(schedule, steps, spacing)
+    calls = network_calls(ts, hold_above, hold_every)
     stochastic = method == "ddpm" or eta > 0
     out = []
     chunks = range(0, len(seeds), batch_size)
-    chunks = progress_bar(chunks, progress, f"sampling ({describe_sampler(method, steps, eta, schedule.T, spacing)})")
+    name = describe_sampler(method, steps, eta, schedule.T, spacing, hold_above, hold_every)
+    chunks = progress_bar(chunks, progress, f"sampling ({name})")
     for start in chunks:
         batch_seeds = seeds[start : start + batch_size]
         streams = NoiseStreams(batch_seeds, shape)
         x = streams.draw().to(device)
         y = () if labels is None else (torch.as_tensor(labels[start : start + batch_size]).long().to(device),)
         for i, t in enumerate(ts):
-            t_vec = torch.full((len(batch_seeds),), t, dtype=torch.long, device=device)
-            x0_hat = denoise(x, t_vec, *y)
+            if calls[i]:  # else the last x0_hat is reused
+                x0_hat = denoise(x, torch.full((len(batch_seeds),), t, dtype=torch.long, device=device), *y)
             t_prev = ts[i + 1] if i + 1 < len(ts) else 0
             noise = streams.draw().to(device) if stochastic else None
             if method == "ddpm":

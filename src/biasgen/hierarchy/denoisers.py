@@ -20,7 +20,8 @@ from typing import Sequence
 import torch
 
 from ..errors import BiasgenError
-from ..sampler import DEFAULT_SAMPLE_SPACING, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, Denoiser, sample
+from ..sampler import (DEFAULT_HOLD_ABOVE, DEFAULT_HOLD_EVERY, DEFAULT_SAMPLE_SPACING, DEFAULT_SAMPLE_STEPS,
+                       DEFAULT_SAMPLER, Denoiser, sample)
 from ..schedule import NoiseSchedule
 from .bp import exact_denoiser
 from .grammar import Grammar
@@ -89,15 +90,18 @@ def sample_sequences(
     batch_size: int = 256,
     eta: float = 0.0,
     spacing: str = DEFAULT_SAMPLE_SPACING,
+    hold_above: int = DEFAULT_HOLD_ABOVE,
+    hold_every: int = DEFAULT_HOLD_EVERY,
 ) -> torch.Tensor:
     """Reverse diffusion of one-hot sequences driven by ``denoise``; LongTensor ``(len(seeds), n_leaves)``.
 
     ``schedule`` defaults to the one-hot schedule of docs/method.md §1 (T = 500); ``method``, ``steps``
-    (None: all T), ``eta`` and ``spacing`` are those of :func:`biasgen.sampler.sample`.
+    (None: all T), ``eta``, ``spacing``, ``hold_above`` and ``hold_every`` are those of
+    :func:`biasgen.sampler.sample`.
     """
     schedule = schedule or NoiseSchedule.onehot()
     x = sample(denoise, schedule, (n_leaves, q), list(seeds), method=method, steps=steps, eta=eta,
-               spacing=spacing, batch_size=batch_size)
+               spacing=spacing, hold_above=hold_above, hold_every=hold_every, batch_size=batch_size)
     return x.argmax(-1)
 
 
