@@ -161,11 +161,11 @@ def test_the_image_and_hierarchy_presets_sample_with_the_papers_sampler_or_a_val
     to give the paper's decisions on their models; the rest use the paper's sampler itself."""
     from biasgen.hierarchy.experiment import PRESETS as HIERARCHY_PRESETS, HierarchyConfig
     never = lambda name: False
-    for preset in ("default", "phases"):
+    for preset in ("default", "phases", "fashion-mnist"):
         cfg = build_config(AuditConfig, PRESETS, preset, None, {})
         assert cfg.sampler_name == "ddpm-1000-hold300x4" and cfg.sample_step_count == 475 and cfg.n_samples == 48
         assert sampler_summary(cfg, ImageAudit(cfg).sampler_validated)["validated"], preset
-    for preset in ("fashion-mnist", "guidance", "paper"):
+    for preset in ("guidance", "paper"):
         cfg = build_config(AuditConfig, PRESETS, preset, None, {"device": "cpu"})
         assert sampler_summary(cfg, never)["validated"] and cfg.sample_step_count == 1000, preset
     for preset in ("cpu", "cpu-depth3"):
