@@ -58,10 +58,11 @@ def decisions(judged: dict) -> dict:
 def evaluate_way(run: Path, out: Path, way: str) -> dict:
     """Evaluate the copied models of ``run`` in ``out / way``; timing and the judged taus."""
     folder, info = out / way, read_json(run / "run.json")
-    # a fresh run folder with RUN's config; --force empties only a folder biasgen wrote (biasgen.runs)
-    prepare_run_dir(folder, info["config"], resume=False, force=True, kind=info["kind"], inputs=(run,))
+    config = {**info["config"], **WAYS[way]}  # RUN's settings, sampled this way
+    # a fresh run folder with that config; --force empties only a folder biasgen wrote (biasgen.runs)
+    prepare_run_dir(folder, config, resume=False, force=True, kind=info["kind"], inputs=(run,))
     shutil.copytree(run / "models", folder / "models")
-    experiment = ImageAudit.from_settings(None, None, **{**info["config"], **WAYS[way]})
+    experiment = ImageAudit.from_settings(None, None, **config)
     cpu0, wall0 = cpu_seconds(), time.time()
     summary = run_experiment(experiment, folder, resume=True, progress=False)
     return {"way": way, "evaluation_wall_s": summary["timing"]["evaluation_s_this_invocation"],

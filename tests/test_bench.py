@@ -1,5 +1,6 @@
 """The benchmark scripts stay runnable: each imports against today's package, and the sampler comparison
-(bench/bench_sample_count.py, the evidence behind a validated sampler) runs end to end on a tiny audit."""
+(bench/bench_sample_count.py, the evidence behind a validated sampler) and the side-by-side evaluation
+(bench/bench_eval_speed.py) run end to end on a tiny audit."""
 import importlib.util
 import json
 import sys
@@ -48,3 +49,14 @@ def test_sampler_comparison_on_a_finished_audit(tmp_path, monkeypatch, capsys):
     assert "Paired by sample seed against ddpm-20" in table and "| 12 | " in table
     meta = json.loads((tmp_path / "cmp" / "ddpm-20-quadratic-12.json").read_text())
     assert meta["sampler"] == "ddpm-20-quadratic" and meta["n_samples"] == 8
+
+
+def test_evaluation_side_by_side_on_the_same_models(tmp_path, monkeypatch):
+    run = tmp_path / "tiny"
+    assert main(["audit", "--preset", "tiny", "--quiet", "--out", str(run), "--workers", "1"]) == 0
+    bench = load(BENCH / "bench_eval_speed.py")
+    monkeypatch.setitem(bench.WAYS, "held", {**bench.WAYS["held"], "compile": "off"})  # no C++ compiler needed
+    row = bench.evaluate_way(run, tmp_path / "ways", "held")  # a way whose sampler differs from RUN's
+    summary = json.loads((tmp_path / "ways" / "held" / "summary.json").read_text())
+    assert summary["sampler"]["name"] == "ddim-5-hold300x4" and row["verdict"] == summary["verdict"]
+    assert json.loads((run / "summary.json").read_text())["sampler"]["name"] == "ddim-5"  # RUN untouched
