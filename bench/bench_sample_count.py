@@ -156,7 +156,9 @@ def paired_table(records: list[dict], samples: dict, reference: str, members, n_
     """The systematic effect of each sampler on the twin distance and on the twin-minus-control contrast: per
     checkpoint, the mean over sample seeds of (sampler - reference) for samples drawn from the same seeds (the
     same ``x_T``; a ``/alt`` sampler is paired with the reference's ``/alt``), ± its standard error, beside the
-    sampling noise of the reference's own value with ``n_at`` samples (its per-seed SD / sqrt(n_at))."""
+    sampling noise of the reference's own value with ``n_at`` samples (its per-seed SD / sqrt(n_at)); and how far
+    each sample lies from the reference's sample of the same model and seed (cosine distance, as the twin
+    distance measures it: mean / largest over models and seeds; near 0 only for a sampler on the same noise)."""
     twins, controls = model_pairs(members)
 
     def per_seed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (N,) twin D and contrast per seed
@@ -164,24 +166,28 @@ def paired_table(records: list[dict], samples: dict, reference: str, members, n_
         co = torch.tensor(twin_distance(list(x), controls)["per_sample"]) if controls else torch.zeros_like(tw)
         return tw, tw - co
 
-    lines = ["", f"Paired by sample seed against {reference}: mean (sampler - reference) ± SE over seeds; "
+    lines = ["", f"Paired by sample seed against {reference}: mean (sampler - reference) ± SE over seeds; 'own "
+             f"sample': distance to the reference's sample of the same model and seed, mean / largest; "
              f"'noise {n_at}': the reference's own sampling SE with {n_at} samples.", ""]
     others = [name for name in samples if name.removesuffix("/alt") != reference]
     bases = list(dict.fromkeys(name.removesuffix("/alt") for name in others))
-    lines += ["| step | " + " | ".join(f"{b}: twin D | {b}: contrast" for b in bases) + f" | noise {n_at}: twin D | "
-              f"noise {n_at}: contrast |", "|---|" + "---|---|" * len(bases) + "---|---|"]
+    lines += ["| step | " + " | ".join(f"{b}: twin D | {b}: contrast | {b}: own sample" for b in bases)
+              + f" | noise {n_at}: twin D | noise {n_at}: contrast |", "|---|" + "---|---|---|" * len(bases) + "---|---|"]
     for i, r in enumerate(records):
         cells, noise = [], None
         for base in bases:
-            diffs_t, diffs_c, ref_t, ref_c = [], [], [], []
+            diffs_t, diffs_c, ref_t, ref_c, own = [], [], [], [], []
             for alt in ("", "/alt"):
                 if base + alt in samples and reference + alt in samples:
-                    t, c = per_seed(samples[base + alt][i])
-                    rt, rc = per_seed(samples[reference + alt][i])
+                    x, ref = samples[base + alt][i], samples[reference + alt][i]
+                    t, c = per_seed(x)
+                    rt, rc = per_seed(ref)
                     diffs_t.append(t - rt), diffs_c.append(c - rc), ref_t.append(rt), ref_c.append(rc)
-            dt, dc = torch.cat(diffs_t), torch.cat(diffs_c)
+                    own += [torch.tensor(twin_distance([x[m], ref[m]], [(0, 1)])["per_sample"]) for m in range(len(x))]
+            dt, dc, own = torch.cat(diffs_t), torch.cat(diffs_c), torch.cat(own)
             se = lambda d: float(d.std()) / len(d) ** 0.5
-            cells += [f"{float(dt.mean()):+.4f} ± {se(dt):.4f}", f"{float(dc.mean()):+.4f} ± {se(dc):.4f}"]
+            cells += [f"{float(dt.mean()):+.4f} ± {se(dt):.4f}", f"{float(dc.mean()):+.4f} ± {se(dc):.4f}",
+                      f"{float(own.mean()):.4f} / {float(own.max()):.3f}"]
             noise = noise or (float(torch.cat(ref_t).std()) / n_at**0.5, float(torch.cat(ref_c).std()) / n_at**0.5)
         lines.append(f"| {r['step']} | " + " | ".join(cells) + f" | {noise[0]:.4f} | {noise[1]:.4f} |")
     return lines

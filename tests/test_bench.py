@@ -47,6 +47,7 @@ def test_sampler_comparison_on_a_finished_audit(tmp_path, monkeypatch, capsys):
     assert "| ddpm-20 | 4 | 4 |" in table  # replicates: 8 + 8 /alt samples cut into 4 draws of 4
     assert "| ddpm-20-quadratic | 4 | 2 |" in table
     assert "Paired by sample seed against ddpm-20" in table and "| 12 | " in table
+    assert "ddpm-20-quadratic: own sample" in table  # distance to the same seed's reference sample
     meta = json.loads((tmp_path / "cmp" / "ddpm-20-quadratic-12.json").read_text())
     assert meta["sampler"] == "ddpm-20-quadratic" and meta["n_samples"] == 8
 
