@@ -41,7 +41,7 @@ from biasgen.images.evaluation import proximity
 from biasgen.images.metrics import twin_distance
 from biasgen.pipeline import Data, judge_records
 from biasgen.runs import check_out, environment, read_json, read_jsonl, write_bytes
-from biasgen.sampler import network_calls, sample, step_grid, x0_from_eps_model
+from biasgen.sampler import network_call_count, sample, x0_from_eps_model
 from biasgen.training import checkpoint_stem
 from biasgen.twins import load_model, make_members, model_pairs
 
@@ -64,19 +64,14 @@ def parse_sampler(name: str) -> tuple[dict, bool]:
     return settings, alt
 
 
-def network_call_count(settings: dict, T: int) -> int:
-    """How many network calls one sample costs with ``settings`` (:func:`parse_sampler`)."""
-    return sum(network_calls(step_grid(T, settings["steps"], settings["spacing"]), settings["hold_above"],
-                             settings["hold_every"]))
-
-
 def draw(run: Path, out: Path, experiment: ImageAudit, data: Data, members, samplers: list[str], n: int) -> None:
     """Samples ``(M, n, C, H, W)`` of every checkpoint with every sampler, one file each, skipping existing ones."""
     cfg = experiment.cfg
     model_class, model_kwargs = experiment.network(data)
     schedule, shape = experiment.schedule(), tuple(data.test.shape[1:])
     clip = 1.0 if cfg.scaling == "minus1to1" else None
-    for name in sorted(samplers, key=lambda s: network_call_count(parse_sampler(s)[0], cfg.T)):  # cheap ones first
+    calls = lambda name: network_call_count(cfg.T, **{k: v for k, v in parse_sampler(name)[0].items() if k != "method"})
+    for name in sorted(samplers, key=calls):  # the cheap ones first
         settings, alt = parse_sampler(name)
         seeds = experiment.seeds.sample_seeds(2 * n)[n:] if alt else experiment.seeds.sample_seeds(n)
         for r in read_jsonl(run / "metrics.jsonl"):
@@ -152,13 +147,17 @@ def replicate_table(experiment: ImageAudit, records: list[dict], samples: dict, 
     return lines
 
 
+FAR = 0.05  # a sample this far (cosine distance) from the reference's sample of its seed landed on another image
+
+
 def paired_table(records: list[dict], samples: dict, reference: str, members, n_at: int) -> list[str]:
     """The systematic effect of each sampler on the twin distance and on the twin-minus-control contrast: per
     checkpoint, the mean over sample seeds of (sampler - reference) for samples drawn from the same seeds (the
     same ``x_T``; a ``/alt`` sampler is paired with the reference's ``/alt``), ± its standard error, beside the
     sampling noise of the reference's own value with ``n_at`` samples (its per-seed SD / sqrt(n_at)); and how far
     each sample lies from the reference's sample of the same model and seed (cosine distance, as the twin
-    distance measures it: mean / largest over models and seeds; near 0 only for a sampler on the same noise)."""
+    distance measures it: mean / largest over models and seeds / how many lie above ``FAR``; near 0 only for a
+    sampler on the same noise)."""
     twins, controls = model_pairs(members)
 
     def per_seed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (N,) twin D and contrast per seed
@@ -167,7 +166,8 @@ def paired_table(records: list[dict], samples: dict, reference: str, members, n_
         return tw, tw - co
 
     lines = ["", f"Paired by sample seed against {reference}: mean (sampler - reference) ± SE over seeds; 'own "
-             f"sample': distance to the reference's sample of the same model and seed, mean / largest; "
+             f"sample': distance to the reference's sample of the same model and seed, mean / largest / how many of "
+             f"all above {FAR}; "
              f"'noise {n_at}': the reference's own sampling SE with {n_at} samples.", ""]
     others = [name for name in samples if name.removesuffix("/alt") != reference]
     bases = list(dict.fromkeys(name.removesuffix("/alt") for name in others))
@@ -187,7 +187,7 @@ def paired_table(records: list[dict], samples: dict, reference: str, members, n_
             dt, dc, own = torch.cat(diffs_t), torch.cat(diffs_c), torch.cat(own)
             se = lambda d: float(d.std()) / len(d) ** 0.5
             cells += [f"{float(dt.mean()):+.4f} ± {se(dt):.4f}", f"{float(dc.mean()):+.4f} ± {se(dc):.4f}",
-                      f"{float(own.mean()):.4f} / {float(own.max()):.3f}"]
+                      f"{float(own.mean()):.4f} / {float(own.max()):.3f} / {int((own > FAR).sum())} of {len(own)}"]
             noise = noise or (float(torch.cat(ref_t).std()) / n_at**0.5, float(torch.cat(ref_c).std()) / n_at**0.5)
         lines.append(f"| {r['step']} | " + " | ".join(cells) + f" | {noise[0]:.4f} | {noise[1]:.4f} |")
     return lines

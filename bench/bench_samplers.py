@@ -32,7 +32,7 @@ from biasgen.errors import BiasgenError
 from biasgen.images.audit import AuditConfig, ImageAudit, evaluate_checkpoint
 from biasgen.pipeline import judge_records
 from biasgen.runs import append_jsonl, environment, read_json, read_jsonl, write_bytes
-from biasgen.sampler import describe_sampler, sample, x0_from_eps_model
+from biasgen.sampler import sample, x0_from_eps_model
 from biasgen.training import checkpoint_stem, checkpoint_steps
 from biasgen.twins import load_model, make_members
 
@@ -49,12 +49,8 @@ KEPT = ("twin_distance", "twin_distance_sem", "twin_distance_pairs", "twin_dista
 def sampler_config(cfg: AuditConfig, method: str, steps: int | None, eta: float) -> AuditConfig:
     """The run's config with another sampler, and a minimal score-level similarity (not reported, not
     sampler-dependent: it would otherwise be most of the fixed cost of each evaluation)."""
-    return dataclasses.replace(cfg, sampler=method, sample_steps=steps, eta=eta, score_ts=cfg.score_ts[:1],
-                               n_score_inputs=8)
-
-
-def name_of(cfg: AuditConfig) -> str:
-    return describe_sampler(cfg.sampler, cfg.sample_step_count, cfg.eta, cfg.T)
+    return dataclasses.replace(cfg, sampler=method, sample_steps=steps, eta=eta, hold_above=0, hold_every=1,
+                               score_ts=cfg.score_ts[:1], n_score_inputs=8)
 
 
 def run_bench(run: Path, out: Path, configs: list[AuditConfig], steps: list[int], reference_steps: list[int]) -> None:
@@ -68,7 +64,7 @@ def run_bench(run: Path, out: Path, configs: list[AuditConfig], steps: list[int]
     records = out / "records.jsonl"
     done = {(r["sampler"], r["step"]) for r in read_jsonl(records)}
     for cfg in configs:
-        name = name_of(cfg)
+        name = cfg.sampler_name
         for step in reference_steps if name == REFERENCE else steps:
             if (name, step) in done:
                 continue
@@ -94,18 +90,17 @@ def time_sampling(run: Path, configs: list[AuditConfig], repeats: int = 2) -> st
     model = load_model(*experiment.network(data), checkpoint_stem(run / "models" / "model0", base.steps), base.device)
     schedule = experiment.schedule()
     seeds = experiment.seeds.sample_seeds(base.n_samples)
-    best = {name_of(c): float("inf") for c in configs}
+    best = {c.sampler_name: float("inf") for c in configs}
     for _ in range(repeats):
         for cfg in configs:
             start = time.perf_counter()
             sample(x0_from_eps_model(model, schedule, clip=1.0 if cfg.scaling == "minus1to1" else None), schedule,
-                   shape, seeds, method=cfg.sampler, steps=cfg.sample_steps, eta=cfg.eta,
-                   batch_size=cfg.eval_batch)
-            best[name_of(cfg)] = min(best[name_of(cfg)], time.perf_counter() - start)
+                   shape, seeds, **cfg.sampler_settings, batch_size=cfg.eval_batch)
+            best[cfg.sampler_name] = min(best[cfg.sampler_name], time.perf_counter() - start)
     lines = [f"| sampler | calls/sample | s for {base.n_samples} samples, one model | s per call |", "|---|---|---|---|"]
     for cfg in configs:
-        t = best[name_of(cfg)]
-        lines.append(f"| {name_of(cfg)} | {cfg.sample_step_count} | {t:.2f} | {t / cfg.sample_step_count:.4f} |")
+        t = best[cfg.sampler_name]
+        lines.append(f"| {cfg.sampler_name} | {cfg.sample_step_count} | {t:.2f} | {t / cfg.sample_step_count:.4f} |")
     return "\n".join(lines)
 
 
@@ -123,7 +118,7 @@ def tables(out: Path, cfg: AuditConfig, cfg_stored: AuditConfig, stored: list[di
         judged = judge_records(experiment, [recs[s] for s in steps], members)  # the audit's own judge
         return {"bias": judged["tau_bias"], "verdict": judged["verdict"]}
 
-    stored_name, stored_n = name_of(cfg_stored), cfg_stored.n_samples
+    stored_name, stored_n = cfg_stored.sampler_name, cfg_stored.n_samples
     ref = by[REFERENCE]
     ref_steps = sorted(ref)
     ref_tau = locate(ref, ref_steps)["bias"]
@@ -188,10 +183,10 @@ def main() -> None:
     configs = [sampler_config(cfg, *s) for s in SAMPLERS]
     if args.samplers:
         wanted = args.samplers.split(",")
-        unknown = sorted(set(wanted) - {name_of(c) for c in configs})
+        unknown = sorted(set(wanted) - {c.sampler_name for c in configs})
         if unknown:
-            raise BiasgenError(f"Unknown sampler(s) {unknown}; choose from {[name_of(c) for c in configs]}.")
-        configs = sorted((c for c in configs if name_of(c) in wanted), key=lambda c: wanted.index(name_of(c)))
+            raise BiasgenError(f"Unknown sampler(s) {unknown}; choose from {[c.sampler_name for c in configs]}.")
+        configs = sorted((c for c in configs if c.sampler_name in wanted), key=lambda c: wanted.index(c.sampler_name))
     steps = checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.first_checkpoint)
     chosen = {name: [int(s) for s in value.split(",")] if value else steps
               for name, value in (("reference", args.reference_checkpoints), ("other", args.checkpoints))}

@@ -22,7 +22,7 @@ from .errors import BiasgenError
 from .jobs import BACKENDS, Backend, make_backend
 from .sampler import (DEFAULT_HOLD_ABOVE, DEFAULT_HOLD_EVERY, DEFAULT_SAMPLE_SPACING, DEFAULT_SAMPLE_STEPS,
                       DEFAULT_SAMPLER, HOLD_EVERY_HELP, HOLD_HELP, SAMPLE_STEPS_HELP, SAMPLER_HELP, SAMPLERS,
-                      SPACING_HELP, SPACINGS, describe_sampler, network_calls, step_grid)
+                      SPACING_HELP, SPACINGS, describe_sampler, network_call_count)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -264,10 +264,8 @@ class TwinConfig(ReadsInputs):
 
     @property
     def sample_step_count(self) -> int:
-        """Denoiser calls per sample: the steps the sampler visits (:func:`biasgen.sampler.step_grid`) that call
-        the network (:func:`biasgen.sampler.network_calls`)."""
-        return sum(network_calls(step_grid(self.T, self.sample_steps, self.sample_spacing), self.hold_above,
-                                 self.hold_every))
+        """Denoiser calls per sample (:func:`biasgen.sampler.network_call_count`)."""
+        return network_call_count(self.T, self.sample_steps, self.sample_spacing, self.hold_above, self.hold_every)
 
     @property
     def sampler_settings(self) -> dict:

@@ -384,7 +384,7 @@ def summarize(experiment: TwinExperiment, records: list[dict], data: Data, refer
 def sampler_summary(cfg: TwinConfig, validated: Callable[[str], bool]) -> dict:
     """``summary.json``'s "sampler" block; ``validated`` is true for the paper's all-T DDPM and where ``validated(name)``."""
     name = cfg.sampler_name
-    paper = is_paper_sampler(cfg.sampler, cfg.sample_steps, cfg.T) and cfg.sample_step_count == cfg.T
+    paper = is_paper_sampler(cfg.sampler, cfg.sample_steps, cfg.T, cfg.hold_every)
     return {"method": cfg.sampler, "steps": cfg.T if cfg.sample_steps is None else cfg.sample_steps,
             "spacing": cfg.sample_spacing, "hold_above": cfg.hold_above, "hold_every": cfg.hold_every,
             "calls": cfg.sample_step_count, "eta": cfg.eta, "name": name, "validated": paper or validated(name)}

@@ -265,15 +265,8 @@ def prepare_run_dir(out: Path | str, config: dict, *, resume: bool, force: bool,
             changed = sorted(k for k in set(config) | set(old_config)
                              if k not in runtime_keys and config.get(k) != old_config.get(k))
             if old["kind"] != kind or changed:
-                stored = ", ".join(f"{k} (the run: {old_config.get(k)!r}; now: {config.get(k)!r})" for k in changed)
-                same = " ".join(f"--{k.replace('_', '-')} {_flag_value(old_config[k])}" for k in changed
-                                if k in old_config and k in config and not isinstance(old_config[k], dict))
-                raise BiasgenError(
-                    f"--out {out} holds a different {old['kind']} run (differs in: {stored or 'kind'}). "
-                    + (f"To continue it, pass its settings: --resume {same} (a preset's defaults may have changed "
-                       "since it was made). " if resume and old["kind"] == kind and same else "")
-                    + "Use another --out, or --force to delete it (with its trained models) and start over."
-                )
+                raise BiasgenError(_different_run(out, old["kind"], old_config, config, changed,
+                                                  hint=resume and old["kind"] == kind))
             if not resume:
                 raise BiasgenError(
                     f"--out {out} already holds this run. Pass --resume to continue it, or --force to start over."
@@ -282,6 +275,18 @@ def prepare_run_dir(out: Path | str, config: dict, *, resume: bool, force: bool,
     out.mkdir(parents=True, exist_ok=True)
     write_json(existing, {"kind": kind, "config": config, "environment": environment()})
     return out
+
+
+def _different_run(out: Path, old_kind: str, old: dict, new: dict, changed: list[str], hint: bool) -> str:
+    """The refusal of a folder that holds another run: each differing setting with the run's value and today's,
+    and (``hint``: on --resume) the flags that continue the run as it was made."""
+    stored = ", ".join(f"{k} (the run: {old.get(k)!r}; now: {new.get(k)!r})" for k in changed)
+    same = " ".join(f"--{k.replace('_', '-')} {_flag_value(old[k])}" for k in changed
+                    if k in old and k in new and not isinstance(old[k], dict))
+    how = (f"To continue it, pass its settings: --resume {same} (a preset's defaults may have changed since it was "
+           "made). " if hint and same else "")
+    return (f"--out {out} holds a different {old_kind} run (differs in: {stored or 'kind'}). {how}"
+            "Use another --out, or --force to delete it (with its trained models) and start over.")
 
 
 def _flag_value(value) -> str:

@@ -90,9 +90,17 @@ def network_calls(ts: Sequence[int], hold_above: int = DEFAULT_HOLD_ABOVE,
     return [t <= hold_above or i % hold_every == 0 for i, t in enumerate(ts)]
 
 
-def is_paper_sampler(method: str, steps: int | None, T: int) -> bool:
-    """Whether ``(method, steps)`` is the paper's sampler: ancestral DDPM on all ``T`` steps."""
-    return method == "ddpm" and (steps is None or steps == T)
+def is_paper_sampler(method: str, steps: int | None, T: int, hold_every: int = DEFAULT_HOLD_EVERY) -> bool:
+    """Whether ``(method, steps, hold_every)`` is the paper's sampler: ancestral DDPM on all ``T`` steps, each
+    calling the network (no held predictions, :func:`network_calls`)."""
+    return method == "ddpm" and (steps is None or steps == T) and hold_every == 1
+
+
+def network_call_count(T: int, steps: int | None = None, spacing: str = DEFAULT_SAMPLE_SPACING,
+                       hold_above: int = DEFAULT_HOLD_ABOVE, hold_every: int = DEFAULT_HOLD_EVERY) -> int:
+    """Network calls per sample of a sampler on ``T`` diffusion steps: its visited steps (:func:`step_grid`)
+    that call the network (:func:`network_calls`)."""
+    return sum(network_calls(step_grid(T, steps, spacing), hold_above, hold_every))
 
 
 def timesteps(schedule: NoiseSchedule, steps: int | None = None, spacing: str = DEFAULT_SAMPLE_SPACING) -> list[int]:
@@ -162,6 +170,8 @@ def sample(
 
     ``hold_above``, ``hold_every``: above step ``hold_above`` the network is called only on every ``hold_every``-th
     visited step, its ``x0_hat`` reused in between (:func:`network_calls`; ``hold_every=1``: every step).
+
+    (Long for its documented settings; the loop itself is a dozen lines.)
 
     Every random draw (``x_T``, then one per step when the sampler is stochastic) comes from the
     sample's own stream, so a sample never depends on the batch it was drawn in. ``labels``: ``(N,)``
