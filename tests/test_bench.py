@@ -62,3 +62,13 @@ def test_evaluation_side_by_side_on_the_same_models(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "ways" / "held" / "summary.json").read_text())
     assert summary["sampler"]["name"] == "ddim-5-hold300x4" and row["verdict"] == summary["verdict"]
     assert json.loads((run / "summary.json").read_text())["sampler"]["name"] == "ddim-5"  # RUN untouched
+
+
+def test_the_sampler_study_names_each_sampler_by_what_it_draws():
+    from biasgen.config import build_config
+    from biasgen.images.audit import PRESETS, AuditConfig
+
+    bench = load(BENCH / "bench_samplers.py")
+    held = build_config(AuditConfig, PRESETS, "default", None, {})  # a run made with held predictions
+    assert [bench.sampler_config(held, *s).sampler_name for s in (("ddpm", None, 0.0), ("ddim", 50, 1.0))] == [
+        "ddpm-1000", "ddim-50-eta1"]  # each compared sampler without the run's hold

@@ -168,6 +168,15 @@ def test_the_image_and_hierarchy_presets_sample_with_the_papers_sampler_or_a_val
     for preset in ("guidance", "paper"):
         cfg = build_config(AuditConfig, PRESETS, preset, None, {"device": "cpu"})
         assert sampler_summary(cfg, never)["validated"] and cfg.sample_step_count == 1000, preset
+    from biasgen.images.finetune import PRESETS as FINETUNE_PRESETS, FinetuneConfig, ImageFinetune
+    base = {"pretrain": "digits"}  # a fine-tune needs a base to be a valid config
+    for preset in ("default", "cpu"):  # fine-tunes were not measured with held predictions
+        cfg = build_config(FinetuneConfig, FINETUNE_PRESETS, preset, None, base)
+        assert sampler_summary(cfg, never)["validated"] and cfg.sample_step_count == 1000, preset
+    held = build_config(FinetuneConfig, FINETUNE_PRESETS, "default", None, {**base, "hold_every": 4})
+    assert not ImageFinetune(held).sampler_validated(held.sampler_name)
+    guided = build_config(AuditConfig, PRESETS, "default", None, {"conditional": True, "guidance": "0,3"})
+    assert guided.sampler_name == "ddpm-1000-hold300x4" and not ImageAudit(guided).sampler_validated(guided.sampler_name)
     for preset in ("cpu", "cpu-depth3"):
         assert sampler_summary(build_config(HierarchyConfig, HIERARCHY_PRESETS, preset, None, {}), never)["validated"]
 

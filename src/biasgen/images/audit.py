@@ -284,6 +284,10 @@ class ImageAudit(TwinExperiment):
         return {"tau_score": tau_score, "tau_score_reference_t": str(self.cfg.score_ts[0]),
                 "loss_by_band": loss_bands(records, n_boot=self.cfg.n_boot, seed=self.seeds.bootstrap())}
 
+    def sampler_validated(self, name: str) -> bool:
+        """As declared (``validated_samplers``), for unconditional sampling only: guided sampling was not measured."""
+        return super().sampler_validated(name) and not self.cfg.conditional
+
     def further_verdicts(self, records, members) -> dict:
         """A conditional audit's ``"guidance"`` block: one verdict per guidance scale."""
         return {"guidance": conditional.judge_per_scale(self, records, members)} if self.cfg.conditional else {}
